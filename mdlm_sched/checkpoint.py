@@ -1,0 +1,110 @@
+"""Checkpoints: atomic writes, training state for resume, Hugging Face model exports.
+
+Nothing is ever half-written: files and folders are written under a temporary name in the same
+folder, flushed to disk, then renamed into place. The newest training state is named by the
+`latest` file, which is itself replaced atomically after the state folder is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mdlm_sched.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = "checkpoints"
+MODEL_DIR = "model"
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in [path, *path.rglob("*")]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (temp file in the same folder, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `path` whole, on error it is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if path.exists():  # a folder cannot be renamed over a non-empty one: move the old aside first
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def save_state(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]],
+               optimizer: dict[str, Any], meta: dict[str, Any], keep: int) -> Path:
+    """Save a resumable training state as checkpoints/step-NNNNNNNN, point `latest` at it, prune old ones.
+
+    tensors maps a file stem ("model", "ema") to a state dict saved with safetensors.
+    """
+    root = run_dir / STATE_DIR
+    target = root / f"step-{step:08d}"
+    with atomic_dir(target) as tmp:
+        for stem, state in tensors.items():
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp / f"{stem}.safetensors")
+        torch.save(optimizer, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **meta}, indent=1))
+    atomic_write_text(root / "latest", target.name)
+    for old in sorted(root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old)
+    return target
+
+
+def load_latest_state(run_dir: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]] | None:
+    """(tensors by stem, optimizer state, state.json) of the newest complete checkpoint, or None."""
+    latest = run_dir / STATE_DIR / "latest"
+    if not latest.is_file():
+        return None
+    folder = run_dir / STATE_DIR / latest.read_text().strip()
+    try:
+        meta = json.loads((folder / "state.json").read_text())
+        tensors = {p.stem: load_file(p) for p in sorted(folder.glob("*.safetensors"))}
+        optimizer = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {folder} cannot be read ({type(exc).__name__}: {exc}); "
+                              f"delete it and its 'latest' entry, or start a new train.out_dir") from exc
+    return tensors, optimizer, meta
+
+
+def export_model(model: Any, tokenizer: Any, path: Path) -> None:
+    """Save a Hugging Face model and its tokenizer in the HF layout (safetensors), atomically."""
+    with atomic_dir(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)

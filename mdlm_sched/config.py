@@ -1,0 +1,270 @@
+"""Typed run configuration: dataclass schemas, OmegaConf presets from configs/, key=value overrides.
+
+`load(args)` takes command-line words in order:
+  - `section=name` replaces that section with configs/<section>/<name>.yaml over the section's
+    defaults (e.g. `model=large`);
+  - `a.b=value` sets one field (OmegaConf dotlist syntax, e.g. `train.steps=200`);
+  - any other word is a YAML file merged over the whole config.
+A mapping given by a preset or a file (e.g. data.val) replaces the one before it; a dotlist
+override such as `data.val.news=...` adds one entry.
+Later words win. Unknown keys and impossible values raise ConfigError with a one-line message that
+names the field and the fix. Interpolations such as ${data.root} are resolved; nothing is evaluated.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mdlm_sched.data import check_source
+from mdlm_sched.errors import ConfigError, DataError
+from mdlm_sched.noise import NOISE_SCHEDULES
+
+ARCHS = ("mdlm", "gpt2")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the model to train: the MLA denoiser ("mdlm") or the GPT-2 judge ("gpt2")."""
+
+    arch: str = "mdlm"
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    q_lora_rank: int = 0  # 0 = full-rank query (mdlm only, as are the MLA fields below)
+    kv_lora_rank: int = 256
+    qk_nope_head_dim: int = 64
+    qk_rope_head_dim: int = 32
+    v_head_dim: int = 64
+    mlp_ratio: int = 4
+    dropout: float = 0.1
+    time_conditioning: bool = False
+    cond_dim: int = 128
+    max_seq_len: int = 1024  # positions the model supports; data.seq_len must not exceed it
+    vocab_size: int | None = None  # None = from the tokenizer (+1 for [MASK] in an mdlm)
+    vocab_pad_multiple: int = 128
+
+
+@dataclass
+class NoiseConfig:
+    """Forward process (REFERENCE.md section 2)."""
+
+    schedule: str = "loglinear"
+    eps: float = 1e-3
+    sampling_eps: float = 1e-3  # smallest t drawn for the training loss
+
+
+@dataclass
+class DataConfig:
+    """Text sources, tokenizer and wrapping. A source is a local file/glob or `hf:NAME[#train|#val]`."""
+
+    root: str = "../shared/data"
+    train: list[str] = field(default_factory=lambda: ["${data.root}/owt_train.jsonl.xz"])
+    # name -> source; every source is validated and logged on its own, the first is the headline
+    val: dict[str, str] = field(default_factory=lambda: {"owt": "${data.root}/owt_val.jsonl.xz"})
+    tokenizer: str = "${data.root}/gpt2-tokenizer"
+    seq_len: int = 1024
+    text_field: str = "text"
+    max_docs: int | None = None  # per source; None = all documents
+    cache_dir: str = ".cache/mdlm_sched"
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation (MDLM recipe defaults), logging, validation and checkpoints."""
+
+    out_dir: str = "runs/default"
+    steps: int = 1000
+    batch_size: int = 512  # global sequences per optimizer step
+    micro_batch_size: int = 32  # sequences per forward/backward; the rest is gradient accumulation
+    lr: float = 3e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 2500
+    grad_clip: float = 1.0  # 0 = off
+    ema: float = 0.9999  # 0 = off
+    seed: int = 0
+    log_every: int = 10
+    val_every: int = 500
+    val_batches: int = 8  # micro-batches per validation source
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how to run."""
+
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp32
+    compile: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+SECTIONS = tuple(f.name for f in fields(RunConfig))
+
+
+def configs_dir() -> Path:
+    """The presets folder: $MDLM_SCHED_CONFIGS, else configs/ of the checkout this package is in."""
+    return Path(os.environ.get("MDLM_SCHED_CONFIGS", Path(__file__).resolve().parents[1] / "configs"))
+
+
+def _read_yaml(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"{what}: no such file {path}; check the name (presets live in {configs_dir()})")
+    try:
+        return OmegaConf.load(path)
+    except Exception as exc:  # YAML syntax errors come in many types
+        raise ConfigError(f"{what}: cannot parse {path}: {str(exc).splitlines()[0]}; fix the YAML") from exc
+
+
+def _describe(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
+    msg = str(exc).splitlines()[0]
+    if "not in struct" in msg or "Key '" in msg and "not" in msg:
+        return f"unknown config key '{key}'; check the spelling against the dataclasses in mdlm_sched/config.py"
+    return f"bad value for '{key}': {msg}; give a value of the field's type"
+
+
+def _merge(cfg: DictConfig, overlay: Any) -> DictConfig:
+    """OmegaConf.merge, except that a mapping field (e.g. data.val) given by the overlay replaces the old one."""
+    merged = OmegaConf.merge(cfg, overlay)
+    _replace_mappings(merged, overlay)
+    return merged
+
+
+def _replace_mappings(target: DictConfig, overlay: DictConfig) -> None:
+    for key, value in overlay.items():
+        if isinstance(value, DictConfig):
+            if OmegaConf.get_type(target, key) is dict:  # a plain mapping, not a dataclass section
+                target[key] = value
+            else:
+                _replace_mappings(target[key], value)
+
+
+def load(args: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Build a validated RunConfig from presets, YAML files and key=value overrides (in order)."""
+    cfg = OmegaConf.structured(RunConfig)
+    try:
+        for arg in args:
+            key, eq, value = arg.partition("=")
+            if not eq:
+                cfg = _merge(cfg, _read_yaml(Path(arg), "config file"))
+            elif key in SECTIONS and value and "/" not in value and not value.startswith("{"):
+                preset = _read_yaml(configs_dir() / key / f"{value}.yaml", f"preset {key}={value}")
+                cfg[key] = _merge(OmegaConf.structured(type(getattr(RunConfig(), key))), preset)
+            else:
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([arg]))
+        run: RunConfig = OmegaConf.to_object(cfg)  # resolves ${...} interpolations
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc)) from exc
+    validate(run)
+    return run
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML (saved beside every result)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml(path: str | Path) -> RunConfig:
+    """Read a config saved by to_yaml (e.g. a training run's config.yaml)."""
+    return load([str(path)])
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _validate_model(m: ModelConfig) -> None:
+    _require(m.arch in ARCHS, f"model.arch={m.arch!r} is unknown; use one of {', '.join(ARCHS)}")
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "mlp_ratio", "max_seq_len"):
+        _require(getattr(m, name) >= 1, f"model.{name}={getattr(m, name)} must be >= 1")
+    _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+    _require(m.vocab_size is None or m.vocab_size >= 2, f"model.vocab_size={m.vocab_size} must be >= 2 or null")
+    if m.arch == "gpt2":
+        _require(m.hidden_size % m.num_attention_heads == 0,
+                 f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
+                 f"{m.num_attention_heads}; pick a head count that divides it")
+        return
+    _require(1 <= m.kv_lora_rank <= m.hidden_size,
+             f"model.kv_lora_rank={m.kv_lora_rank} must be in [1, model.hidden_size={m.hidden_size}]; lower it")
+    _require(0 <= m.q_lora_rank <= m.hidden_size,
+             f"model.q_lora_rank={m.q_lora_rank} must be 0 (full-rank query) or at most "
+             f"model.hidden_size={m.hidden_size}; lower it")
+    _require(m.qk_rope_head_dim >= 2 and m.qk_rope_head_dim % 2 == 0,
+             f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even and >= 2 (rotary pairs)")
+    _require(m.qk_nope_head_dim >= 1 and m.v_head_dim >= 1,
+             "model.qk_nope_head_dim and model.v_head_dim must be >= 1")
+    _require(m.cond_dim >= 1, f"model.cond_dim={m.cond_dim} must be >= 1")
+    _require(m.vocab_pad_multiple >= 1, f"model.vocab_pad_multiple={m.vocab_pad_multiple} must be >= 1")
+
+
+def _validate_data(d: DataConfig, m: ModelConfig) -> None:
+    _require(d.seq_len >= 3, f"data.seq_len={d.seq_len} must be >= 3 ([BOS] + text + [EOS])")
+    _require(d.seq_len <= m.max_seq_len,
+             f"data.seq_len={d.seq_len} is above the model's maximum model.max_seq_len={m.max_seq_len}; "
+             f"lower data.seq_len or raise model.max_seq_len")
+    _require(len(d.train) > 0, "data.train is empty; list at least one source")
+    _require(d.max_docs is None or d.max_docs >= 1, f"data.max_docs={d.max_docs} must be >= 1 or null")
+    named = [(f"data.train[{i}]", s) for i, s in enumerate(d.train)] + [(f"data.val.{k}", s) for k, s in d.val.items()]
+    for field_name, source in named:
+        try:
+            check_source(source)
+        except DataError as exc:
+            raise ConfigError(f"{field_name}: {exc}") from exc
+    looks_local = d.tokenizer.startswith((".", "/")) or os.sep in d.tokenizer.rstrip(os.sep)
+    _require(not looks_local or Path(d.tokenizer).is_dir(),
+             f"data.tokenizer={d.tokenizer} is not a folder; point it at a folder with tokenizer.json "
+             f"(e.g. ../shared/data/gpt2-tokenizer) or a hub name such as gpt2")
+
+
+def _validate_train(t: TrainConfig) -> None:
+    for name in ("steps", "batch_size", "micro_batch_size", "log_every", "val_every", "val_batches",
+                 "ckpt_every", "keep_checkpoints"):
+        _require(getattr(t, name) >= 1, f"train.{name}={getattr(t, name)} must be >= 1")
+    _require(t.batch_size % t.micro_batch_size == 0,
+             f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}; "
+             f"make it one")
+    _require(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
+             f"train.betas={t.betas} must be two numbers in [0, 1)")
+    _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
+    _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 = off)")
+    _require(0 <= t.ema < 1, f"train.ema={t.ema} must be in [0, 1) (0 = off)")
+    _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
+
+
+def _validate_runtime(r: RuntimeConfig) -> None:
+    _require(r.precision in ("auto", "bf16", "fp32"), f"runtime.precision={r.precision!r}; use auto, bf16 or fp32")
+    _require(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"),
+             f"runtime.device={r.device!r}; use auto, cpu, cuda or cuda:N")
+    _require(not r.device.startswith("cuda") or torch.cuda.is_available(),
+             f"runtime.device={r.device} but no CUDA GPU is visible; use runtime.device=cpu")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Check values that types cannot; raise ConfigError naming the field and the fix."""
+    _validate_model(cfg.model)
+    _require(cfg.noise.schedule in NOISE_SCHEDULES,
+             f"noise.schedule={cfg.noise.schedule!r} is unknown; use one of {', '.join(NOISE_SCHEDULES)}")
+    _require(0 < cfg.noise.eps < 1, f"noise.eps={cfg.noise.eps} must be in (0, 1)")
+    _require(0 < cfg.noise.sampling_eps < 1, f"noise.sampling_eps={cfg.noise.sampling_eps} must be in (0, 1)")
+    _validate_data(cfg.data, cfg.model)
+    _validate_train(cfg.train)
+    _validate_runtime(cfg.runtime)

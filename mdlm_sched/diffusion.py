@@ -1,0 +1,65 @@
+"""MDLM maths (Sahoo et al. 2024): forward masking, SUBS parameterisation, continuous-time NELBO.
+
+Only tensors in, tensors out: no models are trained or called here.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mdlm_sched.noise import LogLinearNoise
+
+
+def sample_times(batch_size: int, generator: torch.Generator, sampling_eps: float = 1e-3,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+    """Low-discrepancy (antithetic) times t [B] in [sampling_eps, 1]: one uniform offset, B even strata."""
+    u = torch.rand((), generator=generator, device=generator.device).to(device)
+    strata = (u + torch.arange(batch_size, device=device, dtype=torch.float32) / batch_size) % 1.0
+    return (1 - sampling_eps) * strata + sampling_eps
+
+
+def corrupt(x0: torch.Tensor, t: torch.Tensor, noise: LogLinearNoise, mask_id: int,
+            generator: torch.Generator) -> torch.Tensor:
+    """Sample x_t ~ q(x_t | x_0): each token of x0 [B, L] becomes [MASK] with probability 1 - alpha(t [B])."""
+    p_mask = (1 - noise.alpha(t))[:, None]  # [B, 1]
+    draw = torch.rand(x0.shape, generator=generator, device=generator.device).to(x0.device)
+    return torch.where(draw < p_mask, torch.full_like(x0, mask_id), x0)
+
+
+def _no_mask_logit(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """float32 copy of logits [..., V] with the [MASK] logit at -inf (the caller's tensor is untouched)."""
+    is_mask = torch.arange(logits.shape[-1], device=logits.device) == mask_id
+    return logits.float().masked_fill(is_mask, float("-inf"))
+
+
+def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """SUBS: log p_theta(x_0 | x_t) [B, L, V] in float32.
+
+    [MASK] gets zero probability; unmasked positions copy their input token (carry-over).
+    """
+    log_probs = _no_mask_logit(logits, mask_id).log_softmax(dim=-1)
+    unmasked = (x_t != mask_id)
+    carry = torch.full_like(log_probs, float("-inf")).scatter_(-1, x_t[..., None], 0.0)
+    return torch.where(unmasked[..., None], carry, log_probs)
+
+
+def masked_nll(logits: torch.Tensor, x0: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """-log p_theta(x_0 | x_t) [B, L] under SUBS at every position (the caller keeps the masked ones).
+
+    Cheaper than subs_log_probs for training: one cross-entropy, no [B, L, V] carry-over tensor.
+    The [MASK] column is excluded from the softmax (zero masking probability).
+    """
+    logits = _no_mask_logit(logits, mask_id)
+    return F.cross_entropy(logits.flatten(0, 1), x0.flatten(), reduction="none").view_as(x0)
+
+
+def nelbo_terms(logits: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                noise: LogLinearNoise, mask_id: int) -> torch.Tensor:
+    """Per-token continuous-time NELBO [B, L]: w(t) * -log p(x_0 | x_t) at masked positions, 0 elsewhere.
+
+    The mean over all tokens is the NELBO per token; exp of it bounds the perplexity.
+    """
+    nll = masked_nll(logits, x0, mask_id)
+    weight = noise.loss_weight(t)[:, None]  # [B, 1]
+    return torch.where(x_t == mask_id, weight * nll, torch.zeros_like(nll))

@@ -1,0 +1,59 @@
+"""Analytic forward FLOPs of the MLA denoiser, in both conventions.
+
+Counted: every matrix product, 2 FLOPs per multiply-add (what torch.utils.flop_counter counts).
+  blocks-only (Kaplan; the seed paper's 16.7%): the transformer blocks, attention scores included.
+  full (Chinchilla): blocks + the output head (2 d V per token, V as executed, i.e. padded)
+                     + the per-sequence time embedding and final adaLN when time-conditioned.
+The embedding lookup costs no FLOPs; norms, activations and softmax are not matrix products and
+are left out (well under 1% at every size here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mdlm_sched.models.denoiser import DenoiserConfig
+
+TIME_FREQ_DIM = 256  # width of the sinusoidal features of TimestepEmbedding
+
+
+@dataclass(frozen=True)
+class ForwardFlops:
+    """FLOPs of one forward pass over `batch` sequences of `seq_len` tokens."""
+
+    blocks: int
+    head: int
+    other: int  # time embedding + final adaLN (0 without time conditioning)
+
+    @property
+    def blocks_only(self) -> int:
+        return self.blocks
+
+    @property
+    def full(self) -> int:
+        return self.blocks + self.head + self.other
+
+
+def forward_flops(config: DenoiserConfig, seq_len: int, batch: int = 1) -> ForwardFlops:
+    """Matmul FLOPs of MDLMDenoiser.forward on [batch, seq_len] tokens."""
+    d, h, n = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
+    qk, nope, rope, dv = (config.qk_nope_head_dim + config.qk_rope_head_dim, config.qk_nope_head_dim,
+                          config.qk_rope_head_dim, config.v_head_dim)
+    r_q, r_kv = config.q_lora_rank, config.kv_lora_rank
+    q_proj = d * h * qk if r_q == 0 else d * r_q + r_q * h * qk
+    per_token = (
+        q_proj
+        + d * (r_kv + rope)  # wkv_a: latent + shared rotary key
+        + r_kv * h * (nope + dv)  # wkv_b: per-head k_nope and v
+        + h * dv * d  # wo
+        + 2 * d * config.intermediate_size  # MLP
+        + seq_len * h * (qk + dv)  # attention scores q.k and weighted sum of v, over seq_len keys
+    )
+    per_seq_block = 6 * d * config.cond_dim if config.time_conditioning else 0  # adaLN modulation
+    blocks = 2 * n * (per_token * seq_len + per_seq_block) * batch
+    head = 2 * d * config.padded_vocab_size * seq_len * batch
+    other = 0
+    if config.time_conditioning:
+        c = config.cond_dim
+        other = 2 * (TIME_FREQ_DIM * c + c * c + 2 * d * c) * batch
+    return ForwardFlops(blocks=blocks, head=head, other=other)

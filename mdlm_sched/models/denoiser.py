@@ -1,0 +1,254 @@
+"""The MDLM denoiser: a bidirectional transformer of MLA blocks, as a Hugging Face model.
+
+Backbone features follow MDLM's DiT (REFERENCE.md section 2): rotary positions (inside MLA),
+pre-norm blocks with MLP ratio 4 and GELU-tanh, dropout, and optional adaLN modulation from the
+noise level (time conditioning, off by default: the network then ignores t, which is what lets a
+sampler reuse a prediction when a step unmasks nothing).
+
+Input: token ids x_t [B, L] (with [MASK] = mask_token_id). Output: logits [B, L, vocab_size] of
+p(x_0 | x_t); the SUBS parameterisation (no [MASK] predictions, carry-over) lives in diffusion.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
+
+from mdlm_sched.models.mla import MLADims, MultiHeadLatentAttention, rotary_cos_sin
+
+
+class DenoiserConfig(PreTrainedConfig):
+    """Config of the MLA denoiser. Every field is saved in config.json.
+
+    Args:
+        vocab_size: tokenizer vocabulary + 1 ([MASK] is the last id): 50258 for GPT-2.
+        mask_token_id: id of [MASK] (50257 for GPT-2).
+        max_position_embeddings: the sequence length the model is trained and sampled at.
+        tokenizer_hash: sha256 of the tokenizer's vocabulary (data.tokenizer_hash); models that
+            disagree on it cannot share a sampling schedule.
+        hidden_size, num_hidden_layers, num_attention_heads: width, depth, heads.
+        q_lora_rank: rank of the low-rank query (0 = full-rank query projection).
+        kv_lora_rank: rank of the joint key/value latent.
+        qk_nope_head_dim, qk_rope_head_dim, v_head_dim: per-head key parts and value width;
+            the rotary key part is shared by all heads.
+        intermediate_size: MLP hidden width (MDLM: 4 x hidden_size).
+        dropout: dropout on the attention and MLP outputs (MDLM: 0.1).
+        time_conditioning: adaLN modulation from the noise level sigma(t) (MDLM default: off).
+        cond_dim: width of the time embedding when time_conditioning is on (MDLM: 128).
+        rope_theta: rotary base.
+        noise_schedule, noise_eps: the forward process the model was trained with.
+        vocab_pad_multiple: the output head is padded to a multiple of this (faster matmuls);
+            padded logits are never returned.
+    """
+
+    model_type = "mdlm_mla"
+
+    def __init__(
+        self,
+        vocab_size: int = 50258,
+        mask_token_id: int = 50257,
+        max_position_embeddings: int = 1024,
+        tokenizer_hash: str = "",
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        q_lora_rank: int = 0,
+        kv_lora_rank: int = 256,
+        qk_nope_head_dim: int = 64,
+        qk_rope_head_dim: int = 32,
+        v_head_dim: int = 64,
+        intermediate_size: int = 3072,
+        dropout: float = 0.1,
+        time_conditioning: bool = False,
+        cond_dim: int = 128,
+        rope_theta: float = 10000.0,
+        rms_norm_eps: float = 1e-6,
+        layer_norm_eps: float = 1e-5,
+        initializer_range: float = 0.02,
+        noise_schedule: str = "loglinear",
+        noise_eps: float = 1e-3,
+        vocab_pad_multiple: int = 128,
+        **kwargs,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.mask_token_id = mask_token_id
+        self.max_position_embeddings = max_position_embeddings
+        self.tokenizer_hash = tokenizer_hash
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.q_lora_rank = q_lora_rank
+        self.kv_lora_rank = kv_lora_rank
+        self.qk_nope_head_dim = qk_nope_head_dim
+        self.qk_rope_head_dim = qk_rope_head_dim
+        self.v_head_dim = v_head_dim
+        self.intermediate_size = intermediate_size
+        self.dropout = dropout
+        self.time_conditioning = time_conditioning
+        self.cond_dim = cond_dim
+        self.rope_theta = rope_theta
+        self.rms_norm_eps = rms_norm_eps
+        self.layer_norm_eps = layer_norm_eps
+        self.initializer_range = initializer_range
+        self.noise_schedule = noise_schedule
+        self.noise_eps = noise_eps
+        self.vocab_pad_multiple = vocab_pad_multiple
+        super().__init__(**kwargs)
+
+    @property
+    def mla_dims(self) -> MLADims:
+        return MLADims(
+            hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            q_lora_rank=self.q_lora_rank,
+            kv_lora_rank=self.kv_lora_rank,
+            qk_nope_head_dim=self.qk_nope_head_dim,
+            qk_rope_head_dim=self.qk_rope_head_dim,
+            v_head_dim=self.v_head_dim,
+        )
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.vocab_pad_multiple
+        return -(-self.vocab_size // m) * m
+
+
+class TimestepEmbedding(nn.Module):
+    """sigma [B] -> conditioning vector [B, cond_dim] (sinusoidal features, then an MLP)."""
+
+    def __init__(self, cond_dim: int, freq_dim: int = 256) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim))
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half)
+        args = sigma.float()[:, None] * freqs[None]
+        return self.mlp(torch.cat((args.cos(), args.sin()), dim=-1))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: x [B, L, d] scaled and shifted per sequence by shift, scale [B, d]."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class DenoiserBlock(nn.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); adaLN-modulated when conditioned."""
+
+    def __init__(self, config: DenoiserConfig) -> None:
+        super().__init__()
+        d = config.hidden_size
+        self.norm1 = nn.LayerNorm(d, eps=config.layer_norm_eps, bias=False)
+        self.attn = MultiHeadLatentAttention(config.mla_dims, rms_norm_eps=config.rms_norm_eps)
+        self.norm2 = nn.LayerNorm(d, eps=config.layer_norm_eps, bias=False)
+        self.mlp = nn.Sequential(
+            nn.Linear(d, config.intermediate_size),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(config.intermediate_size, d),
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        # Shift, scale and gate for the attention and the MLP branch, from the time embedding.
+        self.ada_ln = nn.Linear(config.cond_dim, 6 * d) if config.time_conditioning else None
+        self.attn.wo.init_role = self.mlp[2].init_role = "residual"
+        if self.ada_ln is not None:
+            self.ada_ln.init_role = "zero"
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        if self.ada_ln is None:
+            x = x + self.dropout(self.attn(self.norm1(x), cos, sin))
+            return x + self.dropout(self.mlp(self.norm2(x)))
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada_ln(cond).chunk(6, dim=-1)
+        x = x + gate1[:, None] * self.dropout(self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin))
+        return x + gate2[:, None] * self.dropout(self.mlp(modulate(self.norm2(x), shift2, scale2)))
+
+
+class DenoiserPreTrainedModel(PreTrainedModel):
+    config_class = DenoiserConfig
+    base_model_prefix = "denoiser"
+    _no_split_modules = ["DenoiserBlock"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # Roles are marked on the Linear itself: transformers initialises each parameter once, at
+        # the innermost module, so a parent cannot re-initialise its children afterwards.
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init_role = getattr(module, "init_role", "default")
+            if init_role == "zero":  # DiT: adaLN modulation starts at identity
+                init.zeros_(module.weight)
+            elif init_role == "residual":  # GPT-2 / nanoGPT: residual outputs scaled by 1/sqrt(2 n_layer)
+                init.normal_(module.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
+            else:
+                init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            init.ones_(module.weight)
+
+
+class MDLMDenoiser(DenoiserPreTrainedModel):
+    """Bidirectional MLA transformer: x_t [B, L] (+ sigma [B] if time-conditioned) -> logits [B, L, V]."""
+
+    def __init__(self, config: DenoiserConfig) -> None:
+        super().__init__(config)
+        d = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, d)
+        self.time_embed = TimestepEmbedding(config.cond_dim) if config.time_conditioning else None
+        self.blocks = nn.ModuleList(DenoiserBlock(config) for _ in range(config.num_hidden_layers))
+        self.norm_final = nn.LayerNorm(d, eps=config.layer_norm_eps, bias=False)
+        self.final_ada_ln = nn.Linear(config.cond_dim, 2 * d) if config.time_conditioning else None
+        if self.final_ada_ln is not None:
+            self.final_ada_ln.init_role = "zero"
+        # Padded rows of the head are real parameters but their logits are cut off before returning.
+        self.lm_head = nn.Linear(d, config.padded_vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        sigma: torch.Tensor | None = None,
+        head_fp32: bool = True,
+    ) -> torch.Tensor:
+        """Logits of p(x_0 | x_t) [B, L, vocab_size], float32 when head_fp32 (the default).
+
+        sigma [B] is the noise level sigma(t), used only when config.time_conditioning is on.
+        head_fp32=False keeps the output head in the autocast dtype (training throughput);
+        sampling and evaluation keep the default float32 head (REFERENCE.md section 3).
+        """
+        config = self.config
+        b, l = input_ids.shape
+        if l > config.max_position_embeddings:
+            raise ValueError(f"sequence length {l} exceeds max_position_embeddings={config.max_position_embeddings}")
+        cond = None
+        if self.time_embed is not None:
+            if sigma is None:
+                raise ValueError("this model is time-conditioned: pass sigma [B]")
+            cond = F.silu(self.time_embed(sigma.expand(b)))
+        cos, sin = rotary_cos_sin(l, config.qk_rope_head_dim, config.rope_theta, input_ids.device)
+        x = self.embed_tokens(input_ids)
+        for block in self.blocks:
+            x = block(x, cos, sin, cond)
+        x = self.norm_final(x)
+        if self.final_ada_ln is not None:
+            shift, scale = self.final_ada_ln(cond).chunk(2, dim=-1)
+            x = modulate(x, shift, scale)
+        if head_fp32:
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                logits = F.linear(x.float(), self.lm_head.weight.float())
+        else:
+            logits = self.lm_head(x)
+        return logits[..., : config.vocab_size]
+
+
+AutoConfig.register(DenoiserConfig.model_type, DenoiserConfig, exist_ok=True)
+AutoModel.register(DenoiserConfig, MDLMDenoiser, exist_ok=True)
+AutoModelForMaskedLM.register(DenoiserConfig, MDLMDenoiser, exist_ok=True)

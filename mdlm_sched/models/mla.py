@@ -1,0 +1,102 @@
+"""Multi-head Latent Attention (DeepSeek-V2, arXiv 2405.04434), bidirectional, naive form.
+
+Keys and values come from one compressed latent c_kv = RMSNorm(W_kv_a h) of rank kv_lora_rank;
+each head up-projects it to a non-rotary key part k_nope and a value v. A separate rotary key
+k_pe (qk_rope_head_dim) is computed from h directly and shared by all heads. Queries are either a
+full projection (q_lora_rank = 0) or low-rank with their own RMSNorm.
+
+The naive form decompresses K and V and runs ordinary attention: an MDLM recomputes every position
+at every denoising step, so nothing is cached across steps and the "absorbed" form (attention over
+the latent) would cost about 4x the attention FLOPs at this scale (REFERENCE.md section 4).
+Projections are named by role as in DeepSeek-V3: wq / wq_a, q_norm, wq_b, wkv_a, kv_norm, wkv_b, wo.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class MLADims:
+    """Shapes of one MLA layer (HF / DeepSeek field names)."""
+
+    hidden_size: int
+    num_attention_heads: int
+    q_lora_rank: int  # 0 = full-rank query projection
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@torch.compiler.disable  # a graph input, not code: inductor would recompute sin/cos per element of q and k
+def rotary_cos_sin(seq_len: int, rope_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables for rotary embeddings, each [seq_len, rope_dim // 2], float32 (cached)."""
+    return _rotary_table(seq_len, rope_dim, theta, torch.device(device))
+
+
+@lru_cache(maxsize=16)
+def _rotary_table(seq_len: int, rope_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, device=device, dtype=torch.float32) / rope_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) of x [B, H, L, d] by position; cos/sin [L, d/2]."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return rotated.to(x.dtype)
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """Bidirectional MLA over a full sequence: [B, L, hidden] -> [B, L, hidden]."""
+
+    def __init__(self, dims: MLADims, rms_norm_eps: float = 1e-6, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.dims = dims
+        d, h = dims.hidden_size, dims.num_attention_heads
+        if dims.q_lora_rank > 0:
+            self.wq_a = nn.Linear(d, dims.q_lora_rank, bias=False)
+            self.q_norm = nn.RMSNorm(dims.q_lora_rank, eps=rms_norm_eps)
+            self.wq_b = nn.Linear(dims.q_lora_rank, h * dims.qk_head_dim, bias=False)
+        else:
+            self.wq = nn.Linear(d, h * dims.qk_head_dim, bias=False)
+        # One projection gives the latent and the shared rotary key: [d] -> [kv_lora_rank + rope].
+        self.wkv_a = nn.Linear(d, dims.kv_lora_rank + dims.qk_rope_head_dim, bias=False)
+        self.kv_norm = nn.RMSNorm(dims.kv_lora_rank, eps=rms_norm_eps)
+        self.wkv_b = nn.Linear(dims.kv_lora_rank, h * (dims.qk_nope_head_dim + dims.v_head_dim), bias=False)
+        self.wo = nn.Linear(h * dims.v_head_dim, d, bias=False)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        dims = self.dims
+        b, l, _ = x.shape
+        h, nope, rope, dv = dims.num_attention_heads, dims.qk_nope_head_dim, dims.qk_rope_head_dim, dims.v_head_dim
+
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if dims.q_lora_rank > 0 else self.wq(x)
+        q = q.view(b, l, h, dims.qk_head_dim).transpose(1, 2)  # [B, H, L, nope + rope]
+        q_nope, q_pe = q.split([nope, rope], dim=-1)
+
+        kv_a = self.wkv_a(x)  # [B, L, kv_lora_rank + rope]
+        c_kv, k_pe = kv_a.split([dims.kv_lora_rank, rope], dim=-1)
+        kv = self.wkv_b(self.kv_norm(c_kv)).view(b, l, h, nope + dv).transpose(1, 2)  # [B, H, L, nope + dv]
+        k_nope, v = kv.split([nope, dv], dim=-1)
+
+        q = torch.cat((q_nope, apply_rotary(q_pe, cos, sin)), dim=-1)
+        k_pe = apply_rotary(k_pe.unsqueeze(1), cos, sin)  # [B, 1, L, rope]: one rotary key for all heads
+        k = torch.cat((k_nope, k_pe.expand(b, h, l, rope)), dim=-1)  # [B, H, L, nope + rope]
+
+        # Bidirectional: no causal mask. SDPA scales by 1/sqrt(qk_head_dim) (q's last dim); the value
+        # head dim may differ from it.
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.wo(out.transpose(1, 2).reshape(b, l, h * dv))

@@ -1,0 +1,50 @@
+"""Device, precision and per-step seeding."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from mdlm_sched.config import RuntimeConfig
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(runtime: RuntimeConfig) -> torch.device:
+    """runtime.device, with "auto" meaning the first CUDA GPU if there is one, else the CPU."""
+    if runtime.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(runtime.device)
+
+
+def autocast_dtype(runtime: RuntimeConfig, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype (bf16 on GPU by default) or None for plain float32."""
+    if runtime.precision == "bf16" or (runtime.precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """torch.autocast for dtype, or a no-op context for float32."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def configure_backends(device: torch.device) -> None:
+    """TF32 for float32 matmuls on GPU (the float32 output head and losses stay float32 tensors)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def step_seed(seed: int, step: int, stream: int = 0) -> int:
+    """A seed for one training step, so that any step can be replayed after a resume without saved RNG state."""
+    return (seed * 1_000_003 + step) * 8 + stream
+
+
+def step_generator(seed: int, step: int, stream: int, device: torch.device) -> torch.Generator:
+    """A torch.Generator on device, seeded for (seed, step, stream)."""
+    return torch.Generator(device=device).manual_seed(step_seed(seed, step, stream))

@@ -1,0 +1,344 @@
+"""Training loop shared by the MDLM denoiser and the autoregressive GPT-2 judge.
+
+One optimizer step = `train.batch_size` sequences, run as micro-batches with gradient
+accumulation. Every step is a pure function of (seed, step, state): its data indices, its noise
+draws and its dropout masks are seeded from (seed, step), so a run resumed from a checkpoint
+replays exactly the steps an uninterrupted run would have taken.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from mdlm_sched.checkpoint import MODEL_DIR, atomic_write_text, export_model, load_latest_state, save_state
+from mdlm_sched.config import RunConfig, to_yaml
+from mdlm_sched.data import load_sources, load_tokenizer, mask_token_id, tokenizer_hash
+from mdlm_sched.diffusion import corrupt, nelbo_terms, sample_times
+from mdlm_sched.errors import CheckpointError, NonFiniteLossError
+from mdlm_sched.models import build_model
+from mdlm_sched.noise import LogLinearNoise, make_noise
+from mdlm_sched.runtime import (autocast, autocast_dtype, configure_backends, resolve_device, step_generator,
+                                step_seed)
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# Objectives: what a batch of clean blocks x0 [B, L] costs a model.
+
+
+class Objective(Protocol):
+    def prepare(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """Random inputs for one optimizer step's sequences (all tensors have batch dim first)."""
+
+    def loss(self, model: torch.nn.Module, *inputs: torch.Tensor, training: bool) -> torch.Tensor:
+        """Mean loss per token of one micro-batch (float32 scalar)."""
+
+
+@dataclass(frozen=True)
+class MDLMObjective:
+    """Continuous-time NELBO of the masked diffusion model; exp(mean) bounds the perplexity."""
+
+    noise: LogLinearNoise
+    mask_id: int
+    sampling_eps: float
+
+    def prepare(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        # One low-discrepancy set of times over the whole step's batch, then masks at those times.
+        t = sample_times(x0.shape[0], generator, self.sampling_eps, device=x0.device)
+        return x0, corrupt(x0, t, self.noise, self.mask_id, generator), t
+
+    def loss(self, model: torch.nn.Module, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *,
+             training: bool) -> torch.Tensor:
+        # Training keeps the output head in the autocast dtype for speed; evaluation uses float32.
+        logits = model(x_t, sigma=self.noise.sigma(t), head_fp32=not training)
+        return nelbo_terms(logits, x0, x_t, t, self.noise, self.mask_id).mean()
+
+
+@dataclass(frozen=True)
+class AutoregressiveObjective:
+    """Next-token cross-entropy of a causal LM (the judge); exp(mean) is its perplexity."""
+
+    def prepare(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return (x0,)
+
+    def loss(self, model: torch.nn.Module, x0: torch.Tensor, *, training: bool) -> torch.Tensor:
+        logits = model(input_ids=x0).logits  # [B, L, V]
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x0[:, 1:].flatten())
+
+
+def make_objective(cfg: RunConfig, mask_id: int) -> Objective:
+    """The objective for cfg.model.arch."""
+    if cfg.model.arch == "gpt2":
+        return AutoregressiveObjective()
+    return MDLMObjective(make_noise(cfg.noise.schedule, cfg.noise.eps), mask_id, cfg.noise.sampling_eps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data order and EMA.
+
+
+@lru_cache(maxsize=4)
+def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
+    return np.random.default_rng((seed, epoch)).permutation(n)
+
+
+def batch_indices(step: int, batch_size: int, n_blocks: int, seed: int) -> np.ndarray:
+    """Indices of the blocks of one step: a fresh permutation of the data per epoch, read in order."""
+    k = step * batch_size + np.arange(batch_size)
+    epochs, pos = np.divmod(k, n_blocks)
+    out = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        sel = epochs == epoch
+        out[sel] = _epoch_permutation(seed, int(epoch), n_blocks)[pos[sel]]
+    return out
+
+
+class EMA:
+    """Exponential moving average of the parameters, with decay warm-up min(decay, (1+n)/(10+n))."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.names = [n for n, _ in model.named_parameters()]
+        self.shadow = [p.detach().clone().float() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, num_updates: int) -> None:
+        decay = min(self.decay, (1 + num_updates) / (10 + num_updates))
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in model.parameters()], 1 - decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.shadow))
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name, shadow in zip(self.names, self.shadow):
+            shadow.copy_(state[name])
+
+    @contextmanager
+    def applied(self, model: torch.nn.Module) -> Iterator[None]:
+        """Temporarily put the EMA weights into the model (for validation and export)."""
+        params = list(model.parameters())
+        backup = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, s in zip(params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(params, backup):
+                    p.copy_(b)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    model_dir: Path
+    step: int
+    last_loss: float | None
+    val: dict[str, float] = field(default_factory=dict)  # "<source>" -> perplexity (bound for an mdlm)
+
+
+class JsonlLog:
+    """Append-only JSONL log; on resume, entries past the resumed step are dropped (they will be redone)."""
+
+    def __init__(self, path: Path, keep_through_step: int) -> None:
+        self.path = path
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line and json.loads(line).get("step", 0) <= keep_through_step]
+            atomic_write_text(path, "".join(line + "\n" for line in kept))
+        self.file = path.open("a")
+
+    def write(self, **record: object) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, objective: Objective, blocks: np.ndarray, micro_batch_size: int,
+             device: torch.device, amp: torch.dtype | None, seed: int) -> float:
+    """Mean loss per token over blocks [N, L] (the same noise draws at every call for a given seed)."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), micro_batch_size):
+        x0 = torch.from_numpy(blocks[start:start + micro_batch_size].astype(np.int64)).to(device)
+        with autocast(device, amp):
+            loss = objective.loss(model, *objective.prepare(x0, generator), training=False)
+        total += float(loss) * len(x0)  # every block has the same length, so weight by blocks
+        count += len(x0)
+    model.train(was_training)
+    return total / count
+
+
+def train_step(model: torch.nn.Module, step_loss: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer,
+               inputs: tuple[torch.Tensor, ...], accum: int, device: torch.device, amp: torch.dtype | None,
+               grad_clip: float) -> tuple[float, torch.Tensor | None]:
+    """One optimizer step over inputs split into `accum` micro-batches: (mean loss, grad norm before clipping).
+
+    The grad norm stays a device tensor: reading it costs a host sync, so the caller does that only to log it.
+
+    A non-finite loss skips the optimizer step (gradients are dropped) and is returned for the caller to stop on.
+    """
+    total = torch.zeros((), device=device)
+    for micro in zip(*(x.chunk(accum) for x in inputs)):
+        with autocast(device, amp):
+            loss = step_loss(model, *micro, training=True) / accum
+        loss.backward()
+        total += loss.detach()
+    # Clip before the host sync so that the GPU has the norm kernels queued while the CPU waits;
+    # clipping non-finite gradients is harmless, since they are dropped below.
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else None
+    loss_value = float(total)  # one host sync per step: the finite-loss guard needs it
+    if math.isfinite(loss_value):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, grad_norm
+
+
+def _check_resume_compatible(cfg: RunConfig, out_dir: Path) -> None:
+    saved_path = out_dir / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved = OmegaConf.load(saved_path)
+    current = OmegaConf.structured(cfg)
+    for key in ("model", "noise", "data", "train.batch_size", "train.seed"):
+        a, b = OmegaConf.select(saved, key), OmegaConf.select(current, key)
+        if a != b:
+            raise CheckpointError(f"{out_dir} holds a run with a different '{key}'; resume with the same "
+                                  f"settings or choose a new train.out_dir")
+
+
+def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
+    """Train cfg.model on cfg.data; resume from cfg.train.out_dir if it holds a checkpoint."""
+    tc = cfg.train
+    out_dir = Path(tc.out_dir)
+    device = resolve_device(cfg.runtime)
+    configure_backends(device)
+    amp = autocast_dtype(cfg.runtime, device)
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tok_hash = tokenizer_hash(tokenizer)
+    torch.manual_seed(step_seed(tc.seed, 0, stream=2))  # initial weights
+    model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id, tok_hash).to(device)
+    objective = make_objective(cfg, mask_id=mask_token_id(tokenizer))
+    data_args = dict(tokenizer=tokenizer, seq_len=cfg.data.seq_len, cache_dir=cfg.data.cache_dir,
+                     text_field=cfg.data.text_field, max_docs=cfg.data.max_docs)
+    train_blocks = load_sources(cfg.data.train, **data_args)
+    max_val = tc.val_batches * tc.micro_batch_size
+    val_blocks = {name: load_sources([src], **data_args)[:max_val] for name, src in cfg.data.val.items()}
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model %s: %.2fM parameters; %d train blocks of %d tokens", cfg.model.arch, n_params / 1e6,
+             len(train_blocks), cfg.data.seq_len)
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas),
+                                  weight_decay=tc.weight_decay, fused=device.type == "cuda")
+    ema = EMA(model, tc.ema) if tc.ema > 0 else None
+
+    start = 0
+    state = load_latest_state(out_dir)
+    if state is not None:
+        _check_resume_compatible(cfg, out_dir)
+        tensors, opt_state, meta = state
+        with torch.no_grad():  # by parameter name: tied weights (the GPT-2 head) are stored once
+            for name, param in model.named_parameters():
+                param.copy_(tensors["model"][name])
+        optimizer.load_state_dict(opt_state)
+        if ema is not None:
+            ema.load_state_dict(tensors["ema"])
+        start = meta["step"]
+        log.info("resumed from %s at step %d", out_dir / "checkpoints", start)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))
+    jlog = JsonlLog(out_dir / "log.jsonl", keep_through_step=start)
+    if start > 0:
+        jlog.write(step=start, event="resume")
+
+    step_loss = torch.compile(objective.loss) if cfg.runtime.compile else objective.loss
+    accum = tc.batch_size // tc.micro_batch_size
+    tokens_per_step = tc.batch_size * cfg.data.seq_len
+    result = TrainResult(out_dir, out_dir / MODEL_DIR, start, None)
+
+    def validate(step: int) -> None:
+        with ema.applied(model) if ema is not None else nullcontext():
+            for i, (name, blocks) in enumerate(val_blocks.items()):
+                nelbo = evaluate(model, objective, blocks, tc.micro_batch_size, device, amp,
+                                 seed=step_seed(tc.seed, 0, stream=4 + i))
+                result.val[name] = math.exp(nelbo)
+                jlog.write(step=step, split=f"val/{name}", loss=nelbo, ppl=math.exp(nelbo), blocks=len(blocks))
+                kind = "perplexity bound" if cfg.model.arch == "mdlm" else "perplexity"
+                log.info("step %d val/%s: loss %.4f, %s %.2f (%d blocks)", step, name, nelbo, kind,
+                         math.exp(nelbo), len(blocks))
+
+    def checkpoint(step: int) -> None:
+        tensors = {"model": dict(model.named_parameters())}
+        if ema is not None:
+            tensors["ema"] = ema.state_dict()
+        save_state(out_dir, step, tensors, optimizer.state_dict(), {"tokens_seen": step * tokens_per_step},
+                   keep=tc.keep_checkpoints)
+        with ema.applied(model) if ema is not None else nullcontext():
+            export_model(model, tokenizer, result.model_dir)
+
+    model.train()
+    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not progress, desc="train")
+    t_last, tokens_since = time.perf_counter(), 0
+    for step in bar:
+        lr = tc.lr * min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps > 0 else tc.lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        idx = batch_indices(step, tc.batch_size, len(train_blocks), tc.seed)
+        x0 = torch.from_numpy(train_blocks[idx].astype(np.int64)).to(device, non_blocking=True)
+        inputs = objective.prepare(x0, step_generator(tc.seed, step, 0, device))
+        torch.manual_seed(step_seed(tc.seed, step, stream=1))  # dropout masks of this step
+
+        loss_value, grad_norm = train_step(model, step_loss, optimizer, inputs, accum, device, amp, tc.grad_clip)
+        if not math.isfinite(loss_value):
+            raise NonFiniteLossError(f"loss is {loss_value} at step {step}; stopped before the optimizer step "
+                                     f"(last checkpoint in {out_dir / 'checkpoints'}); lower train.lr or check the data")
+        if ema is not None:
+            ema.update(model, step)
+        done = step + 1
+        tokens_since += tokens_per_step
+        result.step, result.last_loss = done, loss_value
+
+        if done % tc.log_every == 0 or done == tc.steps:
+            now = time.perf_counter()
+            jlog.write(step=done, loss=loss_value, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
+                       tokens_seen=done * tokens_per_step, tokens_per_s=tokens_since / (now - t_last))
+            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_since / (now - t_last):.0f}")
+            t_last, tokens_since = now, 0
+        if done % tc.val_every == 0 or done == tc.steps:
+            validate(done)
+        if done % tc.ckpt_every == 0 or done == tc.steps:
+            checkpoint(done)
+        if done % tc.val_every == 0 or done % tc.ckpt_every == 0:  # keep their time out of tokens/s
+            t_last, tokens_since = time.perf_counter(), 0
+    bar.close()
+    jlog.close()
+    if start >= tc.steps:
+        log.info("%s is already trained to step %d (train.steps=%d); nothing to do", out_dir, start, tc.steps)
+    return result
