@@ -1,7 +1,7 @@
 """Text sources -> GPT-2 tokens -> MDLM-wrapped blocks, cached on disk as one ``.npy`` per source.
 
 A *source* is a local file (or glob) of JSON lines / plain text / parquet, or a hub dataset
-``hf:NAME[#PART]``. Local JSON lines and text need only the standard library; parquet needs
+``hf:NAME[@REVISION][#PART]``. Local JSON lines and text need only the standard library; parquet needs
 ``pyarrow`` and hub sources need ``datasets``, both imported lazily.
 """
 
@@ -89,7 +89,7 @@ def iter_documents(
     text_field: str = "text",
     max_docs: int | None = None,
 ) -> Iterator[str]:
-    """Yield the non-empty documents of a local file/glob or an ``hf:NAME[#PART]`` dataset."""
+    """Yield the non-empty documents of a local file/glob or an ``hf:NAME[@REVISION][#PART]`` dataset."""
     if source.startswith(HUB_PREFIX):
         docs = _hub_documents(source, text_field)
     else:
@@ -195,8 +195,13 @@ def _check_text(text: Any, path: Path | str, text_field: str) -> str:
 
 
 def _hub_documents(source: str, text_field: str) -> Iterator[str]:
-    """Documents of ``hf:NAME[#PART]``: PART train/val is MDLM's split of the hub train split."""
-    name, _, part = source[len(HUB_PREFIX) :].partition("#")
+    """Documents of ``hf:NAME[@REVISION][#PART]``: PART train/val is MDLM's split of the hub train split.
+
+    REVISION picks a branch of the dataset repo, e.g. ``refs/convert/parquet`` for datasets whose
+    main branch holds only a loading script (which datasets >= 4 no longer runs).
+    """
+    spec, _, part = source[len(HUB_PREFIX) :].partition("#")
+    name, _, revision = spec.partition("@")
     if not name:
         raise DataError(f"data source {source!r} names no dataset; write hf:NAME or hf:NAME#PART")
     try:
@@ -208,11 +213,12 @@ def _hub_documents(source: str, text_field: str) -> Iterator[str]:
         ) from exc
     split = "train" if part in ("", "train", "val") else part
     try:
-        dataset = datasets.load_dataset(name, split=split)
+        dataset = datasets.load_dataset(name, split=split, **({"revision": revision} if revision else {}))
     except Exception as exc:  # network, unknown name or split: the user must fix the source
         raise DataError(
             f"cannot load hub dataset {name} split {split} ({_one_line(exc)}); "
-            "check the name, split and network access, or use local files"
+            "check the name, split and network access (a script-only dataset needs "
+            "hf:NAME@refs/convert/parquet), or use local files"
         ) from exc
     if part in ("train", "val"):
         dataset = _mdlm_split(dataset, part, OWT_VAL_DOCS)

@@ -196,8 +196,8 @@ def test_hub_source_uses_mdlm_split(monkeypatch, owt_docs):
     dataset = datasets.Dataset.from_list([{"text": d, "id": i} for i, d in enumerate(owt_docs[:30])])
     calls = []
 
-    def local_load_dataset(name, split):  # stands in for the network only; the split logic is real
-        calls.append((name, split))
+    def local_load_dataset(name, split, **kwargs):  # stands in for the network only; the split logic is real
+        calls.append((name, split, kwargs))
         return dataset
 
     monkeypatch.setattr(datasets, "load_dataset", local_load_dataset)
@@ -206,7 +206,9 @@ def test_hub_source_uses_mdlm_split(monkeypatch, owt_docs):
     assert list(data.iter_documents("hf:Skylion007/openwebtext#train", max_docs=5)) == owt_docs[:5]
     assert list(data.iter_documents("hf:Skylion007/openwebtext")) == owt_docs[:30]
     assert list(data.iter_documents("hf:other/set#validation")) == owt_docs[:30]
-    assert calls == [("Skylion007/openwebtext", "train")] * 3 + [("other/set", "validation")]
+    assert list(data.iter_documents("hf:Skylion007/openwebtext@refs/convert/parquet#val")) == owt_docs[22:30]
+    assert calls == ([("Skylion007/openwebtext", "train", {})] * 3 + [("other/set", "validation", {})]
+                     + [("Skylion007/openwebtext", "train", {"revision": "refs/convert/parquet"})])
     with pytest.raises(DataError, match="'body' column"):
         list(data.iter_documents("hf:x#test", text_field="body"))
 
