@@ -45,7 +45,7 @@ def main() -> None:
     print(f"{'backend':>10} {'value':>12} {'ms fwd+bwd':>11} {'TFLOP/s':>8}")
     for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
         for padded in (False, True):
-            def run() -> None:
+            def run(backend: SDPBackend = backend, padded: bool = padded) -> None:
                 vv = F.pad(v, (0, args.qk_dim - args.v_dim)) if padded else v
                 with sdpa_kernel(backend):
                     out = F.scaled_dot_product_attention(q, k, vv)

@@ -15,7 +15,6 @@ import logging
 import lzma
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
+from mdlm_sched.checkpoint import atomic_file
 from mdlm_sched.errors import DataError
 
 if TYPE_CHECKING:  # transformers takes seconds to import; only load_tokenizer needs it at run time
@@ -298,7 +298,8 @@ def tokenized_blocks(
             f"data source {source} gave no block: its text ({counts['docs']} documents, {counts['tokens']} tokens) "
             f"is shorter than one block of {seq_len} tokens; use a smaller data.seq_len or more documents"
         )
-    _save_atomic(path, blocks)
+    with atomic_file(path, "wb") as fh:  # a crash never leaves half a cache
+        np.save(fh, blocks)
     log.info(
         "data cache miss for %s: %d documents, %d tokens -> %d blocks of %d tokens, cached at %s",
         source, counts["docs"], counts["tokens"], len(blocks), seq_len, path,
@@ -326,21 +327,6 @@ def _token_arrays(
                 yield np.asarray(ids, dtype=np.int32)
             counts["docs"] += len(batch)
             bar.update(len(batch))
-
-
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    """Write array to path via a temp file in the same folder, so a crash never leaves half a cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _load(path: Path) -> np.ndarray:

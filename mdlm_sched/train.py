@@ -328,7 +328,8 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
         if done % tc.log_every == 0 or done == tc.steps:
             now = time.perf_counter()
             jlog.write(step=done, loss=loss_value, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
-                       tokens_seen=done * tokens_per_step, tokens_per_s=tokens_since / (now - t_last))
+                       tokens_seen=done * tokens_per_step, epochs=done * tc.batch_size / len(train_blocks),
+                       tokens_per_s=tokens_since / (now - t_last))
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_since / (now - t_last):.0f}")
             t_last, tokens_since = now, 0
         if done % tc.val_every == 0 or done == tc.steps:
