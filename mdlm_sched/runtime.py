@@ -40,8 +40,12 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def step_seed(seed: int, step: int, stream: int = 0) -> int:
-    """A seed for one training step, so that any step can be replayed after a resume without saved RNG state."""
+# Independent random streams of a training run (step_seed's `stream`, each < 8).
+STREAM_NOISE, STREAM_DROPOUT, STREAM_INIT, STREAM_VAL = 0, 1, 2, 3
+
+
+def step_seed(seed: int, step: int, stream: int) -> int:
+    """A seed for one (step, stream) of a run, so that any step can be replayed after a resume without saved RNG state."""
     return (seed * 1_000_003 + step) * 8 + stream
 
 

@@ -32,8 +32,8 @@ from mdlm_sched.diffusion import corrupt, nelbo_terms, sample_times
 from mdlm_sched.errors import CheckpointError, NonFiniteLossError
 from mdlm_sched.models import build_model
 from mdlm_sched.noise import LogLinearNoise, make_noise
-from mdlm_sched.runtime import (autocast, autocast_dtype, configure_backends, resolve_device, step_generator,
-                                step_seed)
+from mdlm_sched.runtime import (STREAM_DROPOUT, STREAM_INIT, STREAM_NOISE, STREAM_VAL, autocast, autocast_dtype,
+                                configure_backends, resolve_device, step_generator, step_seed)
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,8 @@ def _check_resume_compatible(cfg: RunConfig, out_dir: Path) -> None:
         return
     saved = OmegaConf.load(saved_path)
     current = OmegaConf.structured(cfg)
-    for key in ("model", "noise", "data", "train.batch_size", "train.seed"):
+    for key in ("model", "noise", "data.train", "data.val", "data.tokenizer", "data.seq_len", "data.text_field",
+                "data.max_docs", "train.batch_size", "train.seed"):
         a, b = OmegaConf.select(saved, key), OmegaConf.select(current, key)
         if a != b:
             raise CheckpointError(f"{out_dir} holds a run with a different '{key}'; resume with the same "
@@ -243,7 +244,7 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     tok_hash = tokenizer_hash(tokenizer)
-    torch.manual_seed(step_seed(tc.seed, 0, stream=2))  # initial weights
+    torch.manual_seed(step_seed(tc.seed, 0, STREAM_INIT))  # initial weights
     model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id, tok_hash).to(device)
     objective = make_objective(cfg, mask_id=mask_token_id(tokenizer))
     data_args = dict(tokenizer=tokenizer, seq_len=cfg.data.seq_len, cache_dir=cfg.data.cache_dir,
@@ -287,7 +288,7 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
         with ema.applied(model) if ema is not None else nullcontext():
             for i, (name, blocks) in enumerate(val_blocks.items()):
                 nelbo = evaluate(model, objective, blocks, tc.micro_batch_size, device, amp,
-                                 seed=step_seed(tc.seed, 0, stream=4 + i))
+                                 seed=step_seed(tc.seed, i, STREAM_VAL))  # the same draws at every validation
                 result.val[name] = math.exp(nelbo)
                 jlog.write(step=step, split=f"val/{name}", loss=nelbo, ppl=math.exp(nelbo), blocks=len(blocks))
                 kind = "perplexity bound" if cfg.model.arch == "mdlm" else "perplexity"
@@ -312,8 +313,8 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
             group["lr"] = lr
         idx = batch_indices(step, tc.batch_size, len(train_blocks), tc.seed)
         x0 = torch.from_numpy(train_blocks[idx].astype(np.int64)).to(device, non_blocking=True)
-        inputs = objective.prepare(x0, step_generator(tc.seed, step, 0, device))
-        torch.manual_seed(step_seed(tc.seed, step, stream=1))  # dropout masks of this step
+        inputs = objective.prepare(x0, step_generator(tc.seed, step, STREAM_NOISE, device))
+        torch.manual_seed(step_seed(tc.seed, step, STREAM_DROPOUT))  # dropout masks of this step
 
         loss_value, grad_norm = train_step(model, step_loss, optimizer, inputs, accum, device, amp, tc.grad_clip)
         if not math.isfinite(loss_value):
