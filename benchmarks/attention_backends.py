@@ -54,7 +54,8 @@ def main() -> None:
                 ms = time_ms(run)
                 print(f"{backend.name:>10} {'padded' if padded else 'as is':>12} {ms:>11.3f} {flops / ms / 1e9:>8.1f}")
             except RuntimeError as exc:
-                print(f"{backend.name:>10} {'padded' if padded else 'as is':>12} {'n/a':>11} ({str(exc).splitlines()[0][:60]})")
+                reason = str(exc).splitlines()[0][:60]
+                print(f"{backend.name:>10} {'padded' if padded else 'as is':>12} {'n/a':>11} ({reason})")
 
 
 if __name__ == "__main__":

@@ -20,19 +20,20 @@ import tempfile
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig
 
 from mdlm_sched.config import load
 from mdlm_sched.flops import forward_flops
 from mdlm_sched.train import train
-from transformers import AutoConfig
 
 PEAK_BF16 = 776e12  # measured 8192^3 bf16 matmul rate of the lent H200
 
 
 def bench(preset: str, batch: int, seq_len: int, steps: int, log_every: int, data_root: str, runtime: str,
           out_dir: Path) -> dict:
-    cfg = load([f"model={preset}", "data=owt", f"runtime={runtime}", f"data.root={data_root}", f"data.seq_len={seq_len}",
-                f"train.out_dir={out_dir}", f"train.steps={steps}", f"train.batch_size={batch}",
+    cfg = load([f"model={preset}", "data=owt", f"runtime={runtime}", f"data.root={data_root}",
+                f"data.seq_len={seq_len}", f"train.out_dir={out_dir}", f"train.steps={steps}",
+                f"train.batch_size={batch}",
                 f"train.micro_batch_size={batch}", f"train.log_every={log_every}", f"train.val_every={steps}",
                 f"train.ckpt_every={steps}", "train.val_batches=1", "train.warmup_steps=10"])
     if torch.cuda.is_available():
@@ -83,12 +84,14 @@ def main() -> None:
                                   args.runtime, Path(tmp) / f"{preset}-{batch}"))
                 print(json.dumps(rows[-1]), flush=True)
                 torch._dynamo.reset()
-    env = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    env = {"torch": torch.__version__, "device": device,
            "runtime": args.runtime, "peak_bf16_flops": PEAK_BF16, "steps": args.steps, "log_every": args.log_every}
     if args.out:
         Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     print(f"\n{env}")
-    print(f"{'model':>6} {'batch':>5} {'step ms':>8} {'tokens/s':>10} {'MFU full':>9} {'MFU blocks':>10} {'mem GiB':>8}")
+    print(f"{'model':>6} {'batch':>5} {'step ms':>8} {'tokens/s':>10} {'MFU full':>9} {'MFU blocks':>10} "
+          f"{'mem GiB':>8}")
     for r in rows:
         print(f"{r['model']:>6} {r['micro_batch']:>5} {r['step_ms']:>8} {r['tokens_per_s']:>10} "
               f"{r['mfu_full']:>9.1%} {r['mfu_blocks_only']:>10.1%} {r['peak_mem_GiB']!s:>8}")

@@ -94,7 +94,10 @@ def save_state(run_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tens
     return target
 
 
-def load_latest_state(run_dir: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]] | None:
+TrainingState = tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]
+
+
+def load_latest_state(run_dir: Path) -> TrainingState | None:
     """(tensors by stem, optimizer state, state.json) of the newest complete checkpoint, or None."""
     latest = run_dir / STATE_DIR / "latest"
     if not latest.is_file():

@@ -45,7 +45,7 @@ STREAM_NOISE, STREAM_DROPOUT, STREAM_INIT, STREAM_VAL = 0, 1, 2, 3
 
 
 def step_seed(seed: int, step: int, stream: int) -> int:
-    """A seed for one (step, stream) of a run, so that any step can be replayed after a resume without saved RNG state."""
+    """A seed for one (step, stream) of a run: any step replays after a resume without saved RNG state."""
     return (seed * 1_000_003 + step) * 8 + stream
 
 

@@ -319,7 +319,8 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
         loss_value, grad_norm = train_step(model, step_loss, optimizer, inputs, accum, device, amp, tc.grad_clip)
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(f"loss is {loss_value} at step {step}; stopped before the optimizer step "
-                                     f"(last checkpoint in {out_dir / 'checkpoints'}); lower train.lr or check the data")
+                                     f"(last checkpoint in {out_dir / 'checkpoints'}); "
+                                     f"lower train.lr or check the data")
         if ema is not None:
             ema.update(model, step)
         done = step + 1

@@ -39,7 +39,8 @@ class MLADims:
 
 
 @torch.compiler.disable  # a graph input, not code: inductor would recompute sin/cos per element of q and k
-def rotary_cos_sin(seq_len: int, rope_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(seq_len: int, rope_dim: int, theta: float,
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin tables for rotary embeddings, each [seq_len, rope_dim // 2], float32 (cached)."""
     return _rotary_table(seq_len, rope_dim, theta, torch.device(device))
 
