@@ -118,3 +118,50 @@ def export_model(model: Any, tokenizer: Any, path: Path) -> None:
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
+
+# Fields that models sharing a sampling schedule must agree on (DESIGN.md, Conventions).
+COMPATIBILITY_FIELDS = ("tokenizer_hash", "vocab_size", "mask_token_id", "max_position_embeddings",
+                        "noise_schedule", "noise_eps", "time_conditioning")
+
+
+def model_folder(path: str | Path) -> Path:
+    """The Hugging Face folder of a model: `path` itself, or `path/model` for a training run folder."""
+    path = Path(path)
+    if not (path / "config.json").is_file() and (path / MODEL_DIR / "config.json").is_file():
+        return path / MODEL_DIR
+    return path
+
+
+def load_denoiser(path: str | Path, device: torch.device | str = "cpu") -> Any:
+    """Load an MLA denoiser (MDLMDenoiser) saved by training, in eval mode, float32 weights."""
+    from mdlm_sched.models.denoiser import DenoiserConfig, MDLMDenoiser
+
+    folder = model_folder(path)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"no model at {path} (no config.json); give a trained model folder or a training "
+                              f"run folder (train.out_dir, which holds model/)")
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except ValueError as exc:
+        raise CheckpointError(f"{folder / 'config.json'} is not valid JSON ({exc}); re-export the model") from exc
+    if model_type != DenoiserConfig.model_type:
+        raise CheckpointError(f"{folder} holds a {model_type!r} model, not an MLA denoiser "
+                              f"({DenoiserConfig.model_type!r}); give the folder of a trained MDLM")
+    try:
+        model = MDLMDenoiser.from_pretrained(folder)
+    except Exception as exc:  # truncated or mismatched safetensors, missing weights file, ...
+        raise CheckpointError(f"model {folder} cannot be loaded ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]}); re-export or retrain it") from exc
+    return model.to(device).eval()
+
+
+def check_compatible(configs: dict[str, Any]) -> None:
+    """Raise CheckpointError if named denoiser configs differ in a field a shared schedule needs."""
+    (first, ref), *others = configs.items()
+    for name, config in others:
+        for field_name in COMPATIBILITY_FIELDS:
+            a, b = getattr(ref, field_name), getattr(config, field_name)
+            if a != b:
+                raise CheckpointError(f"models {first!r} and {name!r} differ in {field_name} ({a!r} vs {b!r}); "
+                                      f"a schedule can only mix models trained with the same {field_name}")

@@ -6,8 +6,10 @@ Bad input ends with one line on stderr and exit code 2; a diverged training run 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
+from pathlib import Path
 
 from mdlm_sched.errors import NonFiniteLossError, UserError
 
@@ -32,6 +34,60 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _models(pairs: list[str]) -> dict[str, str]:
+    models: dict[str, str] = {}
+    for pair in pairs:
+        name, eq, path = pair.partition("=")
+        if not eq or not name or not path:
+            raise UserError(f"--model {pair!r} is not NAME=PATH; write e.g. --model large=runs/large")
+        if name in models:
+            raise UserError(f"model name {name!r} is given twice; give each model its own name")
+        models[name] = path
+    return models
+
+
+def _prompt_file(path: str) -> tuple[list[str], list[list[int]]]:
+    texts, ids = [], []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise UserError(f"cannot read prompts file {path} ({exc.strerror}); give a JSON-lines file") from exc
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError:
+            raise UserError(f"{path}:{n} is not JSON; write one {{\"text\": ...}} or {{\"token_ids\": [...]}} "
+                            f"per line") from None
+        if isinstance(item, dict) and isinstance(item.get("text"), str):
+            texts.append(item["text"])
+        elif isinstance(item, dict) and isinstance(item.get("token_ids"), list) and all(
+                isinstance(t, int) for t in item["token_ids"]):
+            ids.append(item["token_ids"])
+        else:
+            raise UserError(f"{path}:{n} has neither a \"text\" string nor a \"token_ids\" list of integers")
+    return texts, ids
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from mdlm_sched.config import RuntimeConfig, SampleConfig
+
+    texts, ids = _prompt_file(args.prompts_file) if args.prompts_file else ([], [])
+    cfg = SampleConfig(
+        models=_models(args.model), schedule=args.schedule, steps=args.steps, num_samples=args.num_samples,
+        batch_size=args.batch_size, seed=args.seed, top_p=args.top_p, cache=not args.no_cache,
+        noise_removal=not args.no_noise_removal, seq_len=args.seq_len,
+        prompts=[*args.prompt, *texts], prompt_token_ids=ids, out_dir=args.out,
+        runtime=RuntimeConfig(device=args.device, precision=args.precision, compile=args.compile),
+        **({"t_min": args.t_min} if args.t_min is not None else {}),
+    )
+    from mdlm_sched.generate import sample_command
+
+    sample_command(cfg, progress=not args.no_progress)
+    return 0
+
+
 def _config(args: argparse.Namespace) -> int:
     from mdlm_sched.config import load, to_yaml
 
@@ -46,6 +102,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="*", help=CONFIG_HELP)
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.set_defaults(func=_train)
+    p = sub.add_parser("sample", help="sample from named MDLMs with a model schedule",
+                       description="Sample with a model schedule. Schedules: a preset (all-large, all-small, "
+                                   "early-small, late-small, sandwich, small-in-the-middle, alternating; "
+                                   "optionally @FRACTION of light steps, default 0.25), segments such as "
+                                   "L125,H750,L125 (H = heaviest model, L = lightest, or model names), or "
+                                   "t-thresholds such as t:L>0.875,H>0.125,L.")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=PATH", required=True,
+                   help="a model by name: its folder or its training run folder (repeat for each model)")
+    p.add_argument("--schedule", default="all-large", help="preset[@fraction], segments or t:thresholds")
+    p.add_argument("--steps", type=int, default=1000, help="denoising steps T (default 1000)")
+    p.add_argument("--num-samples", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per sampler call")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeat; cycled over samples)")
+    p.add_argument("--prompts-file", help='JSON lines of {"text": ...} or {"token_ids": [...]}')
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the models')")
+    p.add_argument("--t-min", type=float, default=None, help="the last step ends at this t (default 1e-5)")
+    p.add_argument("--no-cache", action="store_true", help="run the network on every sequence at every step")
+    p.add_argument("--no-noise-removal", action="store_true", help="leave masks left after the last step")
+    p.add_argument("--out", default="runs/samples", help="output folder")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", default="auto", help="auto (bf16 on cuda) | bf16 | fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.set_defaults(func=_sample)
     p = sub.add_parser("config", help="print the resolved config")
     p.add_argument("config", nargs="*", help=CONFIG_HELP)
     p.set_defaults(func=_config)

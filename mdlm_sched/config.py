@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mdlm_sched.data import check_source
+from mdlm_sched.diffusion import DEFAULT_T_MIN
 from mdlm_sched.errors import ConfigError, DataError
 from mdlm_sched.noise import NOISE_SCHEDULES
 
@@ -116,6 +117,27 @@ class RunConfig:
 
 
 SECTIONS = tuple(f.name for f in fields(RunConfig))
+
+
+@dataclass
+class SampleConfig:
+    """A sampling run (`mdlm-sched sample`): models by name, a schedule, how many samples, where to."""
+
+    models: dict[str, str] = field(default_factory=dict)  # name -> model folder or training run folder
+    schedule: str = "all-large"  # preset[@fraction] | segments (L125,H750,L125) | t:thresholds
+    steps: int = 1000  # T
+    num_samples: int = 16
+    batch_size: int = 16  # sequences per sampler call; each batch has its own generator (seed, batch index)
+    seed: int = 0
+    top_p: float = 1.0
+    cache: bool = True
+    noise_removal: bool = True
+    t_min: float = DEFAULT_T_MIN  # the last step ends at t_min
+    seq_len: int | None = None  # None = the models' max_position_embeddings
+    prompts: list[str] = field(default_factory=list)  # texts, cycled over the samples; [BOS] is put first
+    prompt_token_ids: list[list[int]] = field(default_factory=list)  # raw token ids, cycled likewise
+    out_dir: str = "runs/samples"
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 def configs_dir() -> Path:
@@ -256,6 +278,19 @@ def _validate_runtime(r: RuntimeConfig) -> None:
              f"runtime.device={r.device!r}; use auto, cpu, cuda or cuda:N")
     _require(not r.device.startswith("cuda") or torch.cuda.is_available(),
              f"runtime.device={r.device} but no CUDA GPU is visible; use runtime.device=cpu")
+
+
+def validate_sample(cfg: SampleConfig) -> None:
+    """Check a SampleConfig's values; raise ConfigError naming the field and the fix.
+
+    The sampler's own settings (batch size, top_p, t_min) are checked by sampler.check_settings.
+    """
+    _require(len(cfg.models) > 0, "no models given; name at least one, e.g. --model large=runs/large")
+    _require(cfg.steps >= 1, f"steps={cfg.steps} must be >= 1")
+    _require(cfg.num_samples >= 1, f"num_samples={cfg.num_samples} must be >= 1")
+    _require(cfg.seq_len is None or cfg.seq_len >= 1, f"seq_len={cfg.seq_len} must be >= 1 or null")
+    _require(not (cfg.prompts and cfg.prompt_token_ids), "give prompts as texts or as token ids, not both")
+    _validate_runtime(cfg.runtime)
 
 
 def validate(cfg: RunConfig) -> None:

@@ -27,7 +27,7 @@ def corrupt(x0: torch.Tensor, t: torch.Tensor, noise: LogLinearNoise, mask_id: i
     return torch.where(draw < p_mask, torch.full_like(x0, mask_id), x0)
 
 
-def _no_mask_logit(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
+def forbid_mask(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
     """float32 copy of logits [..., V] with the [MASK] logit at -inf (the caller's tensor is untouched)."""
     is_mask = torch.arange(logits.shape[-1], device=logits.device) == mask_id
     return logits.float().masked_fill(is_mask, float("-inf"))
@@ -38,7 +38,7 @@ def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> tor
 
     [MASK] gets zero probability; unmasked positions copy their input token (carry-over).
     """
-    log_probs = _no_mask_logit(logits, mask_id).log_softmax(dim=-1)
+    log_probs = forbid_mask(logits, mask_id).log_softmax(dim=-1)
     unmasked = (x_t != mask_id)
     carry = torch.full_like(log_probs, float("-inf")).scatter_(-1, x_t[..., None], 0.0)
     return torch.where(unmasked[..., None], carry, log_probs)
@@ -50,7 +50,7 @@ def masked_nll(logits: torch.Tensor, x0: torch.Tensor, mask_id: int) -> torch.Te
     Cheaper than subs_log_probs for training: one cross-entropy, no [B, L, V] carry-over tensor.
     The [MASK] column is excluded from the softmax (zero masking probability).
     """
-    logits = _no_mask_logit(logits, mask_id)
+    logits = forbid_mask(logits, mask_id)
     return F.cross_entropy(logits.flatten(0, 1), x0.flatten(), reduction="none").view_as(x0)
 
 
@@ -63,3 +63,24 @@ def nelbo_terms(logits: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: to
     nll = masked_nll(logits, x0, mask_id)
     weight = noise.loss_weight(t)[:, None]  # [B, 1]
     return torch.where(x_t == mask_id, weight * nll, torch.zeros_like(nll))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+DEFAULT_T_MIN = 1e-5  # MDLM samples on linspace(1, 1e-5, T + 1)
+
+
+def time_grid(steps: int, t_min: float = DEFAULT_T_MIN) -> torch.Tensor:
+    """The T + 1 times [T + 1] (float64) of ancestral sampling: step i goes from t[i] to t[i + 1]."""
+    return torch.linspace(1.0, t_min, steps + 1, dtype=torch.float64)
+
+
+def unmask_probability(noise: LogLinearNoise, t: float, s: float) -> float:
+    """P(a position masked at t is unmasked at s < t) = (alpha_s - alpha_t) / (1 - alpha_t).
+
+    The ancestral update in two stages (REFERENCE.md section 2): this probability does not depend
+    on the network, which is only needed to choose the token of a position that unmasks.
+    """
+    t64, s64 = torch.tensor(t, dtype=torch.float64), torch.tensor(s, dtype=torch.float64)
+    return float((noise.alpha(s64) - noise.alpha(t64)) / (1 - noise.alpha(t64)))

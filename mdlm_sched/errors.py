@@ -17,5 +17,13 @@ class CheckpointError(UserError):
     """A checkpoint is missing, corrupt or incompatible."""
 
 
+class ScheduleError(UserError):
+    """A model schedule cannot be read or does not fit the models or the step count."""
+
+
+class SamplingError(UserError):
+    """Sampler input that cannot work (prompts, settings)."""
+
+
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; training stopped before the optimizer step."""

@@ -10,9 +10,14 @@ are left out (well under 1% at every size here).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mdlm_sched.models.denoiser import DenoiserConfig
+
+if TYPE_CHECKING:
+    from mdlm_sched.sampler import StepRecord
 
 TIME_FREQ_DIM = 256  # width of the sinusoidal features of TimestepEmbedding
 
@@ -34,8 +39,12 @@ class ForwardFlops:
         return self.blocks + self.head + self.other
 
 
-def forward_flops(config: DenoiserConfig, seq_len: int, batch: int = 1) -> ForwardFlops:
-    """Matmul FLOPs of MDLMDenoiser.forward on [batch, seq_len] tokens."""
+def forward_flops(config: DenoiserConfig, seq_len: int, batch: int = 1, head_tokens: int | None = None) -> ForwardFlops:
+    """Matmul FLOPs of MDLMDenoiser.forward on [batch, seq_len] tokens.
+
+    head_tokens: positions the output head runs on (default: all batch * seq_len, as in forward);
+    the sampler runs the blocks on whole sequences but the head only where it decodes a token.
+    """
     d, h, n = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
     qk, nope, rope, dv = (config.qk_nope_head_dim + config.qk_rope_head_dim, config.qk_nope_head_dim,
                           config.qk_rope_head_dim, config.v_head_dim)
@@ -51,9 +60,46 @@ def forward_flops(config: DenoiserConfig, seq_len: int, batch: int = 1) -> Forwa
     )
     per_seq_block = 6 * d * config.cond_dim if config.time_conditioning else 0  # adaLN modulation
     blocks = 2 * n * (per_token * seq_len + per_seq_block) * batch
-    head = 2 * d * config.padded_vocab_size * seq_len * batch
+    head = 2 * d * config.padded_vocab_size * (seq_len * batch if head_tokens is None else head_tokens)
     other = 0
     if config.time_conditioning:
         c = config.cond_dim
         other = 2 * (TIME_FREQ_DIM * c + c * c + 2 * d * c) * batch
     return ForwardFlops(blocks=blocks, head=head, other=other)
+
+
+@dataclass
+class FlopsTotal:
+    """FLOPs of the network calls a sampling run made, in both conventions, with calls per model."""
+
+    blocks_only: int = 0
+    full: int = 0
+    calls: dict[str, int] = field(default_factory=dict)  # model -> batched network calls
+    sequences: dict[str, int] = field(default_factory=dict)  # model -> sequences run through it
+
+    def add(self, model: str, flops: ForwardFlops, sequences: int) -> None:
+        self.blocks_only += flops.blocks_only
+        self.full += flops.full
+        self.calls[model] = self.calls.get(model, 0) + 1
+        self.sequences[model] = self.sequences.get(model, 0) + sequences
+
+
+def trace_flops(trace: Iterable[StepRecord], configs: Mapping[str, DenoiserConfig], seq_len: int,
+                as_model: str | None = None) -> FlopsTotal:
+    """FLOPs of the network calls recorded in a sampler trace (steps served without a call cost nothing).
+
+    as_model: price every call as if that model had made it (e.g. the all-large cost of the same
+    run: which sequences need the network at a step does not depend on the model, see sampler.py).
+    """
+    total = FlopsTotal()
+    for record in trace:
+        if record.run == 0:
+            continue
+        name = as_model or record.model
+        total.add(name, forward_flops(configs[name], seq_len, record.run, head_tokens=record.unmasked), record.run)
+    return total
+
+
+def names_light_to_heavy(configs: Mapping[str, DenoiserConfig], seq_len: int) -> list[str]:
+    """Model names ordered by blocks FLOPs per forward, lightest first (ties keep the given order)."""
+    return sorted(configs, key=lambda name: forward_flops(configs[name], seq_len).blocks_only)

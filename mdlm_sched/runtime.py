@@ -40,8 +40,9 @@ def configure_backends(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-# Independent random streams of a training run (step_seed's `stream`, each < 8).
-STREAM_NOISE, STREAM_DROPOUT, STREAM_INIT, STREAM_VAL = 0, 1, 2, 3
+# Independent random streams of a run (step_seed's `stream`, each < 8). Sampling seeds each batch
+# from (seed, batch index) on STREAM_SAMPLE.
+STREAM_NOISE, STREAM_DROPOUT, STREAM_INIT, STREAM_VAL, STREAM_SAMPLE = 0, 1, 2, 3, 4
 
 
 def step_seed(seed: int, step: int, stream: int) -> int:

@@ -212,17 +212,11 @@ class MDLMDenoiser(DenoiserPreTrainedModel):
         self.lm_head = nn.Linear(d, config.padded_vocab_size, bias=False)
         self.post_init()
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        sigma: torch.Tensor | None = None,
-        head_fp32: bool = True,
-    ) -> torch.Tensor:
-        """Logits of p(x_0 | x_t) [B, L, vocab_size], float32 when head_fp32 (the default).
+    def hidden(self, input_ids: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states [B, L, d] (after the last norm and adaLN), before the output head.
 
         sigma [B] is the noise level sigma(t), used only when config.time_conditioning is on.
-        head_fp32=False keeps the output head in the autocast dtype (training throughput);
-        sampling and evaluation keep the default float32 head (REFERENCE.md section 3).
+        Samplers call this and then the head on the few positions they decode.
         """
         config = self.config
         b, l = input_ids.shape
@@ -241,12 +235,29 @@ class MDLMDenoiser(DenoiserPreTrainedModel):
         if self.final_ada_ln is not None:
             shift, scale = self.final_ada_ln(cond).chunk(2, dim=-1)
             x = modulate(x, shift, scale)
+        return x
+
+    def logits_from_hidden(self, hidden: torch.Tensor, head_fp32: bool = True) -> torch.Tensor:
+        """Output head: hidden [..., d] -> logits [..., vocab_size], float32 when head_fp32."""
         if head_fp32:
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                logits = F.linear(x.float(), self.lm_head.weight.float())
+            with torch.autocast(device_type=hidden.device.type, enabled=False):
+                logits = F.linear(hidden.float(), self.lm_head.weight.float())
         else:
-            logits = self.lm_head(x)
-        return logits[..., : config.vocab_size]
+            logits = self.lm_head(hidden)
+        return logits[..., : self.config.vocab_size]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        sigma: torch.Tensor | None = None,
+        head_fp32: bool = True,
+    ) -> torch.Tensor:
+        """Logits of p(x_0 | x_t) [B, L, vocab_size], float32 when head_fp32 (the default).
+
+        head_fp32=False keeps the output head in the autocast dtype (training throughput);
+        sampling and evaluation keep the default float32 head (REFERENCE.md section 3).
+        """
+        return self.logits_from_hidden(self.hidden(input_ids, sigma), head_fp32)
 
 
 AutoConfig.register(DenoiserConfig.model_type, DenoiserConfig, exist_ok=True)

@@ -1,0 +1,201 @@
+"""Sampling speed of the scheduled sampler on one GPU (the H200 here), with random-weight models.
+
+Models: `large` (12 x 768) and `small` (4 x 768), MLA as in configs/model, GPT-2 vocabulary, length
+1024, bf16 autocast, float32 head, the blocks compiled with torch.compile (dynamic batch). Random
+weights cost the same FLOPs and time as trained ones; the sampler's work does not depend on them.
+
+Parts (--parts):
+  network   the compiled blocks alone, [B, 1024] per call, B = 1 .. 128: tokens/s and fraction of
+            776 TFLOP/s (FLOPs: mdlm_sched.flops, blocks only; the head is not run here).
+  steps     the real sampler with the cache off (every sequence through the network at every step),
+            T = --short-steps: time per step, the share of it spent outside the network (draws,
+            bookkeeping, head on decoded positions), and FLOPs/s of the whole step.
+  full      --samples sequences at T = 1000 with the cache on, all-large then the sandwich
+            (250 small steps) with the same seed, then a cache-off run on --cache-samples sequences:
+            wall-clock against FLOPs for the schedule, the share of sequence-steps that skip the
+            network, and what the cache saves.
+
+    python benchmarks/sampling.py --parts network steps full --out reports/h200-sampling/bench_sampling.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from mdlm_sched.diffusion import DEFAULT_T_MIN
+from mdlm_sched.flops import forward_flops, names_light_to_heavy
+from mdlm_sched.generate import ModelSet, cache_summary, flops_summary, run_schedule
+from mdlm_sched.models.denoiser import DenoiserConfig, MDLMDenoiser
+from mdlm_sched.noise import LogLinearNoise
+from mdlm_sched.provenance import provenance
+from mdlm_sched.runtime import configure_backends
+from mdlm_sched.sampler import PreparedDenoiser, SamplerSettings
+
+PEAK_BF16 = 776e12  # measured 8192^3 bf16 matmul rate of the lent H200 (REFERENCE.md section 6)
+SEQ_LEN = 1024  # the paper's length; --smoke runs 64
+
+
+class Timed:
+    """A PreparedDenoiser whose network calls (blocks and head) are timed: CUDA events on a GPU."""
+
+    def __init__(self, inner: PreparedDenoiser) -> None:
+        self.inner, self.config, self.device = inner, inner.config, inner.device
+        self.events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.cpu_seconds = 0.0  # --smoke on a CPU: calls are synchronous, a clock suffices
+
+    def _timed(self, fn, *args):
+        if self.device.type != "cuda":
+            start = time.perf_counter()
+            out = fn(*args)
+            self.cpu_seconds += time.perf_counter() - start
+            return out
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn(*args)
+        end.record()
+        self.events.append((start, end))
+        return out
+
+    def hidden(self, input_ids, sigma=None):
+        return self._timed(self.inner.hidden, input_ids, sigma)
+
+    def logits_from_hidden(self, hidden):
+        return self._timed(self.inner.logits_from_hidden, hidden)
+
+    def network_seconds(self) -> float:
+        """Seconds spent in network calls since the last call of this method."""
+        if self.device.type != "cuda":
+            total, self.cpu_seconds = self.cpu_seconds, 0.0
+            return total
+        torch.cuda.synchronize()
+        total = sum(s.elapsed_time(e) for s, e in self.events) / 1e3
+        self.events.clear()
+        return total
+
+
+def build(layers: int, device: torch.device, compile: bool, smoke: bool) -> PreparedDenoiser:
+    width = dict(hidden_size=64, num_attention_heads=4, kv_lora_rank=32, intermediate_size=256) if smoke else {}
+    config = DenoiserConfig(num_hidden_layers=layers, max_position_embeddings=SEQ_LEN, dropout=0.0, **width)
+    torch.manual_seed(layers)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    return PreparedDenoiser(MDLMDenoiser(config).to(device), dtype, compile)
+
+
+def bench_network(models: dict[str, PreparedDenoiser], batches: list[int], reps: int) -> list[dict]:
+    rows = []
+    for name, model in models.items():
+        for b in batches:
+            x = torch.randint(0, 50257, (b, SEQ_LEN), device=model.device)
+            x[:, ::2] = model.config.mask_token_id
+            for _ in range(3):
+                model.hidden(x)
+            times = []
+            timer = Timed(model)
+            for _ in range(reps):
+                timer.hidden(x)
+                times.append(timer.network_seconds())
+            t = statistics.median(times)
+            flops = forward_flops(model.config, SEQ_LEN, b, head_tokens=0).blocks_only
+            rows.append({"model": name, "batch": b, "ms": round(t * 1e3, 3), "tokens_per_s": round(b * SEQ_LEN / t),
+                         "tflops": round(flops / t / 1e12, 1), "mfu": round(flops / t / PEAK_BF16, 4)})
+            print(f"network {name:>5} B={b:<4} {t * 1e3:8.2f} ms  {b * SEQ_LEN / t / 1e6:6.3f}M tok/s  "
+                  f"{flops / t / PEAK_BF16:6.1%} of 776 TFLOP/s", flush=True)
+    return rows
+
+
+def model_set(models: dict[str, PreparedDenoiser]) -> ModelSet:
+    timed = {name: Timed(m) for name, m in models.items()}
+    return ModelSet(models=timed, light_to_heavy=names_light_to_heavy({n: m.config for n, m in models.items()}, SEQ_LEN),
+                    noise=LogLinearNoise(1e-3), tokenizer=None, seq_len=SEQ_LEN)
+
+
+def timed_run(ms: ModelSet, spec: str, steps: int, samples: int, batch: int, cache: bool, seed: int = 0) -> dict:
+    schedule = ms.schedule(spec, steps)
+    settings = SamplerSettings(batch_size=batch, seq_len=SEQ_LEN, cache=cache)
+    output = run_schedule(ms, schedule, settings, samples, seed, progress=False)
+    network = sum(m.network_seconds() for m in ms.models.values())
+    flops = flops_summary(ms, output)
+    return {"schedule": spec, "segments": schedule.segments_str(), "steps": steps, "samples": samples, "batch": batch,
+            "cache": cache, "wall_s": round(output.wall_s, 3), "network_s": round(network, 3),
+            "outside_network_share": round(1 - network / output.wall_s, 4),
+            "tokens_per_s": round(samples * SEQ_LEN / output.wall_s),
+            "mfu_blocks_only_wall": round(flops["blocks_only"] / output.wall_s / PEAK_BF16, 4),
+            "mfu_full_wall": round(flops["full"] / output.wall_s / PEAK_BF16, 4),
+            "mfu_blocks_only_network": round(flops["blocks_only"] / network / PEAK_BF16, 4),
+            "flops_blocks_only": flops["blocks_only"], "flops_full": flops["full"],
+            "saving_blocks_only": round(flops["saving_blocks_only"], 4), "saving_full": round(flops["saving_full"], 4),
+            "sequences_run": flops["sequences_run"], "calls": flops["calls"], "cache_stats": cache_summary(output, steps)}
+
+
+def bench_steps(ms: ModelSet, batches: list[int], steps: int) -> list[dict]:
+    rows = []
+    for b in batches:
+        timed_run(ms, "all-large", 4, b, b, cache=False)  # warm-up (compilation for this batch size)
+        row = timed_run(ms, "all-large", steps, b, b, cache=False)
+        row["step_ms"] = round(row["wall_s"] / steps * 1e3, 3)
+        rows.append(row)
+        print(f"steps   large B={b:<4} {row['step_ms']:8.2f} ms/step  {row['tokens_per_s'] * steps / 1e6:6.3f}M tok/s  "
+              f"{row['mfu_full_wall']:6.1%} of 776 TFLOP/s (full, wall)  outside network {row['outside_network_share']:5.1%}",
+              flush=True)
+    return rows
+
+
+def bench_full(ms: ModelSet, samples: int, batch: int, cache_samples: int, steps: int) -> list[dict]:
+    rows = []
+    for spec, n, cache in (("all-large", samples, True), ("sandwich", samples, True),
+                           ("all-large", cache_samples, False), ("all-large", cache_samples, True)):
+        row = timed_run(ms, spec, steps, n, min(batch, n), cache)
+        rows.append(row)
+        print(f"full    {spec:>9} N={n:<4} cache={'on ' if cache else 'off'} {row['wall_s']:8.2f} s  "
+              f"skipped {row['cache_stats']['skipped_share']:5.1%}  outside network {row['outside_network_share']:5.1%}  "
+              f"{row['mfu_blocks_only_wall']:6.1%} blocks-only MFU (wall)", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", default=["network", "steps", "full"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64, 128])
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--short-steps", type=int, default=32)
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=128, help="sampler batch for the full runs")
+    parser.add_argument("--cache-samples", type=int, default=64)
+    parser.add_argument("--full-steps", type=int, default=1000, help="T of the full runs")
+    parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script, not speed")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+
+    global SEQ_LEN
+    if args.smoke:
+        SEQ_LEN = 64
+    device = torch.device("cpu" if args.smoke else "cuda")
+    configure_backends(device)
+    t0 = time.perf_counter()
+    compile = not (args.no_compile or args.smoke)
+    models = {"small": build(4, device, compile, args.smoke), "large": build(12, device, compile, args.smoke)}
+    result: dict = {"seq_len": SEQ_LEN, "t_min": DEFAULT_T_MIN, "compile": compile,
+                    "provenance": provenance(device)}
+    if "network" in args.parts:
+        result["network"] = bench_network(models, args.batches, args.reps)
+    ms = model_set(models)
+    if "steps" in args.parts:
+        result["steps"] = bench_steps(ms, args.batches, args.short_steps)
+    if "full" in args.parts:
+        result["full"] = bench_full(ms, args.samples, args.batch, args.cache_samples, args.full_steps)
+    result["total_s"] = round(time.perf_counter() - t0, 1)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(f"total {result['total_s']} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,244 @@
+"""Sampling runs: load named models, run the sampler batch by batch, count FLOPs, write the results.
+
+A run of N samples is split into batches of `batch_size` (the last one may be smaller; no sample is
+dropped). Batch k draws from its own generator, seeded from (seed, k), so a run is reproducible
+from its seed and batch size, and batches can be spread over processes without changing a sample.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from mdlm_sched.checkpoint import atomic_file, atomic_write_text, check_compatible, load_denoiser, model_folder
+from mdlm_sched.config import SampleConfig, validate_sample
+from mdlm_sched.data import load_tokenizer
+from mdlm_sched.diffusion import DEFAULT_T_MIN
+from mdlm_sched.flops import forward_flops, names_light_to_heavy, trace_flops
+from mdlm_sched.noise import LogLinearNoise, make_noise
+from mdlm_sched.provenance import provenance
+from mdlm_sched.runtime import STREAM_SAMPLE, autocast_dtype, configure_backends, resolve_device, step_generator
+from mdlm_sched.sampler import PreparedDenoiser, SamplerSettings, StepRecord, check_prompts, check_settings, sample
+from mdlm_sched.schedule import ModelSchedule, parse_schedule
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelSet:
+    """Named denoisers ready to sample, with what every run needs to know about them."""
+
+    models: dict[str, PreparedDenoiser]
+    light_to_heavy: list[str]  # names by FLOPs per forward; the last is the all-large baseline
+    noise: LogLinearNoise
+    tokenizer: Any
+    seq_len: int
+
+    @property
+    def config(self) -> Any:
+        return self.models[self.light_to_heavy[-1]].config
+
+    @property
+    def device(self) -> torch.device:
+        return self.models[self.light_to_heavy[-1]].device
+
+    def schedule(self, spec: str, steps: int, t_min: float = DEFAULT_T_MIN) -> ModelSchedule:
+        """parse_schedule for these models."""
+        return parse_schedule(spec, steps, self.light_to_heavy, t_min)
+
+
+def load_models(paths: Mapping[str, str], device: torch.device, dtype: torch.dtype | None = None,
+                compile: bool = False, seq_len: int | None = None) -> ModelSet:
+    """Load denoisers by name, refuse an incompatible set, prepare them for sampling."""
+    raw = {name: load_denoiser(path, device) for name, path in paths.items()}
+    check_compatible({name: model.config for name, model in raw.items()})
+    first_name, first = next(iter(raw.items()))
+    config = first.config
+    length = seq_len or config.max_position_embeddings
+    tokenizer = load_tokenizer(str(model_folder(paths[first_name])))
+    return ModelSet(
+        models={name: PreparedDenoiser(model, dtype, compile) for name, model in raw.items()},
+        light_to_heavy=names_light_to_heavy({name: m.config for name, m in raw.items()}, length),
+        noise=make_noise(config.noise_schedule, config.noise_eps),
+        tokenizer=tokenizer,
+        seq_len=length,
+    )
+
+
+@dataclass
+class SamplingOutput:
+    """Tokens of every sample and the trace of every batch."""
+
+    tokens: torch.Tensor  # [N, L] long, CPU
+    trace: list[StepRecord]  # all batches, in order
+    wall_s: float  # sampling only (models loaded and compiled before)
+
+
+def run_schedule(model_set: ModelSet, schedule: ModelSchedule, settings: SamplerSettings, num_samples: int,
+                 seed: int, prompts: Sequence[Sequence[int]] = (), progress: bool = True,
+                 batches: Sequence[int] | None = None) -> SamplingOutput:
+    """Sample num_samples sequences in batches of settings.batch_size (prompts cycled over samples).
+
+    batches: which batch indices to run (default all); a batch's samples depend only on (seed, index).
+    """
+    check_settings(settings, model_set.config)
+    if prompts:
+        check_prompts(prompts, model_set.config, settings.seq_len)
+    device = model_set.device
+    n_batches = -(-num_samples // settings.batch_size)
+    indices = list(range(n_batches)) if batches is None else list(batches)
+    bar = tqdm(total=len(indices) * len(schedule), desc=f"sampling {schedule.spec}", unit="step",
+               disable=not progress, leave=False)
+    tokens, trace = [], []
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for k in indices:
+        first = k * settings.batch_size
+        size = min(settings.batch_size, num_samples - first)
+        batch_prompts = [prompts[(first + j) % len(prompts)] for j in range(size)] if prompts else None
+        result = sample(model_set.models, schedule, model_set.noise,
+                        SamplerSettings(**{**asdict(settings), "batch_size": size}),
+                        step_generator(seed, k, STREAM_SAMPLE, device), batch_prompts,
+                        on_step=lambda record: bar.update(1) if record.step < len(schedule) else None)
+        tokens.append(result.tokens.cpu())
+        trace.extend(result.trace)
+    sync()
+    wall = time.perf_counter() - start
+    bar.close()
+    return SamplingOutput(tokens=torch.cat(tokens), trace=trace, wall_s=wall)
+
+
+def flops_summary(model_set: ModelSet, output: SamplingOutput) -> dict[str, Any]:
+    """FLOPs of the run in both conventions, per model, and against the same calls made by the heaviest model."""
+    configs = {name: m.config for name, m in model_set.models.items()}
+    used = trace_flops(output.trace, configs, model_set.seq_len)
+    heavy = model_set.light_to_heavy[-1]
+    baseline = trace_flops(output.trace, configs, model_set.seq_len, as_model=heavy)
+
+    def saving(a: int, b: int) -> float:
+        return 1.0 - a / b if b else 0.0
+
+    per_forward = {name: {"blocks_only": f.blocks_only, "full": f.full}
+                   for name, f in ((n, forward_flops(c, model_set.seq_len)) for n, c in configs.items())}
+    return {
+        "blocks_only": used.blocks_only,
+        "full": used.full,
+        "baseline_model": heavy,
+        "baseline_blocks_only": baseline.blocks_only,
+        "baseline_full": baseline.full,
+        "saving_blocks_only": saving(used.blocks_only, baseline.blocks_only),
+        "saving_full": saving(used.full, baseline.full),
+        "calls": used.calls,
+        "sequences_run": used.sequences,
+        "per_forward_one_sequence": per_forward,
+        "convention": "matmul FLOPs of the calls made (2 per multiply-add); blocks_only = transformer blocks "
+                      "incl. attention scores; full = + output head at the positions decoded + time embedding",
+    }
+
+
+def cache_summary(output: SamplingOutput, steps: int) -> dict[str, Any]:
+    """How many sequence-steps ran the network and how many were served without it."""
+    denoising = [r for r in output.trace if r.step < steps]
+    run = sum(r.run for r in denoising)
+    skipped = sum(r.skipped for r in denoising)
+    return {"sequence_steps": run + skipped, "run": run, "skipped": skipped,
+            "skipped_share": skipped / (run + skipped) if run + skipped else 0.0,
+            "noise_removal_sequences": sum(r.run for r in output.trace if r.step == steps)}
+
+
+def trace_table(trace: Sequence[StepRecord]) -> list[dict[str, Any]]:
+    """Per-step totals over batches: step, t, s, model, run, skipped, unmasked."""
+    rows: dict[int, dict[str, Any]] = {}
+    for r in trace:
+        row = rows.setdefault(r.step, {"step": r.step, "t": r.t, "s": r.s, "model": r.model,
+                                       "run": 0, "skipped": 0, "unmasked": 0})
+        row["run"] += r.run
+        row["skipped"] += r.skipped
+        row["unmasked"] += r.unmasked
+    return [rows[k] for k in sorted(rows)]
+
+
+def text_prompts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of text prompts, each with [BOS] first (training blocks start with it)."""
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return [[bos, *tokenizer.encode(text)] for text in texts]
+
+
+def write_samples(path: Path, tokens: torch.Tensor, tokenizer: Any, seed: int, batch_size: int) -> None:
+    """samples.jsonl: one line per sample with its index, batch, text and token ids (atomic)."""
+    with atomic_file(path) as f:
+        for i, ids in enumerate(tokens.tolist()):
+            f.write(json.dumps({"index": i, "seed": seed, "batch": i // batch_size,
+                                "text": tokenizer.decode(ids), "token_ids": ids}) + "\n")
+
+
+def sample_command(cfg: SampleConfig, progress: bool = True,
+                   echo: Callable[[str], None] = print) -> dict[str, Any]:
+    """`mdlm-sched sample`: load, sample, write samples.jsonl, trace.csv and record.json; return the record."""
+    from omegaconf import OmegaConf
+
+    validate_sample(cfg)
+    settings = SamplerSettings(batch_size=cfg.batch_size, seq_len=cfg.seq_len or 1, top_p=cfg.top_p,
+                               cache=cfg.cache, noise_removal=cfg.noise_removal, t_min=cfg.t_min)
+    check_settings(settings)  # before loading models: bad settings fail fast
+    device = resolve_device(cfg.runtime)
+    configure_backends(device)
+    model_set = load_models(cfg.models, device, autocast_dtype(cfg.runtime, device), cfg.runtime.compile, cfg.seq_len)
+    settings = SamplerSettings(**{**asdict(settings), "seq_len": model_set.seq_len})
+    schedule = model_set.schedule(cfg.schedule, cfg.steps, cfg.t_min)
+    prompts = text_prompts(model_set.tokenizer, cfg.prompts) if cfg.prompts else cfg.prompt_token_ids
+    output = run_schedule(model_set, schedule, settings, cfg.num_samples, cfg.seed, prompts, progress)
+
+    out = Path(cfg.out_dir)
+    flops = flops_summary(model_set, output)
+    cache = cache_summary(output, cfg.steps)
+    n_tokens = output.tokens.numel()
+    record = {
+        "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
+        "schedule": {"spec": schedule.spec, "segments": schedule.segments_str(), "steps_per_model": schedule.counts()},
+        "models": {name: {"path": cfg.models[name], "layers": m.config.num_hidden_layers,
+                          "hidden_size": m.config.hidden_size,
+                          "parameters": sum(p.numel() for p in m.model.parameters())}
+                   for name, m in model_set.models.items()},
+        "light_to_heavy": model_set.light_to_heavy,
+        "num_samples": cfg.num_samples,
+        "seq_len": model_set.seq_len,
+        "seed": cfg.seed,
+        "flops": flops,
+        "cache": cache,
+        "wall_s": output.wall_s,
+        "tokens_per_s": n_tokens / output.wall_s if output.wall_s > 0 else None,
+        "provenance": provenance(device),
+    }
+    write_samples(out / "samples.jsonl", output.tokens, model_set.tokenizer, cfg.seed, cfg.batch_size)
+    rows = trace_table(output.trace)
+    atomic_write_text(out / "trace.csv", "step,t,s,model,run,skipped,unmasked\n" + "".join(
+        f"{r['step']},{r['t']:.6f},{r['s']:.6f},{r['model']},{r['run']},{r['skipped']},{r['unmasked']}\n"
+        for r in rows))
+    atomic_write_text(out / "record.json", json.dumps(record, indent=1) + "\n")
+
+    heavy = flops["baseline_model"]
+    echo(f"sampled {cfg.num_samples} x {model_set.seq_len} tokens, T={cfg.steps}, schedule {schedule.spec} "
+         f"= {schedule.segments_str()}")
+    for name in model_set.light_to_heavy:
+        info = record["models"][name]
+        echo(f"  {name:>8}: {info['layers']} x {info['hidden_size']}, {info['parameters'] / 1e6:.1f}M params, "
+             f"{schedule.counts().get(name, 0)} steps, {flops['sequences_run'].get(name, 0)} sequences run in "
+             f"{flops['calls'].get(name, 0)} calls")
+    echo(f"  cache: {cache['skipped_share']:.1%} of {cache['sequence_steps']} sequence-steps needed no network call")
+    echo(f"  FLOPs: blocks-only {flops['blocks_only']:.3e} ({flops['saving_blocks_only']:.1%} saved vs all-{heavy}), "
+         f"full {flops['full']:.3e} ({flops['saving_full']:.1%} saved)")
+    echo(f"  wall-clock {output.wall_s:.2f} s, {record['tokens_per_s']:.0f} tokens/s on {device}")
+    first_text = model_set.tokenizer.decode(output.tokens[0].tolist()).replace("\n", " ")
+    echo(f"  sample 0: {first_text[:160]!r}")
+    echo(f"  wrote {out / 'samples.jsonl'}, {out / 'trace.csv'}, {out / 'record.json'}")
+    return record
