@@ -10,6 +10,8 @@ Parts (--parts):
   steps     the real sampler with the cache off (every sequence through the network at every step),
             T = --short-steps: time per step, the share of it spent outside the network (draws,
             bookkeeping, head on decoded positions), and FLOPs/s of the whole step.
+  profile   kernel time of the large model's blocks at B = --profile-batch by kind (attention,
+            matrix products, the rest), to show what limits the rate.
   full      --samples sequences at T = 1000 with the cache on, all-large then the sandwich
             (250 small steps) with the same seed, then a cache-off run on --cache-samples sequences:
             wall-clock against FLOPs for the schedule, the share of sequence-steps that skip the
@@ -109,6 +111,55 @@ def bench_network(models: dict[str, PreparedDenoiser], batches: list[int], reps:
     return rows
 
 
+def kernel_kind(name: str) -> str:
+    name = name.lower()
+    if name.startswith("triton_"):  # inductor's fused element-wise kernels (their names list the ops fused)
+        return "other"
+    if any(k in name for k in ("attn", "attention", "fmha", "flash", "cudnn", "sdpa")):
+        return "attention"
+    if any(k in name for k in ("gemm", "cutlass", "xmma", "nvjet", "matmul", "cublas")):
+        return "matmul"
+    return "other"
+
+
+def bench_profile(model: PreparedDenoiser, batch: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randint(0, 50257, (batch, SEQ_LEN), device=model.device)
+    for _ in range(3):
+        model.hidden(x)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            model.hidden(x)
+        torch.cuda.synchronize()
+    by_kind: dict[str, float] = {}
+    top: dict[str, float] = {}
+    for event in prof.key_averages():
+        us = event.self_device_time_total
+        if us <= 0:
+            continue
+        by_kind[kernel_kind(event.key)] = by_kind.get(kernel_kind(event.key), 0.0) + us
+        top[event.key[:90]] = us
+    total = sum(by_kind.values())
+    shares = {k: round(v / total, 4) for k, v in sorted(by_kind.items())}
+    flops = forward_flops(model.config, SEQ_LEN, batch, head_tokens=0)
+    cfg = model.config
+    attn_flops = 2 * cfg.num_hidden_layers * SEQ_LEN * SEQ_LEN * cfg.num_attention_heads * (
+        cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * batch
+    result = {"batch": batch, "kernel_ms_per_call": round(total / 5 / 1e3, 3), "shares": shares,
+              "attention_flop_share": round(attn_flops / flops.blocks_only, 4),
+              "attention_tflops": round(attn_flops * 5 / (by_kind.get("attention", 0) / 1e6) / 1e12, 1)
+              if by_kind.get("attention") else None,
+              "matmul_tflops": round((flops.blocks_only - attn_flops) * 5 / (by_kind.get("matmul", 0) / 1e6) / 1e12, 1)
+              if by_kind.get("matmul") else None,
+              "top_kernels_us": dict(sorted(top.items(), key=lambda kv: -kv[1])[:8])}
+    print(f"profile large B={batch}: {shares}, attention {result['attention_tflops']} TFLOP/s, "
+          f"matmul {result['matmul_tflops']} TFLOP/s, attention = {result['attention_flop_share']:.0%} of the FLOPs",
+          flush=True)
+    return result
+
+
 def model_set(models: dict[str, PreparedDenoiser]) -> ModelSet:
     timed = {name: Timed(m) for name, m in models.items()}
     return ModelSet(models=timed, light_to_heavy=names_light_to_heavy({n: m.config for n, m in models.items()}, SEQ_LEN),
@@ -167,6 +218,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--batch", type=int, default=128, help="sampler batch for the full runs")
     parser.add_argument("--cache-samples", type=int, default=64)
+    parser.add_argument("--profile-batch", type=int, default=64)
     parser.add_argument("--full-steps", type=int, default=1000, help="T of the full runs")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script, not speed")
@@ -185,6 +237,8 @@ def main() -> None:
                     "provenance": provenance(device)}
     if "network" in args.parts:
         result["network"] = bench_network(models, args.batches, args.reps)
+    if "profile" in args.parts:
+        result["profile"] = bench_profile(models["large"], args.profile_batch)
     ms = model_set(models)
     if "steps" in args.parts:
         result["steps"] = bench_steps(ms, args.batches, args.short_steps)

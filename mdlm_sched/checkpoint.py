@@ -14,12 +14,15 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from mdlm_sched.errors import CheckpointError
+
+if TYPE_CHECKING:  # the model module imports transformers, which this module otherwise does not need
+    from mdlm_sched.models.denoiser import DenoiserConfig, MDLMDenoiser
 
 STATE_DIR = "checkpoints"
 MODEL_DIR = "model"
@@ -133,7 +136,7 @@ def model_folder(path: str | Path) -> Path:
     return path
 
 
-def load_denoiser(path: str | Path, device: torch.device | str = "cpu") -> Any:
+def load_denoiser(path: str | Path, device: torch.device | str = "cpu") -> MDLMDenoiser:
     """Load an MLA denoiser (MDLMDenoiser) saved by training, in eval mode, float32 weights."""
     from mdlm_sched.models.denoiser import DenoiserConfig, MDLMDenoiser
 
@@ -156,7 +159,7 @@ def load_denoiser(path: str | Path, device: torch.device | str = "cpu") -> Any:
     return model.to(device).eval()
 
 
-def check_compatible(configs: dict[str, Any]) -> None:
+def check_compatible(configs: dict[str, DenoiserConfig]) -> None:
     """Raise CheckpointError if named denoiser configs differ in a field a shared schedule needs."""
     (first, ref), *others = configs.items()
     for name, config in others:

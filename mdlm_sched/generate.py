@@ -8,7 +8,6 @@ from its seed and batch size, and batches can be spread over processes without c
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -28,8 +27,6 @@ from mdlm_sched.provenance import provenance
 from mdlm_sched.runtime import STREAM_SAMPLE, autocast_dtype, configure_backends, resolve_device, step_generator
 from mdlm_sched.sampler import PreparedDenoiser, SamplerSettings, StepRecord, check_prompts, check_settings, sample
 from mdlm_sched.schedule import ModelSchedule, parse_schedule
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,25 +80,23 @@ class SamplingOutput:
 
 
 def run_schedule(model_set: ModelSet, schedule: ModelSchedule, settings: SamplerSettings, num_samples: int,
-                 seed: int, prompts: Sequence[Sequence[int]] = (), progress: bool = True,
-                 batches: Sequence[int] | None = None) -> SamplingOutput:
+                 seed: int, prompts: Sequence[Sequence[int]] = (), progress: bool = True) -> SamplingOutput:
     """Sample num_samples sequences in batches of settings.batch_size (prompts cycled over samples).
 
-    batches: which batch indices to run (default all); a batch's samples depend only on (seed, index).
+    A batch's samples depend only on (seed, batch index, batch size).
     """
     check_settings(settings, model_set.config)
     if prompts:
         check_prompts(prompts, model_set.config, settings.seq_len)
     device = model_set.device
     n_batches = -(-num_samples // settings.batch_size)
-    indices = list(range(n_batches)) if batches is None else list(batches)
-    bar = tqdm(total=len(indices) * len(schedule), desc=f"sampling {schedule.spec}", unit="step",
+    bar = tqdm(total=n_batches * len(schedule), desc=f"sampling {schedule.spec}", unit="step",
                disable=not progress, leave=False)
     tokens, trace = [], []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
-    for k in indices:
+    for k in range(n_batches):
         first = k * settings.batch_size
         size = min(settings.batch_size, num_samples - first)
         batch_prompts = [prompts[(first + j) % len(prompts)] for j in range(size)] if prompts else None

@@ -71,7 +71,8 @@ class PreparedDenoiser:
         self._hidden = torch.compile(model.hidden, dynamic=True) if compile else model.hidden
 
     def hidden(self, input_ids: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
-        with autocast(input_ids.device, self.dtype):
+        # Always without autograd: a compiled graph is specialised on grad mode, so mixing modes recompiles.
+        with torch.no_grad(), autocast(input_ids.device, self.dtype):
             return self._hidden(input_ids, sigma)
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -112,9 +113,9 @@ class SampleResult:
 def draw_tokens(logits: torch.Tensor, u: torch.Tensor, top_p: float = 1.0) -> torch.Tensor:
     """One categorical draw per row of logits [K, V] by inverse CDF in float64; u [K] uniform in [0, 1).
 
-    Float64 keeps the tail exact: a token of probability 1e-6 is drawn at that rate (float32 Gumbel
-    noise would not, Zheng et al. 2024). top_p < 1 keeps the smallest set of most likely tokens whose
-    mass reaches top_p, renormalised.
+    Float64 keeps the tail exact: a token of probability 1e-6 is drawn at that rate, where float32
+    noise truncates the tail (Zheng et al. 2024). top_p < 1 keeps the smallest set of most likely
+    tokens whose mass reaches top_p, renormalised.
     """
     probs = logits.double().softmax(dim=-1)  # [K, V]
     order = None
