@@ -53,7 +53,10 @@ def _rotary_table(seq_len: int, rope_dim: int, theta: float, device: torch.devic
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[..., :d/2], x[..., d/2:]) of x [B, H, L, d] by position; cos/sin [L, d/2]."""
+    """Rotate pairs (x[..., :d/2], x[..., d/2:]) of x [..., d] by position; cos/sin broadcast to x[..., :d/2].
+
+    For x [B, L, H, d] pass cos/sin as [L, 1, d/2].
+    """
     x1, x2 = x.float().chunk(2, dim=-1)
     rotated = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
     return rotated.to(x.dtype)
@@ -84,18 +87,20 @@ class MultiHeadLatentAttention(nn.Module):
         b, l, _ = x.shape
         h, nope, rope, dv = dims.num_attention_heads, dims.qk_nope_head_dim, dims.qk_rope_head_dim, dims.v_head_dim
 
+        # Queries and keys are built in [B, L, H, D] layout, the projections' own, and handed to SDPA as
+        # [B, H, L, D] views: building them head-major would add a strided copy (reports/h200-sampling).
         q = self.wq_b(self.q_norm(self.wq_a(x))) if dims.q_lora_rank > 0 else self.wq(x)
-        q = q.view(b, l, h, dims.qk_head_dim).transpose(1, 2)  # [B, H, L, nope + rope]
-        q_nope, q_pe = q.split([nope, rope], dim=-1)
-
+        q = q.view(b, l, h, dims.qk_head_dim)  # [B, L, H, nope + rope]
         kv_a = self.wkv_a(x)  # [B, L, kv_lora_rank + rope]
         c_kv, k_pe = kv_a.split([dims.kv_lora_rank, rope], dim=-1)
-        kv = self.wkv_b(self.kv_norm(c_kv)).view(b, l, h, nope + dv).transpose(1, 2)  # [B, H, L, nope + dv]
+        kv = self.wkv_b(self.kv_norm(c_kv)).view(b, l, h, nope + dv)  # [B, L, H, nope + dv]
         k_nope, v = kv.split([nope, dv], dim=-1)
 
-        q = torch.cat((q_nope, apply_rotary(q_pe, cos, sin)), dim=-1)
-        k_pe = apply_rotary(k_pe.unsqueeze(1), cos, sin)  # [B, 1, L, rope]: one rotary key for all heads
-        k = torch.cat((k_nope, k_pe.expand(b, h, l, rope)), dim=-1)  # [B, H, L, nope + rope]
+        cos, sin = cos[:, None], sin[:, None]  # [L, 1, rope / 2]: the same rotation for every head
+        q = torch.cat((q[..., :nope], apply_rotary(q[..., nope:], cos, sin)), dim=-1)
+        k_pe = apply_rotary(k_pe[:, :, None], cos, sin)  # [B, L, 1, rope]: one rotary key for all heads
+        k = torch.cat((k_nope, k_pe.expand(b, l, h, rope)), dim=-1)  # [B, L, H, nope + rope]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, L, D] views
 
         # Bidirectional: no causal mask. SDPA scales by 1/sqrt(qk_head_dim) (q's last dim); the value
         # head dim may differ from it.
