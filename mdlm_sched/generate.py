@@ -22,6 +22,7 @@ from mdlm_sched.config import SampleConfig, validate_sample
 from mdlm_sched.data import load_tokenizer
 from mdlm_sched.diffusion import DEFAULT_T_MIN
 from mdlm_sched.flops import forward_flops, names_light_to_heavy, trace_flops
+from mdlm_sched.models.denoiser import DenoiserConfig
 from mdlm_sched.noise import LogLinearNoise, make_noise
 from mdlm_sched.provenance import provenance
 from mdlm_sched.runtime import STREAM_SAMPLE, autocast_dtype, configure_backends, resolve_device, step_generator
@@ -40,7 +41,8 @@ class ModelSet:
     seq_len: int
 
     @property
-    def config(self) -> Any:
+    def config(self) -> DenoiserConfig:
+        """The heaviest model's config (compatible with the others' in every field a schedule needs)."""
         return self.models[self.light_to_heavy[-1]].config
 
     @property

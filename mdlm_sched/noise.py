@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mdlm_sched.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class LogLinearNoise:
@@ -37,4 +39,6 @@ NOISE_SCHEDULES = {"loglinear": LogLinearNoise}
 
 def make_noise(name: str, eps: float) -> LogLinearNoise:
     """The schedule called `name` (only "loglinear" so far) with its eps."""
+    if name not in NOISE_SCHEDULES:
+        raise ConfigError(f"noise schedule {name!r} is unknown; use one of {', '.join(NOISE_SCHEDULES)}")
     return NOISE_SCHEDULES[name](eps=eps)

@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from mdlm_sched.checkpoint import check_compatible
 from mdlm_sched.diffusion import time_grid, unmask_probability
@@ -154,6 +156,19 @@ def test_calls_and_flops_in_the_trace_are_exact(tiny_pair):
     assert total.full == sum(f.full for f in counted)
     assert total.calls == {name: m.calls for name, m in models.items()}
     assert total.sequences == {name: m.rows for name, m in models.items()}
+
+
+@pytest.mark.parametrize("time_conditioning", [False, True])
+def test_trace_flops_match_the_flop_counter_over_a_whole_run(tiny_pair, time_conditioning):
+    # Independent of flops.py: FlopCounterMode sees every matmul the sampler executes (blocks on the
+    # sequences run, the head on the decoded positions); the math SDPA backend makes attention visible.
+    models = {name: MDLMDenoiser(DenoiserConfig(**{**m.config.to_dict(), "time_conditioning": time_conditioning})).eval()
+              for name, m in tiny_pair.items()}
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        result, _ = run(models, spec="L10,H20,L10", steps=40, batch=5)
+    total = trace_flops(result.trace, {name: m.config for name, m in models.items()}, 32)
+    assert total.full == counter.get_total_flops()  # exact: both count 2 FLOPs per multiply-add of every matmul
+    assert total.blocks_only < total.full
 
 
 def test_schedules_share_random_numbers_so_all_large_cost_is_exact(tiny_pair):
