@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +103,7 @@ def run_schedule(model_set: ModelSet, schedule: ModelSchedule, settings: Sampler
         size = min(settings.batch_size, num_samples - first)
         batch_prompts = [prompts[(first + j) % len(prompts)] for j in range(size)] if prompts else None
         result = sample(model_set.models, schedule, model_set.noise,
-                        SamplerSettings(**{**asdict(settings), "batch_size": size}),
+                        replace(settings, batch_size=size),
                         step_generator(seed, k, STREAM_SAMPLE, device), batch_prompts,
                         on_step=lambda record: bar.update(1) if record.step < len(schedule) else None)
         tokens.append(result.tokens.cpu())
@@ -124,8 +124,10 @@ def flops_summary(model_set: ModelSet, output: SamplingOutput) -> dict[str, Any]
     def saving(a: int, b: int) -> float:
         return 1.0 - a / b if b else 0.0
 
-    per_forward = {name: {"blocks_only": f.blocks_only, "full": f.full}
-                   for name, f in ((n, forward_flops(c, model_set.seq_len)) for n, c in configs.items())}
+    per_forward = {}
+    for name, config in configs.items():
+        one = forward_flops(config, model_set.seq_len)
+        per_forward[name] = {"blocks_only": one.blocks_only, "full": one.full}
     return {
         "blocks_only": used.blocks_only,
         "full": used.full,
@@ -184,13 +186,14 @@ def sample_command(cfg: SampleConfig, progress: bool = True,
     from omegaconf import OmegaConf
 
     validate_sample(cfg)
+    # seq_len is a placeholder until the models are loaded (check_settings without a config skips it).
     settings = SamplerSettings(batch_size=cfg.batch_size, seq_len=cfg.seq_len or 1, top_p=cfg.top_p,
                                cache=cfg.cache, noise_removal=cfg.noise_removal, t_min=cfg.t_min)
     check_settings(settings)  # before loading models: bad settings fail fast
     device = resolve_device(cfg.runtime)
     configure_backends(device)
     model_set = load_models(cfg.models, device, autocast_dtype(cfg.runtime, device), cfg.runtime.compile, cfg.seq_len)
-    settings = SamplerSettings(**{**asdict(settings), "seq_len": model_set.seq_len})
+    settings = replace(settings, seq_len=model_set.seq_len)
     schedule = model_set.schedule(cfg.schedule, cfg.steps, cfg.t_min)
     prompts = text_prompts(model_set.tokenizer, cfg.prompts) if cfg.prompts else cfg.prompt_token_ids
     output = run_schedule(model_set, schedule, settings, cfg.num_samples, cfg.seed, prompts, progress)

@@ -195,6 +195,7 @@ def sample(models: Mapping[str, Denoiser], schedule: ModelSchedule, noise: LogLi
         for row, prompt in enumerate(prompts):
             x[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
     times = time_grid(len(schedule), settings.t_min).tolist()
+    p_unmask = [unmask_probability(noise, t, s) for t, s in zip(times, times[1:])]  # per step, off the loop
     all_rows = torch.arange(b, device=device)
     trace: list[StepRecord] = []
 
@@ -213,7 +214,7 @@ def sample(models: Mapping[str, Denoiser], schedule: ModelSchedule, noise: LogLi
         model = models[name]
         u_unmask = torch.rand((b, l), generator=generator, device=generator.device, dtype=torch.float64).to(device)
         u_token = torch.rand((b, l), generator=generator, device=generator.device, dtype=torch.float64).to(device)
-        unmask = (x == mask_id) & (u_unmask < unmask_probability(noise, t, s))  # [B, L]
+        unmask = (x == mask_id) & (u_unmask < p_unmask[i])  # [B, L]
         rows = unmask.any(dim=1).nonzero().squeeze(1) if settings.cache else all_rows  # [n]
         decided = 0
         if rows.numel():
