@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -88,11 +89,79 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from analysis.per_step import DEFAULT_SHADE, PerStepSettings, analyze
+    from analysis.report import per_step_figures
+    from mdlm_sched.config import RuntimeConfig, validate_runtime
+    from mdlm_sched.generate import load_models
+    from mdlm_sched.provenance import provenance
+    from mdlm_sched.runtime import autocast_dtype, configure_backends, resolve_device
+
+    models = _models(args.model)
+    if len(models) < 2:
+        raise UserError("the per-step analysis compares models: give at least two, e.g. --model small=... "
+                        "--model large=...")
+    runtime = RuntimeConfig(device=args.device, precision=args.precision, compile=args.compile)
+    validate_runtime(runtime)
+    settings = PerStepSettings(steps=args.steps, grid=args.grid, data=args.data, num_blocks=args.num_blocks,
+                               trajectory_samples=args.trajectory_samples, batch_size=args.batch_size,
+                               seed=args.seed, shade=args.shade or list(DEFAULT_SHADE), cache_dir=args.cache_dir,
+                               **({"t_min": args.t_min} if args.t_min is not None else {}))
+    device = resolve_device(runtime)
+    configure_backends(device)
+    model_set = load_models(models, device, autocast_dtype(runtime, device), runtime.compile, args.seq_len)
+    out = Path(args.out)
+    record = analyze(model_set, settings, out, provenance(device), progress=not args.no_progress)
+    figures = per_step_figures(out, out)
+    print(f"per-step analysis of {', '.join(model_set.light_to_heavy)} at {len(record['grid_steps'])} of "
+          f"T={settings.steps} steps")
+    for p in record["peaks"]:
+        print(f"  {p['source']:>10} {p['metric']:>6} {p['model']:>16}: peak at step {p['step']} (t={p['t']:.3f}), "
+              f"{p['mean']:.4f} [{p['ci_low']:.4f}, {p['ci_high']:.4f}]")
+    print(f"  wrote {out / 'per_step.csv'}, {out / 'per_step.json'} and {len(figures)} figure files")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from mdlm_sched.config import load_sweep
+
+    cfg = load_sweep(args.config)
+    from analysis.sweep import run_sweep
+
+    outcome = run_sweep(cfg, progress=not args.no_progress)
+    print(f"sweep: {outcome.done} points run, {outcome.skipped} finished earlier; results in "
+          f"{outcome.out_dir / 'results.jsonl'}")
+    if outcome.failed:
+        print(f"mdlm-sched: {len(outcome.failed)} points failed (see {outcome.out_dir / 'failures.jsonl'}); "
+              f"rerun the same command to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from analysis.report import build_report
+
+    path = build_report([Path(f) for f in args.folders], Path(args.out), args.title)
+    print(f"wrote {path} and its figures (PNG + PDF) in {path.parent}")
+    return 0
+
+
 def _config(args: argparse.Namespace) -> int:
     from mdlm_sched.config import load, to_yaml
 
     print(to_yaml(load(args.config)), end="")
     return 0
+
+
+def _add_sampling_run_args(p: argparse.ArgumentParser, out: str) -> None:
+    """Options of every command that loads denoisers and samples: length, t_min, output, device."""
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the models')")
+    p.add_argument("--t-min", type=float, default=None, help="the last step ends at this t (default 1e-5)")
+    p.add_argument("--out", default=out, help="output folder")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", default="auto", help="auto (bf16 on cuda) | bf16 | fp32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,16 +187,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
     p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeat; cycled over samples)")
     p.add_argument("--prompts-file", help='JSON lines of {"text": ...} or {"token_ids": [...]}')
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the models')")
-    p.add_argument("--t-min", type=float, default=None, help="the last step ends at this t (default 1e-5)")
     p.add_argument("--no-cache", action="store_true", help="run the network on every sequence at every step")
     p.add_argument("--no-noise-removal", action="store_true", help="leave masks left after the last step")
-    p.add_argument("--out", default="runs/samples", help="output folder")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", default="auto", help="auto (bf16 on cuda) | bf16 | fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    _add_sampling_run_args(p, "runs/samples")
     p.set_defaults(func=_sample)
+    p = sub.add_parser("analyze", help="per-step loss and KL between models on the sampler's time grid")
+    p.add_argument("--model", action="append", default=[], metavar="NAME=PATH", required=True,
+                   help="a model by name (at least two; the heaviest is the reference)")
+    p.add_argument("--steps", type=int, default=1000, help="T of the sampler whose grid is analysed")
+    p.add_argument("--grid", type=int, default=50, help="steps evaluated, evenly spaced over the T steps")
+    p.add_argument("--data", default="../shared/data/owt_val.jsonl.xz", help="validation source (masked states)")
+    p.add_argument("--num-blocks", type=int, default=64, help="validation blocks masked at every grid step")
+    p.add_argument("--trajectory-samples", type=int, default=32,
+                   help="all-heavy samples whose states are analysed too (0 = none)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shade", action="append", default=[], metavar="SCHEDULE",
+                   help="a schedule whose light steps the figures show (repeat; default: the four placements)")
+    p.add_argument("--cache-dir", default=".cache/mdlm_sched", help="tokenised data cache")
+    _add_sampling_run_args(p, "runs/analysis")
+    p.set_defaults(func=_analyze)
+    p = sub.add_parser("sweep", help="sample, count and judge many schedules; resumable")
+    p.add_argument("config", nargs="+", help="sweep YAML files and a.b=value overrides, in order")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.set_defaults(func=_sweep)
+    p = sub.add_parser("report", help="figures and a Markdown report from sweep/analysis folders")
+    p.add_argument("folders", nargs="+", help="out folders of mdlm-sched sweep and/or analyze")
+    p.add_argument("--out", default="runs/report", help="folder for report.md and the figures")
+    p.add_argument("--title", default="Model scheduling report")
+    p.set_defaults(func=_report)
     p = sub.add_parser("config", help="print the resolved config")
     p.add_argument("config", nargs="*", help=CONFIG_HELP)
     p.set_defaults(func=_config)
@@ -137,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("fontTools").setLevel(logging.WARNING)  # PDF font subsetting reports every table
+    if getattr(args, "no_progress", False):  # Hugging Face's weight-loading bars too (read at its import)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return args.func(args)
     except UserError as exc:

@@ -140,6 +140,57 @@ class SampleConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
+@dataclass
+class SweepGroup:
+    """Points of a sweep that belong together in the report (e.g. placements, a fraction curve).
+
+    A group's schedules are `schedules`, plus placement@fraction for every placement and fraction,
+    plus the 2^segments coarse-segment schedules of the seed paper's exhaustive search (segments > 0).
+    steps, seeds and num_samples default to the sweep's.
+    """
+
+    schedules: list[str] = field(default_factory=list)
+    placements: list[str] = field(default_factory=list)  # presets, e.g. sandwich
+    fractions: list[float] = field(default_factory=list)  # light-step fractions for each placement
+    segments: int = 0  # k > 0: every assignment of L or H to k equal segments (2^k schedules)
+    steps: list[int] | None = None
+    seeds: list[int] | None = None
+    num_samples: int | None = None
+
+
+@dataclass
+class ReferenceConfig:
+    """The real-text reference row: validation blocks scored exactly as samples are."""
+
+    source: str | None = "../shared/data/owt_val.jsonl.xz"  # None = no reference row
+    num_samples: int = 256
+
+
+@dataclass
+class SweepConfig:
+    """`mdlm-sched sweep`: schedules x step counts x seeds, each point sampled, timed and judged."""
+
+    models: dict[str, str] = field(default_factory=dict)  # name -> model folder or training run folder
+    judge: str = ""  # a causal LM folder (or training run folder) or a hub name, e.g. gpt2-large
+    judge_batch_size: int = 16  # chunks per judge forward
+    judge_context: int | None = None  # tokens per scored chunk; None = min(1024, the judge's positions)
+    groups: dict[str, SweepGroup] = field(default_factory=dict)
+    steps: list[int] = field(default_factory=lambda: [1000])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    num_samples: int = 256
+    batch_size: int = 64
+    top_p: float = 1.0
+    cache: bool = True
+    noise_removal: bool = True
+    t_min: float = DEFAULT_T_MIN
+    seq_len: int | None = None  # None = the models' max_position_embeddings
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    save_samples: bool = True  # samples/<point>.jsonl beside the results
+    cache_dir: str = ".cache/mdlm_sched"  # tokenised reference blocks
+    out_dir: str = "runs/sweep"
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
 def configs_dir() -> Path:
     """The presets folder: $MDLM_SCHED_CONFIGS, else configs/ of the checkout this package is in."""
     return Path(os.environ.get("MDLM_SCHED_CONFIGS", Path(__file__).resolve().parents[1] / "configs"))
@@ -196,6 +247,22 @@ def load(args: list[str] | tuple[str, ...] = ()) -> RunConfig:
         raise ConfigError(_describe(exc)) from exc
     validate(run)
     return run
+
+
+def load_sweep(args: list[str] | tuple[str, ...]) -> SweepConfig:
+    """Build a validated SweepConfig from YAML files and key=value overrides (in order)."""
+    cfg = OmegaConf.structured(SweepConfig)
+    try:
+        for arg in args:
+            if "=" in arg and not Path(arg).is_file():
+                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([arg]))
+            else:
+                cfg = _merge(cfg, _read_yaml(Path(arg), "sweep file"))
+        sweep: SweepConfig = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc)) from exc
+    validate_sweep(sweep)
+    return sweep
 
 
 def to_yaml(cfg: RunConfig) -> str:
@@ -272,7 +339,8 @@ def _validate_train(t: TrainConfig) -> None:
     _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
 
 
-def _validate_runtime(r: RuntimeConfig) -> None:
+def validate_runtime(r: RuntimeConfig) -> None:
+    """Check device and precision; raise ConfigError naming the field and the fix."""
     _require(r.precision in ("auto", "bf16", "fp32"), f"runtime.precision={r.precision!r}; use auto, bf16 or fp32")
     _require(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"),
              f"runtime.device={r.device!r}; use auto, cpu, cuda or cuda:N")
@@ -290,7 +358,36 @@ def validate_sample(cfg: SampleConfig) -> None:
     _require(cfg.num_samples >= 1, f"num_samples={cfg.num_samples} must be >= 1")
     _require(cfg.seq_len is None or cfg.seq_len >= 1, f"seq_len={cfg.seq_len} must be >= 1 or null")
     _require(not (cfg.prompts and cfg.prompt_token_ids), "give prompts as texts or as token ids, not both")
-    _validate_runtime(cfg.runtime)
+    validate_runtime(cfg.runtime)
+
+
+def validate_sweep(cfg: SweepConfig) -> None:
+    """Check a SweepConfig's values (schedules are parsed when the models are known)."""
+    _require(len(cfg.models) > 0, "sweep: no models; list them under models: (name: path)")
+    _require(bool(cfg.judge), "sweep: no judge; set judge: to a causal LM folder or a hub name such as gpt2-large")
+    _require(len(cfg.groups) > 0, "sweep: no groups; list at least one under groups: with schedules: [...]")
+    for name, group in cfg.groups.items():
+        _require(bool(group.schedules or (group.placements and group.fractions) or group.segments),
+                 f"groups.{name} has no schedules; give schedules, placements with fractions, or segments")
+        _require(bool(group.placements) == bool(group.fractions),
+                 f"groups.{name}: placements and fractions go together; give both or neither")
+        _require(group.segments >= 0, f"groups.{name}.segments={group.segments} must be >= 0")
+        _require(group.num_samples is None or group.num_samples >= 1,
+                 f"groups.{name}.num_samples={group.num_samples} must be >= 1")
+        _require(group.steps is None or (len(group.steps) > 0 and min(group.steps) >= 1),
+                 f"groups.{name}.steps={group.steps} must list step counts >= 1")
+        _require(group.seeds is None or len(group.seeds) > 0, f"groups.{name}.seeds is empty; list at least one")
+    _require(len(cfg.steps) > 0 and min(cfg.steps) >= 1, f"steps={cfg.steps} must list step counts >= 1")
+    _require(len(cfg.seeds) > 0, "seeds is empty; list at least one seed")
+    for name in ("num_samples", "batch_size", "judge_batch_size"):
+        _require(getattr(cfg, name) >= 1, f"{name}={getattr(cfg, name)} must be >= 1")
+    _require(cfg.reference.num_samples >= 1, f"reference.num_samples={cfg.reference.num_samples} must be >= 1")
+    if cfg.reference.source is not None:
+        try:
+            check_source(cfg.reference.source)
+        except DataError as exc:
+            raise ConfigError(f"reference.source: {exc}") from exc
+    validate_runtime(cfg.runtime)
 
 
 def validate(cfg: RunConfig) -> None:
@@ -302,4 +399,4 @@ def validate(cfg: RunConfig) -> None:
     _require(0 < cfg.noise.sampling_eps < 1, f"noise.sampling_eps={cfg.noise.sampling_eps} must be in (0, 1)")
     _validate_data(cfg.data, cfg.model)
     _validate_train(cfg.train)
-    _validate_runtime(cfg.runtime)
+    validate_runtime(cfg.runtime)

@@ -81,6 +81,13 @@ class SamplingOutput:
     wall_s: float  # sampling only (models loaded and compiled before)
 
 
+def warm_up(model_set: ModelSet, settings: SamplerSettings, steps: int = 8) -> None:
+    """A few untimed steps of every model at this batch size, so that compilation is in no timing."""
+    for name in model_set.light_to_heavy:
+        sample(model_set.models, model_set.schedule(f"{name}:{steps}", steps), model_set.noise,
+               replace(settings, cache=False), torch.Generator(device=model_set.device).manual_seed(0))
+
+
 def run_schedule(model_set: ModelSet, schedule: ModelSchedule, settings: SamplerSettings, num_samples: int,
                  seed: int, prompts: Sequence[Sequence[int]] = (), progress: bool = True) -> SamplingOutput:
     """Sample num_samples sequences in batches of settings.batch_size (prompts cycled over samples).
@@ -196,6 +203,8 @@ def sample_command(cfg: SampleConfig, progress: bool = True,
     settings = replace(settings, seq_len=model_set.seq_len)
     schedule = model_set.schedule(cfg.schedule, cfg.steps, cfg.t_min)
     prompts = text_prompts(model_set.tokenizer, cfg.prompts) if cfg.prompts else cfg.prompt_token_ids
+    if cfg.runtime.compile:
+        warm_up(model_set, settings)
     output = run_schedule(model_set, schedule, settings, cfg.num_samples, cfg.seed, prompts, progress)
 
     out = Path(cfg.out_dir)

@@ -41,8 +41,10 @@ def configure_backends(device: torch.device) -> None:
 
 
 # Independent random streams of a run (step_seed's `stream`, each < 8). Sampling seeds each batch
-# from (seed, batch index) on STREAM_SAMPLE.
+# from (seed, batch index) on STREAM_SAMPLE; the per-step analysis masks its validation batches on
+# STREAM_ANALYSIS_MASK and samples its all-heavy trajectories on STREAM_ANALYSIS_TRAJECTORY.
 STREAM_NOISE, STREAM_DROPOUT, STREAM_INIT, STREAM_VAL, STREAM_SAMPLE = 0, 1, 2, 3, 4
+STREAM_ANALYSIS_MASK, STREAM_ANALYSIS_TRAJECTORY = 5, 6
 
 
 def step_seed(seed: int, step: int, stream: int) -> int:

@@ -172,13 +172,16 @@ def _decode(model: Denoiser, x: torch.Tensor, rows: torch.Tensor, positions: tor
 def sample(models: Mapping[str, Denoiser], schedule: ModelSchedule, noise: LogLinearNoise,
            settings: SamplerSettings, generator: torch.Generator,
            prompts: Sequence[Sequence[int]] | None = None,
-           on_step: Callable[[StepRecord], None] | None = None) -> SampleResult:
+           on_step: Callable[[StepRecord], None] | None = None,
+           on_state: Callable[[int, torch.Tensor], None] | None = None) -> SampleResult:
     """Sample settings.batch_size sequences with `schedule` (T = len(schedule) steps).
 
     models: name -> denoiser; every name in the schedule must be there (check_compatible first).
     generator: the only source of randomness; draws are made on its device.
     prompts: None (unconditional) or one token-id list per sequence, kept fixed at the start.
     on_step: called with each step's record (progress bars).
+    on_state: called with (step i, x_t [B, L]) at the start of each step, before its draws (the
+        states the step's model sees; per-step analysis). The tensor is the sampler's own: clone it to keep it.
     """
     missing = sorted(set(schedule.steps) - set(models))
     if missing:
@@ -212,6 +215,8 @@ def sample(models: Mapping[str, Denoiser], schedule: ModelSchedule, noise: LogLi
     for i, name in enumerate(schedule.steps):
         t, s = times[i], times[i + 1]
         model = models[name]
+        if on_state is not None:
+            on_state(i, x)
         u_unmask = torch.rand((b, l), generator=generator, device=generator.device, dtype=torch.float64).to(device)
         u_token = torch.rand((b, l), generator=generator, device=generator.device, dtype=torch.float64).to(device)
         unmask = (x == mask_id) & (u_unmask < p_unmask[i])  # [B, L]

@@ -182,3 +182,20 @@ def parse_schedule(spec: str, steps: int, names_light_to_heavy: Sequence[str],
         raise ScheduleError(f"schedule {spec!r} is not a preset ({', '.join(PRESETS)}, optionally @fraction), "
                             f"segments (e.g. L125,H750,L125) or t-thresholds (e.g. t:L>0.875,H>0.125,L)")
     return ModelSchedule(steps=tuple(names), spec=spec)
+
+
+def coarse_segment_specs(segments: int, steps: int) -> list[tuple[str, str]]:
+    """The seed paper's exhaustive search: T steps cut into k near-equal segments, each given to L or H.
+
+    Returns 2^k (label, spec) pairs, e.g. ("LHHL", "L250,H500,L250") for k = 4, T = 1000; segment j
+    covers steps round(j T / k) to round((j + 1) T / k).
+    """
+    if not 1 <= segments <= steps:
+        raise ScheduleError(f"{segments} coarse segments must be in [1, steps={steps}]")
+    bounds = [round(j * steps / segments) for j in range(segments + 1)]
+    out = []
+    for code in range(2 ** segments):
+        label = "".join("L" if code >> (segments - 1 - j) & 1 else "H" for j in range(segments))
+        names = [key for j, key in enumerate(label) for _ in range(bounds[j + 1] - bounds[j])]
+        out.append((label, ",".join(f"{key}{len(list(run))}" for key, run in groupby(names))))
+    return out

@@ -24,3 +24,23 @@ def tiny_denoiser_kwargs() -> dict:
     return dict(vocab_size=300, mask_token_id=299, max_position_embeddings=32, hidden_size=64, num_hidden_layers=2,
                 num_attention_heads=4, kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
                 intermediate_size=256, dropout=0.0)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory, shared_data) -> dict[str, Path]:
+    """Tiny small (2 blocks) and large (4 blocks) MDLMs and a tiny GPT-2 judge, each trained 20 steps on owt_tiny.
+
+    Also "cache": the tokenised-data cache they used. Trained once per test session.
+    """
+    from mdlm_sched.config import load
+    from mdlm_sched.train import train
+
+    root = tmp_path_factory.mktemp("trained_tiny")
+    paths = {"cache": root / "cache"}
+    for name, preset in (("small", "tiny"), ("large", "tiny_large"), ("judge", "judge_tiny")):
+        train(load([f"model={preset}", "data=owt_tiny", "train=cpu_tiny", "runtime=cpu", f"data.root={shared_data}",
+                    f"data.cache_dir={paths['cache']}", "data.seq_len=64", "train.steps=20", "train.warmup_steps=5",
+                    "train.val_every=20", "train.ckpt_every=20", "train.val_batches=1",
+                    f"train.out_dir={root / name}"]), progress=False)
+        paths[name] = root / name
+    return paths

@@ -1,0 +1,298 @@
+"""Per-step analysis: how much worse the light model is than the heavy one at each denoising step.
+
+On the sampler's own time grid (T steps; a grid of G of them, evenly spaced), step i is evaluated at
+t_i, the time its model sees. Two kinds of states x_t:
+
+- "masked": validation blocks x_0 masked by the forward process at t_i (the same mask for every
+  model, so their differences are paired). Metrics per masked token: each model's cross-entropy
+  -log p(x_0 | x_t) ("ce"), CE(model) - CE(heaviest) ("ce_gap"), KL(heaviest || model) and
+  KL(model || heaviest) ("kl", written "large||small" for KL(large || small)); and each model's
+  ELBO-weighted loss per token, w(t_i) * sum of masked CE / tokens ("elbo_loss"), the integrand of
+  the NELBO at t_i.
+- "trajectory": the states of all-heavy sampling runs at the start of step i. Metrics: the KLs,
+  and each model's CE of the token the run finally put there ("ce_final"), as the sample has no
+  other ground truth (this CE favours the heavy model, whose draws made the sample).
+
+Log-softmax and the KL sums are float64 (from a float32 head). Every metric comes with a 95%
+confidence band over batches: the estimate is sum / count over all batches, the band
++-1.96 sd / sqrt(batches) of the per-batch values. Results go to per_step.csv (long format) and
+per_step.json (settings, the schedules to shade, the peaks, provenance); figures are drawn from
+those files alone (analysis.plots).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from mdlm_sched.checkpoint import atomic_write_text
+from mdlm_sched.data import load_sources
+from mdlm_sched.diffusion import DEFAULT_T_MIN, corrupt, forbid_mask, time_grid
+from mdlm_sched.errors import ConfigError
+from mdlm_sched.generate import ModelSet
+from mdlm_sched.runtime import STREAM_ANALYSIS_MASK, STREAM_ANALYSIS_TRAJECTORY, step_generator
+from mdlm_sched.sampler import SamplerSettings, sample
+
+log = logging.getLogger(__name__)
+
+CSV_HEADER = "source,step,t,metric,model,mean,ci_low,ci_high,batches,tokens"
+DEFAULT_SHADE = ("early-small", "late-small", "sandwich", "small-in-the-middle")
+# Elements of one float64 [rows, V] tensor of the KL computation: a few such tensors live at once, and
+# on a CPU smaller chunks avoid page-faulting through GBs of fresh memory.
+_CHUNK_ELEMENTS = {"cuda": 2**28, "cpu": 2**22}
+
+
+@dataclass
+class PerStepSettings:
+    """What `mdlm-sched analyze` evaluates."""
+
+    steps: int = 1000  # T of the sampler whose grid is analysed
+    grid: int = 50  # steps evaluated, evenly spaced over 0..T-1 (<= T)
+    t_min: float = DEFAULT_T_MIN
+    data: str = "../shared/data/owt_val.jsonl.xz"  # validation source of the masked states
+    num_blocks: int = 64  # validation blocks (masked states per grid step)
+    trajectory_samples: int = 32  # all-heavy samples whose states are analysed (0 = none)
+    batch_size: int = 16
+    seed: int = 0
+    shade: list[str] = field(default_factory=lambda: list(DEFAULT_SHADE))  # schedules drawn on the figures
+    cache_dir: str = ".cache/mdlm_sched"
+
+
+def grid_steps(steps: int, grid: int) -> list[int]:
+    """grid step indices evenly spaced over 0..steps-1, both ends included."""
+    if not 1 <= grid <= steps:
+        raise ConfigError(f"grid={grid} must be in [1, steps={steps}]; evaluate at most every step")
+    return sorted({int(round(x)) for x in np.linspace(0, steps - 1, grid)})
+
+
+class _Sums:
+    """Per-batch (sum, count) of every (source, step, metric, model) key."""
+
+    def __init__(self) -> None:
+        self.values: dict[tuple[str, int, str, str], list[tuple[float, int]]] = defaultdict(list)
+
+    def add(self, key: tuple[str, int, str, str], total: float, count: int) -> None:
+        if count > 0:
+            self.values[key].append((total, count))
+
+    def rows(self, times: Sequence[float]) -> list[dict[str, Any]]:
+        out = []
+        for (source, step, metric, model), pairs in sorted(self.values.items()):
+            totals = np.array([p[0] for p in pairs], dtype=np.float64)
+            counts = np.array([p[1] for p in pairs], dtype=np.float64)
+            mean = totals.sum() / counts.sum()
+            half = 1.96 * np.std(totals / counts, ddof=1) / math.sqrt(len(pairs)) if len(pairs) > 1 else math.nan
+            out.append({"source": source, "step": step, "t": times[step], "metric": metric, "model": model,
+                        "mean": mean, "ci_low": mean - half, "ci_high": mean + half, "batches": len(pairs),
+                        "tokens": int(counts.sum())})
+        return out
+
+
+def _log_probs(model_set: ModelSet, name: str, hidden: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """float64 log p(x_0 | x_t) [K, V] of model `name` at positions (r, c) of its hidden states [B, L, d]."""
+    model = model_set.models[name]
+    logits = forbid_mask(model.logits_from_hidden(hidden[r, c]), model.config.mask_token_id)  # float32
+    return logits.double().log_softmax(dim=-1)
+
+
+def _kl(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
+    """Summed KL(a || b) over rows of log-probabilities [K, V] (0 * log 0 = 0 for the [MASK] column)."""
+    p_a = logp_a.exp()
+    return torch.where(p_a > 0, p_a * (logp_a - logp_b), torch.zeros_like(p_a)).sum()
+
+
+def _evaluate_states(model_set: ModelSet, x_t: torch.Tensor, targets: torch.Tensor, t: float, source: str,
+                     step: int, sums: _Sums) -> None:
+    """Add one batch of states x_t [B, L] at time t to sums: CE of targets [B, L] and KLs at masked positions."""
+    names = model_set.light_to_heavy
+    heavy = names[-1]
+    mask_id = model_set.config.mask_token_id
+    r, c = (x_t == mask_id).nonzero(as_tuple=True)  # [K] masked positions
+    if r.numel() == 0:
+        return
+    hidden = {}
+    for name in names:
+        model = model_set.models[name]
+        sigma = model_set.noise.sigma(torch.full((x_t.shape[0],), t, device=x_t.device)) \
+            if model.config.time_conditioning else None
+        hidden[name] = model.hidden(x_t, sigma)  # [B, L, d]
+    ce = dict.fromkeys(names, 0.0)
+    kl = {}
+    rows = max(1, _CHUNK_ELEMENTS.get(x_t.device.type, 2**22) // model_set.config.vocab_size)
+    for start in range(0, r.numel(), rows):
+        rr, cc = r[start:start + rows], c[start:start + rows]
+        logp = {name: _log_probs(model_set, name, hidden[name], rr, cc) for name in names}
+        y = targets[rr, cc][:, None]
+        for name in names:
+            ce[name] += float(-logp[name].gather(1, y).sum())
+            if name != heavy:
+                for a, b in ((heavy, name), (name, heavy)):
+                    kl[f"{a}||{b}"] = kl.get(f"{a}||{b}", 0.0) + float(_kl(logp[a], logp[b]))
+    k = r.numel()
+    ce_metric = "ce" if source == "masked" else "ce_final"
+    for name in names:
+        sums.add((source, step, ce_metric, name), ce[name], k)
+        if name != heavy:
+            sums.add((source, step, "ce_gap", f"{name}-{heavy}"), ce[name] - ce[heavy], k)
+        if source == "masked":  # w(t) * sum of masked CE / tokens: the NELBO integrand at t
+            weight = float(model_set.noise.loss_weight(torch.tensor(t, dtype=torch.float64)))
+            sums.add((source, step, "elbo_loss", name), weight * ce[name], x_t.numel())
+    for pair, total in kl.items():
+        sums.add((source, step, "kl", pair), total, k)
+
+
+def _masked_states(model_set: ModelSet, settings: PerStepSettings, steps: list[int], times: list[float],
+                   sums: _Sums, progress: bool) -> int:
+    blocks = load_sources([settings.data], model_set.tokenizer, model_set.seq_len, settings.cache_dir)
+    blocks = blocks[: settings.num_blocks]
+    device = model_set.device
+    n_batches = -(-len(blocks) // settings.batch_size)
+    bar = tqdm(total=n_batches * len(steps), desc="per-step (masked data)", unit="state", disable=not progress,
+               leave=False)
+    for b in range(n_batches):
+        x0 = torch.from_numpy(np.asarray(blocks[b * settings.batch_size:(b + 1) * settings.batch_size],
+                                         dtype=np.int64)).to(device)
+        generator = step_generator(settings.seed, b, STREAM_ANALYSIS_MASK, device)
+        for step in steps:
+            t = torch.full((x0.shape[0],), times[step], device=device)
+            x_t = corrupt(x0, t, model_set.noise, model_set.config.mask_token_id, generator)
+            _evaluate_states(model_set, x_t, x0, times[step], "masked", step, sums)
+            bar.update(1)
+    bar.close()
+    return len(blocks)
+
+
+def _trajectory_states(model_set: ModelSet, settings: PerStepSettings, steps: list[int], times: list[float],
+                       sums: _Sums, progress: bool) -> None:
+    schedule = model_set.schedule("all-large", settings.steps, settings.t_min)  # the heaviest model throughout
+    wanted = set(steps)
+    device = model_set.device
+    n_batches = -(-settings.trajectory_samples // settings.batch_size)
+    bar = tqdm(total=n_batches, desc="per-step (all-heavy trajectories)", unit="batch", disable=not progress,
+               leave=False)
+    for b in range(n_batches):
+        size = min(settings.batch_size, settings.trajectory_samples - b * settings.batch_size)
+        states: dict[int, torch.Tensor] = {}
+
+        def keep(i: int, x: torch.Tensor) -> None:
+            if i in wanted:
+                states[i] = x.clone()
+
+        run = SamplerSettings(batch_size=size, seq_len=model_set.seq_len, t_min=settings.t_min)
+        final = sample(model_set.models, schedule, model_set.noise, run,
+                       step_generator(settings.seed, b, STREAM_ANALYSIS_TRAJECTORY, device), on_state=keep).tokens
+        for step in steps:
+            _evaluate_states(model_set, states[step], final, times[step], "trajectory", step, sums)
+        bar.update(1)
+    bar.close()
+
+
+def shade_ranges(model_set: ModelSet, specs: Sequence[str], steps: int, t_min: float) -> list[dict[str, Any]]:
+    """For each schedule, the step ranges [start, end) and t ranges [t_start, t_end] of its light steps."""
+    light = model_set.light_to_heavy[0]
+    times = time_grid(steps, t_min).tolist()
+    out = []
+    for spec in specs:
+        schedule = model_set.schedule(spec, steps, t_min)
+        ranges, start = [], 0
+        for name, count in schedule.segments():
+            if name == light:
+                ranges.append([start, start + count])
+            start += count
+        out.append({"spec": spec, "segments": schedule.segments_str(), "steps": ranges,
+                    "t": [[times[a], times[b]] for a, b in ranges]})
+    return out
+
+
+def peaks(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """For each (source, metric, model) of a gap or KL: the grid step where the mean is largest."""
+    best: dict[tuple[str, str, str], Mapping[str, Any]] = {}
+    for row in rows:
+        if row["metric"] in ("kl", "ce_gap"):
+            key = (row["source"], row["metric"], row["model"])
+            if key not in best or row["mean"] > best[key]["mean"]:
+                best[key] = row
+    return [{"source": s, "metric": m, "model": n, "step": r["step"], "t": r["t"], "mean": r["mean"],
+             "ci_low": r["ci_low"], "ci_high": r["ci_high"]} for (s, m, n), r in sorted(best.items())]
+
+
+def write_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """per_step.csv (atomic)."""
+    lines = [CSV_HEADER] + [
+        f"{r['source']},{r['step']},{r['t']:.8g},{r['metric']},{r['model']},{r['mean']:.10g},{r['ci_low']:.10g},"
+        f"{r['ci_high']:.10g},{r['batches']},{r['tokens']}" for r in rows]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """per_step.csv back as dicts with numbers."""
+    lines = path.read_text().splitlines()
+    header = lines[0].split(",")
+    out = []
+    for line in lines[1:]:
+        row: dict[str, Any] = dict(zip(header, line.split(",")))
+        for key in ("step", "batches", "tokens"):
+            row[key] = int(row[key])
+        for key in ("t", "mean", "ci_low", "ci_high"):
+            row[key] = float(row[key])
+        out.append(row)
+    return out
+
+
+def analyze(model_set: ModelSet, settings: PerStepSettings, out_dir: Path, provenance: dict[str, Any],
+            progress: bool = True) -> dict[str, Any]:
+    """Run the per-step analysis; write per_step.csv and per_step.json to out_dir; return the JSON record."""
+    if len(model_set.models) < 2:
+        raise ConfigError("the per-step analysis compares models: give at least two (e.g. small and large)")
+    for name in ("num_blocks", "batch_size"):
+        if getattr(settings, name) < 1:
+            raise ConfigError(f"{name}={getattr(settings, name)} must be >= 1")
+    if settings.trajectory_samples < 0:
+        raise ConfigError(f"trajectory_samples={settings.trajectory_samples} must be >= 0")
+    steps = grid_steps(settings.steps, settings.grid)
+    shade = shade_ranges(model_set, settings.shade, settings.steps, settings.t_min)  # bad specs fail before work
+    times = time_grid(settings.steps, settings.t_min).tolist()
+    sums = _Sums()
+    wall = {}
+    with torch.no_grad():
+        start = time.perf_counter()
+        blocks = _masked_states(model_set, settings, steps, times, sums, progress)
+        wall["masked_s"] = time.perf_counter() - start
+        if settings.trajectory_samples:
+            start = time.perf_counter()
+            _trajectory_states(model_set, settings, steps, times, sums, progress)
+            wall["trajectory_s"] = time.perf_counter() - start
+    rows = sums.rows(times)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_rows(out_dir / "per_step.csv", rows)
+    record = {
+        "settings": asdict(settings),
+        "grid_steps": steps,
+        "blocks": blocks,
+        "seq_len": model_set.seq_len,
+        "light_to_heavy": model_set.light_to_heavy,
+        "models": {name: {"layers": m.config.num_hidden_layers, "hidden_size": m.config.hidden_size}
+                   for name, m in model_set.models.items()},
+        "noise": {"schedule": model_set.noise.name, "eps": model_set.noise.eps},
+        "shade": shade,
+        "peaks": peaks(rows),
+        "wall": wall,  # seconds, compilation included
+        "conventions": "t_i = start of step i on linspace(1, t_min, T + 1); per masked token, nats; float64 "
+                       "log-softmax of a float32 head; band = 95% over batches",
+        "provenance": provenance,
+    }
+    atomic_write_text(out_dir / "per_step.json", json.dumps(record, indent=1) + "\n")
+    log.info("per-step analysis: %d grid steps x %d blocks (+%d trajectories) in %s -> %s", len(steps), blocks,
+             settings.trajectory_samples, ", ".join(f"{k} {v:.1f}" for k, v in wall.items()), out_dir)
+    return record

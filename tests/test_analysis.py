@@ -1,0 +1,233 @@
+"""Per-step analysis, sweeps and reports on tiny trained models: end to end, resume after SIGKILL, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from analysis.per_step import PerStepSettings, _kl, analyze, grid_steps
+from analysis.results import append_jsonl, pareto_front, read_jsonl
+from analysis.sweep import plan
+from mdlm_sched.cli import main
+from mdlm_sched.config import load_sweep
+from mdlm_sched.errors import ConfigError, DataError, ScheduleError
+from mdlm_sched.flops import forward_flops
+from mdlm_sched.generate import load_models
+from mdlm_sched.schedule import coarse_segment_specs
+
+from conftest import REPO, SHARED_DATA
+
+
+def sweep_yaml(path: Path, trained: dict[str, Path], out: Path, groups: str, **extra: str) -> Path:
+    """A sweep file over the tiny trained models: T = 16, 3 samples in batches of 2 (the last one short)."""
+    fields = {"models": f"{{small: {trained['small']}, large: {trained['large']}}}", "judge": str(trained["judge"]),
+              "steps": "[16]", "seeds": "[0]", "seq_len": "64", "num_samples": "3", "batch_size": "2",
+              "judge_batch_size": "4", "reference": f"{{source: {SHARED_DATA / 'owt_val.jsonl.xz'}, num_samples: 4}}",
+              "cache_dir": str(trained["cache"]), "out_dir": str(out), "runtime": "{device: cpu}", **extra}
+    path.write_text("".join(f"{k}: {v}\n" for k, v in fields.items()) + "groups:\n" + groups + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------------- units
+
+
+def test_grid_steps_and_coarse_segments():
+    assert grid_steps(1000, 5) == [0, 250, 500, 749, 999]
+    assert grid_steps(8, 8) == list(range(8))
+    with pytest.raises(ConfigError, match="grid=9"):
+        grid_steps(8, 9)
+    specs = coarse_segment_specs(4, 1000)
+    assert len(specs) == 16 and len({s for _, s in specs}) == 16
+    assert dict(specs)["LHHL"] == "L250,H500,L250" and dict(specs)["HHHH"] == "H1000"
+    for label, spec in coarse_segment_specs(3, 10):  # uneven cut: 3, 4, 3 steps
+        assert sum(int(part[1:]) for part in spec.split(",")) == 10
+    with pytest.raises(ScheduleError):
+        coarse_segment_specs(0, 10)
+
+
+def test_kl_in_float64_against_a_direct_sum():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(5, 7, generator=gen, dtype=torch.float64).log_softmax(-1)
+    b = torch.randn(5, 7, generator=gen, dtype=torch.float64).log_softmax(-1)
+    direct = sum(float(a[i, v].exp() * (a[i, v] - b[i, v])) for i in range(5) for v in range(7))
+    assert float(_kl(a, b)) == pytest.approx(direct, rel=1e-12) and float(_kl(a, a)) == 0.0
+    a[:, 3], b[:, 3] = float("-inf"), float("-inf")  # the [MASK] column: 0 log 0 counts as 0, not nan
+    assert torch.isfinite(_kl(a.log_softmax(-1), b.log_softmax(-1)))
+
+
+def test_pareto_front_and_torn_results_line(tmp_path):
+    assert pareto_front([(1.0, 10.0, "a"), (0.8, 11.0, "b"), (0.9, 12.0, "c"), (0.5, 20.0, "d")]) == ["d", "b", "a"]
+    path = tmp_path / "results.jsonl"
+    append_jsonl(path, {"key": "a"})
+    with path.open("a") as fh:
+        fh.write('{"key": "b", "trunc')  # a write cut short by a kill
+    assert read_jsonl(path) == [{"key": "a"}]
+    append_jsonl(path, {"key": "c"})
+    assert read_jsonl(path) == [{"key": "a"}, {"key": "c"}] and path.read_text().endswith("}\n")
+    path.write_text('{"key": "a"}\nnot json\n{"key": "c"}\n')  # damage inside the file is not skipped silently
+    with pytest.raises(DataError, match="results.jsonl:2 is not a JSON line"):
+        read_jsonl(path)
+
+
+def test_sweep_plan_dedups_points_and_rejects_bad_input(trained_tiny, tmp_path):
+    groups = ("  placements: {schedules: [all-large, sandwich, 'L4,H12']}\n"
+              "  fraction: {placements: [sandwich], fractions: [0.25, 0.5], seeds: [0, 1]}\n"
+              "  exhaustive: {segments: 2}")
+    cfg = load_sweep([str(sweep_yaml(tmp_path / "s.yaml", trained_tiny, tmp_path / "out", groups))])
+    model_set = load_models(cfg.models, torch.device("cpu"))
+    points = plan(cfg, model_set)
+    keys = [p.key for p in points]
+    assert len(keys) == len(set(keys))
+    by_segments = {(p.schedule.segments_str(), p.seed): p for p in points}
+    # sandwich (placements) and sandwich@0.25 (fraction, seed 0) are one point; all-large is exhaustive's HH
+    assert by_segments[("small:2,large:12,small:2", 0)].groups == ["placements", "fraction"]
+    assert by_segments[("large:16", 0)].groups == ["placements", "exhaustive"]
+    assert len(points) == 3 + 3 + 3  # placements; sandwich@0.25 seed 1, sandwich@0.5 seeds 0 and 1; HL, LH, LL
+    with pytest.raises(ConfigError, match="unknown config key 'judge_batch'"):
+        load_sweep([str(tmp_path / "s.yaml"), "judge_batch=3"])
+    with pytest.raises(ConfigError, match="groups.g has no schedules"):
+        load_sweep([str(tmp_path / "s.yaml"), "groups={g: {seeds: [1]}}"])
+    bad = load_sweep([str(tmp_path / "s.yaml"), "groups={g: {schedules: [middle-small]}}"])
+    with pytest.raises(ScheduleError, match="middle-small"):
+        plan(bad, model_set)
+
+
+def test_identical_models_have_zero_kl_and_gap(trained_tiny, tmp_path):
+    model_set = load_models({"a": str(trained_tiny["small"]), "b": str(trained_tiny["small"])}, torch.device("cpu"),
+                            seq_len=64)
+    settings = PerStepSettings(steps=16, grid=4, data=str(SHARED_DATA / "owt_val.jsonl.xz"), num_blocks=4,
+                               trajectory_samples=2, batch_size=2, shade=["sandwich"],
+                               cache_dir=str(trained_tiny["cache"]))
+    record = analyze(model_set, settings, tmp_path, {}, progress=False)
+    rows = [line.split(",") for line in (tmp_path / "per_step.csv").read_text().splitlines()[1:]]
+    kl = [float(r[5]) for r in rows if r[3] in ("kl", "ce_gap")]
+    assert len(kl) == 2 * 4 * 3 and all(v == 0.0 for v in kl)  # 2 sources x 4 steps x (2 KLs + gap)
+    assert record["grid_steps"] == [0, 5, 10, 15] and record["shade"][0]["steps"] == [[0, 2], [14, 16]]
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def test_end_to_end_analyze_sweep_report(trained_tiny, tmp_path, capsys):
+    ana = tmp_path / "analysis"
+    code = main(["analyze", "--no-progress", "--model", f"small={trained_tiny['small']}", "--model",
+                 f"large={trained_tiny['large']}", "--steps", "32", "--grid", "6", "--data",
+                 str(SHARED_DATA / "owt_val.jsonl.xz"), "--num-blocks", "6", "--trajectory-samples", "4",
+                 "--batch-size", "3", "--seq-len", "64", "--cache-dir", str(trained_tiny["cache"]), "--out", str(ana)])
+    assert code == 0
+    meta = json.loads((ana / "per_step.json").read_text())
+    rows = (ana / "per_step.csv").read_text().splitlines()
+    assert rows[0] == "source,step,t,metric,model,mean,ci_low,ci_high,batches,tokens"
+    masked_kl = [r.split(",") for r in rows[1:] if r.startswith("masked,") and ",kl,large||small," in r]
+    assert len(masked_kl) == 6 and all(float(r[5]) > 0 and int(r[8]) == 2 for r in masked_kl)
+    assert all(float(r[6]) <= float(r[5]) <= float(r[7]) for r in masked_kl)  # band around the estimate
+    assert {p["source"] for p in meta["peaks"]} == {"masked", "trajectory"}
+    for axis in ("step", "t"):
+        assert (ana / f"per_step_analysis_{axis}.png").stat().st_size > 10_000
+        assert (ana / f"per_step_analysis_{axis}.pdf").is_file()
+
+    sweep = tmp_path / "sweep"
+    cfg = sweep_yaml(tmp_path / "sweep.yaml", trained_tiny, sweep,
+                     "  placements: {schedules: [all-large, all-small, sandwich]}", seeds="[0, 1]")
+    assert main(["sweep", "--no-progress", str(cfg)]) == 0
+    records = read_jsonl(sweep / "results.jsonl")
+    points = [r for r in records if r["kind"] == "point"]
+    assert [r["kind"] for r in records].count("reference") == 1 and len(points) == 6
+    small, large = (forward_flops(load_models({n: str(trained_tiny[n])}, torch.device("cpu")).config, 64)
+                    for n in ("small", "large"))
+    for p in points:
+        assert p["num_samples"] == 3 and len(p["per_sample"]["nll"]) == 3  # 3 samples in batches of 2
+        assert 1 < p["gen_ppl"]["ppl"] < float("inf") and p["gen_ppl"]["first_eos"] is True
+        assert 0 < p["entropy"]["mean"] <= np.log(64) and p["wall_s"] > 0
+        assert p["gen_ppl"]["tokens"] == sum(p["per_sample"]["tokens_scored"])
+        sequences = p["flops"]["sequences_run"]
+        blocks = sum(n * (small if m == "small" else large).blocks_only for m, n in sequences.items())
+        assert p["flops"]["blocks_only"] == blocks  # FLOPs of the calls made, in the results file
+        samples = (sweep / "samples" / f"{p['label']}-T16-s{p['seed']}-n3.jsonl").read_text().splitlines()
+        assert len(samples) == 3
+    sandwich = next(p for p in points if p["label"] == "sandwich")
+    assert sandwich["steps_per_model"] == {"small": 4, "large": 12} and 0 < sandwich["flops"]["saving_full"] < \
+        sandwich["flops"]["saving_blocks_only"] < 0.5
+
+    report = tmp_path / "report"
+    assert main(["report", str(ana), str(sweep), "--out", str(report)]) == 0
+    text = (report / "report.md").read_text()
+    for figure in ("sweep_sweep", "per_step_analysis_step", "per_step_analysis_t"):
+        assert f"({figure}.png)" in text
+        assert (report / f"{figure}.png").stat().st_size > 10_000 and (report / f"{figure}.pdf").is_file()
+    assert "| sandwich | small:2,large:12,small:2 | 0.250 |" in text  # its table row
+    assert "All-light is" in text and "Reference (real text" in text
+    summary = json.loads((report / "summary_sweep.json").read_text())
+    assert {r["label"]: r["seeds"] for r in summary["rows"]} == {"all-large": 2, "all-small": 2, "sandwich": 2}
+
+
+def test_killed_sweep_resumes_without_repeating_or_losing_points(trained_tiny, tmp_path):
+    cfg = sweep_yaml(tmp_path / "sweep.yaml", trained_tiny, tmp_path / "out",
+                     "  many: {schedules: [all-large, all-small, sandwich, early-small, late-small, "
+                     "small-in-the-middle, alternating], seeds: [0, 1]}", save_samples="false")
+    results = tmp_path / "out" / "results.jsonl"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "mdlm_sched", "sweep", "--no-progress", str(cfg)], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while len(read_jsonl(results)) < 4 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)  # reference + 3 points
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = read_jsonl(results)
+    assert 4 <= len(before) < 15, "the kill should land midway through the 14 points"
+    kept = results.read_text()
+
+    assert main(["sweep", "--no-progress", str(cfg)]) == 0
+    after = read_jsonl(results)
+    keys = [r["key"] for r in after]
+    assert len(keys) == len(set(keys)) == 15  # the reference and 14 points, each once
+    assert results.read_text().startswith(kept.rpartition("\n")[0])  # finished lines untouched
+    assert after[: len(before)] == before
+    # a third run finds nothing to do
+    assert main(["sweep", "--no-progress", str(cfg)]) == 0 and len(read_jsonl(results)) == 15
+
+
+def test_a_failing_point_keeps_the_others_and_a_rerun_retries_it(trained_tiny, tmp_path, monkeypatch, capsys):
+    import analysis.sweep as sweep_module
+
+    cfg = sweep_yaml(tmp_path / "sweep.yaml", trained_tiny, tmp_path / "out",
+                     "  p: {schedules: [all-large, sandwich, all-small]}", save_samples="false")
+    real = sweep_module.run_schedule
+
+    def flaky(model_set, schedule, *args, **kwargs):
+        if schedule.spec == "sandwich":
+            raise RuntimeError("CUDA out of memory (stand-in failure for this test)")
+        return real(model_set, schedule, *args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "run_schedule", flaky)
+    assert main(["sweep", "--no-progress", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "1 points failed" in err and "rerun the same command" in err
+    labels = [r["label"] for r in read_jsonl(tmp_path / "out" / "results.jsonl") if r["kind"] == "point"]
+    assert labels == ["all-large", "all-small"]
+    assert read_jsonl(tmp_path / "out" / "failures.jsonl")[0]["label"] == "sandwich"
+
+    monkeypatch.setattr(sweep_module, "run_schedule", real)
+    assert main(["sweep", "--no-progress", str(cfg)]) == 0
+    labels = [r["label"] for r in read_jsonl(tmp_path / "out" / "results.jsonl") if r["kind"] == "point"]
+    assert labels == ["all-large", "all-small", "sandwich"]
+    # another batch size would change every sample: refused rather than mixed into these results
+    assert main(["sweep", "--no-progress", str(cfg), "batch_size=3"]) == 2
+    assert "another batch_size" in capsys.readouterr().err
+
+
+def test_the_paper_sweep_preset_loads(monkeypatch):
+    monkeypatch.chdir(REPO)  # its reference source is ../shared/data/owt_val.jsonl.xz
+    cfg = load_sweep([str(REPO / "configs" / "sweep" / "paper.yaml"), "judge=gpt2-large"])
+    assert cfg.judge == "gpt2-large" and cfg.groups["exhaustive"].segments == 4
+    assert cfg.groups["placements"].schedules[-1] == "small-in-the-middle"
