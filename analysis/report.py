@@ -127,12 +127,12 @@ def _sweep_section(folder: Path, out: Path) -> list[str]:
     lines = [f"## Sweep `{folder}`", "",
              f"Models: {', '.join(f'`{k}` = {v}' for k, v in settings.get('models', {}).items())}; judge: "
              f"`{points[0]['gen_ppl']['judge']}`; sampler batch {settings.get('batch_size')}, top-p "
-             f"{settings.get('top_p')}, cache {settings.get('cache')}. Measured on {prov['hardware'].get('gpu', prov['hardware']['device'])}, "
-             f"git {prov['git']}.", "",
+             f"{settings.get('top_p')}, cache {settings.get('cache')}. Measured on "
+             f"{prov['hardware'].get('gpu', prov['hardware']['device'])}, git {prov['git']}.", "",
              "FLOPs of one forward over one sequence: " + ", ".join(
                  f"`{k}` {v['blocks_only']:.3e} (blocks only) / {v['full']:.3e} (full)" for k, v in per_forward.items())
-             + ". Sampling FLOPs count the calls actually made (cached steps cost nothing); the head runs only at "
-               "the positions decoded, so the two conventions nearly agree.", "",
+             + ". Sampling FLOPs count the calls actually made (cached steps cost nothing); \"full\" adds the "
+               "output head at the positions decoded and the time embedding.", "",
              f"![FLOPs against gen PPL]({stem.name}.png)", "",
              "Gen PPL: judge NLL summed in float64 over tokens up to and including each sample's first EOS, "
              "chunks of the judge's context; entropy: unigram entropy of each sample's tokens (nats), mean over "
@@ -148,7 +148,8 @@ def _sweep_section(folder: Path, out: Path) -> list[str]:
     groups = list(dict.fromkeys(g for r in rows for g in r["groups"]))
     for group in groups:
         in_group = [r for r in rows if group in r["groups"]]
-        lines += [f"### Group `{group}`", "", *_schedule_table(sorted(in_group, key=lambda r: (r["steps"], -r["flops_ratio"], r["gen_ppl_mean"])), front), ""]
+        in_group.sort(key=lambda r: (r["steps"], -r["flops_ratio"], r["gen_ppl_mean"]))  # costliest first
+        lines += [f"### Group `{group}`", "", *_schedule_table(in_group, front), ""]
     light_rows = [r for r in main if r["light_fraction"] == 1.0]
     base = _all_heavy(main, main[0])
     if light_rows and base:

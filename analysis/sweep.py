@@ -130,7 +130,8 @@ def _write_samples(path: Path, tokens: np.ndarray, tokenizer: Any, per_sample: d
 def run_point(point: Point, model_set: ModelSet, judge: Judge, cfg: SweepConfig, out: Path,
               progress: bool) -> dict[str, Any]:
     """Sample, count, judge one point; return its results line (samples written first when kept)."""
-    output = run_schedule(model_set, point.schedule, _sampler_settings(cfg, model_set.seq_len), point.num_samples, point.seed, progress=progress)
+    output = run_schedule(model_set, point.schedule, _sampler_settings(cfg, model_set.seq_len), point.num_samples,
+                          point.seed, progress=progress)
     tokens = output.tokens.numpy()
     start = time.perf_counter()
     gen, entropy, per_sample = _quality(tokens, model_set, judge, cfg, progress)
