@@ -127,29 +127,32 @@ def _evaluate_states(model_set: ModelSet, x_t: torch.Tensor, targets: torch.Tens
         sigma = model_set.noise.sigma(torch.full((x_t.shape[0],), t, device=x_t.device)) \
             if model.config.time_conditioning else None
         hidden[name] = model.hidden(x_t, sigma)  # [B, L, d]
-    ce = dict.fromkeys(names, 0.0)
-    kl = {}
+    # Sums stay on the device (float64) through the chunks: one host sync per batch, not per chunk.
+    zero = torch.zeros((), dtype=torch.float64, device=x_t.device)
+    ce = dict.fromkeys(names, zero)
+    pairs = [(a, b) for name in names[:-1] for a, b in ((heavy, name), (name, heavy))]
+    kl = dict.fromkeys(pairs, zero)
     rows = max(1, _CHUNK_ELEMENTS.get(x_t.device.type, 2**22) // model_set.config.vocab_size)
     for start in range(0, r.numel(), rows):
         rr, cc = r[start:start + rows], c[start:start + rows]
         logp = {name: _log_probs(model_set, name, hidden[name], rr, cc) for name in names}
         y = targets[rr, cc][:, None]
         for name in names:
-            ce[name] += float(-logp[name].gather(1, y).sum())
-            if name != heavy:
-                for a, b in ((heavy, name), (name, heavy)):
-                    kl[f"{a}||{b}"] = kl.get(f"{a}||{b}", 0.0) + float(_kl(logp[a], logp[b]))
+            ce[name] = ce[name] - logp[name].gather(1, y).sum()
+        for a, b in pairs:
+            kl[a, b] = kl[a, b] + _kl(logp[a], logp[b])
+    ce_sum = {name: float(v) for name, v in ce.items()}
     k = r.numel()
     ce_metric = "ce" if source == "masked" else "ce_final"
+    weight = float(model_set.noise.loss_weight(torch.tensor(t, dtype=torch.float64)))
     for name in names:
-        sums.add((source, step, ce_metric, name), ce[name], k)
+        sums.add((source, step, ce_metric, name), ce_sum[name], k)
         if name != heavy:
-            sums.add((source, step, "ce_gap", f"{name}-{heavy}"), ce[name] - ce[heavy], k)
+            sums.add((source, step, "ce_gap", f"{name}-{heavy}"), ce_sum[name] - ce_sum[heavy], k)
         if source == "masked":  # w(t) * sum of masked CE / tokens: the NELBO integrand at t
-            weight = float(model_set.noise.loss_weight(torch.tensor(t, dtype=torch.float64)))
-            sums.add((source, step, "elbo_loss", name), weight * ce[name], x_t.numel())
-    for pair, total in kl.items():
-        sums.add((source, step, "kl", pair), total, k)
+            sums.add((source, step, "elbo_loss", name), weight * ce_sum[name], x_t.numel())
+    for (a, b), total in kl.items():
+        sums.add((source, step, "kl", f"{a}||{b}"), float(total), k)
 
 
 def _masked_states(model_set: ModelSet, settings: PerStepSettings, steps: list[int], times: list[float],

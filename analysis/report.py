@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from analysis import plots
 from analysis.per_step import read_rows
 from analysis.results import mean_sd, pareto_front, read_jsonl
@@ -37,18 +39,22 @@ def summarize(points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         calls = Counter()
         for p in group:
             calls.update(p["flops"]["calls"])
+
+        def avg(section: str, key: str) -> float:
+            return float(np.mean([p[section][key] for p in group]))
+
         rows.append({
             "name": name, "label": first["label"], "groups": sorted({g for p in group for g in p["groups"]}),
             "segments": first["segments"], "steps": first["steps"], "num_samples": first["num_samples"],
             "seeds": len(group), "seed_list": sorted(p["seed"] for p in group),
             "steps_per_model": first["steps_per_model"], "light_fraction": first["light_fraction"],
             "baseline_model": first["flops"]["baseline_model"],
-            "saving_blocks_only": mean_sd([p["flops"]["saving_blocks_only"] for p in group])[0],
-            "saving_full": mean_sd([p["flops"]["saving_full"] for p in group])[0],
-            "flops_blocks_only": mean_sd([p["flops"]["blocks_only"] for p in group])[0],
-            "flops_full": mean_sd([p["flops"]["full"] for p in group])[0],
+            "saving_blocks_only": avg("flops", "saving_blocks_only"),
+            "saving_full": avg("flops", "saving_full"),
+            "flops_blocks_only": avg("flops", "blocks_only"),
+            "flops_full": avg("flops", "full"),
             "calls": {k: v / len(group) for k, v in sorted(calls.items())},
-            "skipped_share": mean_sd([p["cache"]["skipped_share"] for p in group])[0],
+            "skipped_share": avg("cache", "skipped_share"),
             "wall_s_mean": wall[0], "wall_s_sd": wall[1],
             "gen_ppl_mean": ppl[0], "gen_ppl_sd": ppl[1], "entropy_mean": ent[0], "entropy_sd": ent[1],
         })

@@ -32,7 +32,7 @@ from mdlm_sched.config import SweepConfig, validate_sweep
 from mdlm_sched.data import load_sources
 from mdlm_sched.errors import ConfigError
 from mdlm_sched.generate import ModelSet, cache_summary, flops_summary, load_models, run_schedule, warm_up
-from mdlm_sched.metrics import Judge, entropy_summary, generative_perplexity, load_judge
+from mdlm_sched.metrics import Judge, entropy_summary, judge_tokens, load_judge, score_token_ids
 from mdlm_sched.provenance import provenance
 from mdlm_sched.runtime import autocast_dtype, configure_backends, resolve_device
 from mdlm_sched.sampler import SamplerSettings, check_settings
@@ -52,10 +52,13 @@ class Point:
 
     label: str  # as the config wrote it (or the L/H pattern of an exhaustive-search schedule)
     schedule: ModelSchedule
-    steps: int
     seed: int
     num_samples: int
     groups: list[str] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return len(self.schedule)
 
     @property
     def key(self) -> str:
@@ -77,7 +80,7 @@ def plan(cfg: SweepConfig, model_set: ModelSet) -> list[Point]:
             for label, spec in specs:
                 schedule = model_set.schedule(spec, steps, cfg.t_min)
                 for seed in group.seeds if group.seeds is not None else cfg.seeds:
-                    point = Point(label, schedule, steps, seed, group.num_samples or cfg.num_samples)
+                    point = Point(label, schedule, seed, group.num_samples or cfg.num_samples)
                     point = points.setdefault(point.key, point)
                     if group_name not in point.groups:
                         point.groups.append(group_name)
@@ -110,19 +113,18 @@ def _sampler_settings(cfg: SweepConfig, seq_len: int) -> SamplerSettings:
                            noise_removal=cfg.noise_removal, t_min=cfg.t_min)
 
 
-def _quality(tokens: np.ndarray, model_set: ModelSet, judge: Judge, cfg: SweepConfig,
+def _quality(rows: list[list[int]], judge_ids: list[list[int]], judge: Judge, cfg: SweepConfig,
              progress: bool) -> tuple[dict[str, Any], dict[str, Any], dict[str, list]]:
-    """Gen PPL (with the protocol's settings) and entropy of samples [N, L], and the per-sample values."""
-    rows = tokens.tolist()
-    gen = generative_perplexity(rows, model_set.tokenizer, judge, cfg.judge_batch_size, progress=progress)
+    """Gen PPL of samples [N][L] (judge_ids: re-tokenized for the judge), entropy, and per-sample values."""
+    gen = score_token_ids(judge_ids, judge, cfg.judge_batch_size, progress=progress)
     entropy, per_entropy = entropy_summary(rows)
     per_sample = {"nll": gen.nll.tolist(), "tokens_scored": gen.tokens.tolist(), "entropy": per_entropy}
     return gen.summary(judge.name, first_eos=True), entropy, per_sample
 
 
-def _write_samples(path: Path, tokens: np.ndarray, tokenizer: Any, per_sample: dict[str, list]) -> None:
+def _write_samples(path: Path, rows: list[list[int]], tokenizer: Any, per_sample: dict[str, list]) -> None:
     with atomic_file(path) as fh:
-        for i, ids in enumerate(tokens.tolist()):
+        for i, ids in enumerate(rows):
             fh.write(json.dumps({"index": i, "text": tokenizer.decode(ids), "token_ids": ids,
                                  **{k: v[i] for k, v in per_sample.items()}}) + "\n")
 
@@ -132,12 +134,12 @@ def run_point(point: Point, model_set: ModelSet, judge: Judge, cfg: SweepConfig,
     """Sample, count, judge one point; return its results line (samples written first when kept)."""
     output = run_schedule(model_set, point.schedule, _sampler_settings(cfg, model_set.seq_len), point.num_samples,
                           point.seed, progress=progress)
-    tokens = output.tokens.numpy()
+    rows = output.tokens.tolist()
     start = time.perf_counter()
-    gen, entropy, per_sample = _quality(tokens, model_set, judge, cfg, progress)
+    gen, entropy, per_sample = _quality(rows, judge_tokens(rows, model_set.tokenizer, judge), judge, cfg, progress)
     judge_s = time.perf_counter() - start
     if cfg.save_samples:
-        _write_samples(out / "samples" / f"{point.slug}.jsonl", tokens, model_set.tokenizer, per_sample)
+        _write_samples(out / "samples" / f"{point.slug}.jsonl", rows, model_set.tokenizer, per_sample)
     counts = point.schedule.counts()
     light = model_set.light_to_heavy[0]
     return {
@@ -154,12 +156,12 @@ def run_point(point: Point, model_set: ModelSet, judge: Judge, cfg: SweepConfig,
 def run_reference(model_set: ModelSet, judge: Judge, cfg: SweepConfig, progress: bool) -> dict[str, Any]:
     """The reference row: real validation blocks (same length and wrapping as samples), judged the same way."""
     blocks = load_sources([cfg.reference.source], model_set.tokenizer, model_set.seq_len, cfg.cache_dir)
-    tokens = np.asarray(blocks[: cfg.reference.num_samples], dtype=np.int64)
-    gen, entropy, per_sample = _quality(tokens, model_set, judge, cfg, progress)
-    every_token = generative_perplexity(tokens.tolist(), model_set.tokenizer, judge, cfg.judge_batch_size,
-                                        first_eos=False)
+    rows = np.asarray(blocks[: cfg.reference.num_samples], dtype=np.int64).tolist()
+    judge_ids = judge_tokens(rows, model_set.tokenizer, judge)  # once for both ways of counting
+    gen, entropy, per_sample = _quality(rows, judge_ids, judge, cfg, progress)
+    every_token = score_token_ids(judge_ids, judge, cfg.judge_batch_size, first_eos=False)
     return {"kind": "reference", "key": reference_key(cfg), "source": cfg.reference.source,
-            "num_samples": len(tokens), "gen_ppl": gen, "entropy": entropy,
+            "num_samples": len(rows), "gen_ppl": gen, "entropy": entropy,
             "judge_ppl_every_token": every_token.summary(judge.name, first_eos=False),
             "per_sample": per_sample, "provenance": provenance(model_set.device)}
 

@@ -177,11 +177,15 @@ def score_token_ids(samples: Sequence[Sequence[int]], judge: Judge, batch_size: 
     return GenPPL(nll=nll, tokens=counts)
 
 
+def judge_tokens(samples: Sequence[Sequence[int]], tokenizer: Any, judge: Judge) -> list[list[int]]:
+    """Denoiser samples (token ids of `tokenizer`) re-tokenized for the judge (to_judge_tokens of each)."""
+    return [to_judge_tokens(s, tokenizer, judge) for s in samples]
+
+
 def generative_perplexity(samples: Sequence[Sequence[int]], tokenizer: Any, judge: Judge, batch_size: int = 16,
                           first_eos: bool = True, progress: bool = False) -> GenPPL:
     """Gen PPL of denoiser samples (token ids of `tokenizer`) under the judge, by the field's protocol."""
-    return score_token_ids([to_judge_tokens(s, tokenizer, judge) for s in samples], judge, batch_size, first_eos,
-                           progress)
+    return score_token_ids(judge_tokens(samples, tokenizer, judge), judge, batch_size, first_eos, progress)
 
 
 def unigram_entropy(token_ids: Sequence[int]) -> float:
