@@ -37,11 +37,14 @@ import torch
 from tqdm.auto import tqdm
 
 from mdlm_sched.checkpoint import atomic_write_text
+from mdlm_sched.config import RuntimeConfig, validate_runtime
 from mdlm_sched.data import load_sources
 from mdlm_sched.diffusion import DEFAULT_T_MIN, corrupt, forbid_mask, time_grid
 from mdlm_sched.errors import ConfigError
-from mdlm_sched.generate import ModelSet
-from mdlm_sched.runtime import STREAM_ANALYSIS_MASK, STREAM_ANALYSIS_TRAJECTORY, step_generator
+from mdlm_sched.generate import ModelSet, load_models
+from mdlm_sched.provenance import provenance
+from mdlm_sched.runtime import (STREAM_ANALYSIS_MASK, STREAM_ANALYSIS_TRAJECTORY, autocast_dtype, configure_backends,
+                                resolve_device, step_generator)
 from mdlm_sched.sampler import SamplerSettings, sample
 
 log = logging.getLogger(__name__)
@@ -299,3 +302,16 @@ def analyze(model_set: ModelSet, settings: PerStepSettings, out_dir: Path, prove
     log.info("per-step analysis: %d grid steps x %d blocks (+%d trajectories) in %s -> %s", len(steps), blocks,
              settings.trajectory_samples, ", ".join(f"{k} {v:.1f}" for k, v in wall.items()), out_dir)
     return record
+
+
+def analyze_models(models: Mapping[str, str], settings: PerStepSettings, runtime: RuntimeConfig, out_dir: Path,
+                   seq_len: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Load the named models (folders or training run folders) on runtime's device and run `analyze`."""
+    if len(models) < 2:
+        raise ConfigError("the per-step analysis compares models: give at least two, e.g. --model small=... "
+                          "--model large=...")
+    validate_runtime(runtime)
+    device = resolve_device(runtime)
+    configure_backends(device)
+    model_set = load_models(models, device, autocast_dtype(runtime, device), runtime.compile, seq_len)
+    return analyze(model_set, settings, out_dir, provenance(device), progress)

@@ -130,7 +130,7 @@ def sweep_figure(rows: Sequence[Mapping[str, Any]], reference: Mapping[str, Any]
                                 xytext=(3, 3), textcoords="offset points")
             if reference is not None:
                 ax.axhline(reference[metric], color="#117a65", linestyle=":", linewidth=1.1,
-                           label=f"real OWT text ({reference['num_samples']} blocks)")
+                           label=f"real text, {reference['name']} ({reference['num_samples']} blocks)")
             ax.set_xlabel(f"FLOPs relative to all-{baseline} (blocks only)")
             ax.set_title(title)
         front = sorted((r for r in rows if r["name"] in pareto), key=lambda r: r["flops_ratio"])
@@ -155,7 +155,8 @@ def fraction_figure(rows: Sequence[Mapping[str, Any]], placement: str, reference
                         yerr=[r[f"{metric}_sd"] if r["seeds"] > 1 else 0.0 for r in rows],
                         fmt="o-", color=LIGHT, markersize=4, capsize=2)
             if reference is not None:
-                ax.axhline(reference[metric], color="#117a65", linestyle=":", linewidth=1.1, label="real OWT text")
+                ax.axhline(reference[metric], color="#117a65", linestyle=":", linewidth=1.1,
+                           label=f"real text, {reference['name']}")
                 ax.legend(loc="best", frameon=False)
             ax.set_xlabel("share of steps given to the light model")
             ax.set_ylabel(label)

@@ -121,10 +121,10 @@ def _sweep_section(folder: Path, out: Path) -> list[str]:
     main = [r for r in rows if r["steps"] == main_steps]
     front = set(pareto_front((r["flops_ratio"], r["gen_ppl_mean"], r["name"]) for r in main))
     reference = None
-    if refs:
-        ref = refs[-1]
+    if refs:  # the first source of the config is the headline row (a rerun cannot change the sources)
+        ref = refs[0]
         reference = {"gen_ppl": ref["gen_ppl"]["ppl"], "entropy": ref["entropy"]["mean"],
-                     "num_samples": ref["num_samples"]}
+                     "num_samples": ref["num_samples"], "name": ref["name"]}
     stem = out / f"sweep_{folder.name}"
     plots.sweep_figure(main, reference, sorted(front), stem, heavy)
     settings = json.loads((folder / SETTINGS).read_text())["shared"] if (folder / SETTINGS).is_file() else {}
@@ -144,13 +144,14 @@ def _sweep_section(folder: Path, out: Path) -> list[str]:
              "chunks of the judge's context; entropy: unigram entropy of each sample's tokens (nats), mean over "
              "samples. Mean ± s.d. over seeds.", ""]
     if refs:
-        ref = refs[-1]
-        lines += ["Reference (real text, wrapped and scored exactly as samples):", "",
-                  "| source | blocks | gen PPL (first-EOS protocol) | judge PPL, every token | entropy |",
-                  "|---|---:|---:|---:|---:|",
-                  f"| {ref['source']} | {ref['num_samples']} | {ref['gen_ppl']['ppl']:.2f} | "
-                  f"{ref['judge_ppl_every_token']['ppl']:.2f} | "
-                  f"{_fmt(ref['entropy']['mean'], ref['entropy']['sd'], 3)} (s.d. over blocks) |", ""]
+        lines += ["Reference rows (real validation text, wrapped and scored exactly as samples; entropy ± s.d. "
+                  "over blocks):", "",
+                  "| reference | source | blocks | gen PPL (first-EOS protocol) | judge PPL, every token | entropy |",
+                  "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {ref['name']} | `{ref['source']}` | {ref['num_samples']} | {ref['gen_ppl']['ppl']:.2f} | "
+                  f"{ref['judge_ppl_every_token']['ppl']:.2f} | {_fmt(ref['entropy']['mean'], ref['entropy']['sd'], 3)} |"
+                  for ref in refs]
+        lines.append("")
     groups = list(dict.fromkeys(g for r in rows for g in r["groups"]))
     for group in groups:
         in_group = [r for r in rows if group in r["groups"]]
@@ -186,7 +187,7 @@ def _sweep_section(folder: Path, out: Path) -> list[str]:
         lines += ["### Points that failed (not rerun successfully)", ""]
         lines += [f"- `{f['label']}` ({f['key']}): {f['error']}" for f in failures] + [""]
     atomic_write_text(out / f"summary_{folder.name}.json", json.dumps(
-        {"rows": rows, "pareto": sorted(front), "reference": refs[-1] if refs else None}, indent=1,
+        {"rows": rows, "pareto": sorted(front), "reference": refs}, indent=1,
         default=lambda o: None) + "\n")
     return lines
 
@@ -219,12 +220,135 @@ def _per_step_section(folder: Path, out: Path) -> list[str]:
     return lines + [""]
 
 
-def build_report(folders: Sequence[Path], out: Path, title: str = "Model scheduling report") -> Path:
-    """Write report.md, the figures (PNG + PDF) and summary JSON for the given results folders into out."""
+MDLM_RECIPE_TOKENS = 1_000_000 * 512 * 1024  # REFERENCE.md section 2: 1M steps of 512 x 1024 tokens
+MDLM_OWT_BOUND = 23.21  # MDLM's reported OWT perplexity bound (12 x 768 DiT, the recipe above)
+PAPER_PLACEMENTS = ("early-small", "late-small", "sandwich", "small-in-the-middle")
+
+
+def _experiment_section(exp: Mapping[str, Any]) -> list[str]:
+    """Command, device, wall-clock per stage and what each model was trained on (from pipeline.json)."""
+    prov = exp["provenance"]
+    hw = prov["hardware"]
+    stages = exp["stages"]
+    lines = ["## Experiment", "", "Command (from the repository root):", "", "```",
+             " ".join(["mdlm-sched", *prov["argv"][1:]]), "```", "",
+             f"Device: {hw.get('gpu', hw['device'])}, {hw['cpu_count']} CPU cores; torch "
+             f"{prov['versions'].get('torch')}, transformers {prov['versions'].get('transformers')}; git "
+             f"{prov['git']}; {prov['utc']}.", "",
+             "| stage | wall-clock |", "|---|---:|"]
+    lines += [f"| {name} | {rec['wall_s']:.0f} s |" for name, rec in stages.items() if "wall_s" in rec]
+    lines += [f"| total | {sum(rec.get('wall_s', 0.0) for rec in stages.values()):.0f} s |", ""]
+    training = exp.get("training", {})
+    if not training:
+        return lines
+    sources = list(dict.fromkeys(src for run in training.values() for src in run["val"]))
+    lines += ["### Training", "",
+              "Validation: perplexity bound (exp NELBO per token) for the denoisers, perplexity for the judge; "
+              "the value at the last step, then the best value and its step.", "",
+              "| run | arch | blocks x width | parameters | steps x batch x length | tokens seen | passes over the "
+              "data | lr | tokens/s | " + " | ".join(f"val {src}: last (best @ step)" for src in sources) + " |",
+              "|---|---|---|---:|---|---:|---:|---|---:|" + "---:|" * len(sources)]
+    for name, run in training.items():
+        vals = [f"{run['val'][src]['last']:.2f} ({run['val'][src]['best']:.2f} @ {run['val'][src]['best_step']})"
+                if src in run["val"] else "" for src in sources]
+        rate = "" if run["tokens_per_s"] is None else f"{run['tokens_per_s']:,.0f}"
+        lines.append(f"| {name} | {run['arch']} | {run['layers']} x {run['hidden_size']} | "
+                     f"{run['parameters'] / 1e6:.1f}M | {run['steps']} x {run['batch_size']} x {run['seq_len']} | "
+                     f"{run['tokens_seen'] / 1e6:.1f}M | {run['passes']:.2f} | {run['lr']:g} {run['lr_schedule']}, "
+                     f"warm-up {run['warmup_steps']} | {rate} | " + " | ".join(vals) + " |")
+    lines.append("")
+    biggest = max(run["tokens_seen"] for run in training.values())
+    lines += [f"Against the MDLM recipe (REFERENCE.md section 2: 1M steps of 512 x 1024 tokens = "
+              f"{MDLM_RECIPE_TOKENS:.3g} tokens per model, dropout 0.1, reaching an OWT bound of {MDLM_OWT_BOUND} "
+              f"with a 12 x 768 model): the most any model here saw is {biggest:.3g} tokens, "
+              f"{biggest / MDLM_RECIPE_TOKENS:.2e} of the recipe ({MDLM_RECIPE_TOKENS / max(biggest, 1):,.0f} times "
+              f"fewer).", ""]
+    for name, run in training.items():
+        head = sources[0] if sources and sources[0] in run["val"] else None
+        if head is None:
+            continue
+        v = run["val"][head]
+        trend = (f"rose from its best {v['best']:.2f} (step {v['best_step']}) to {v['last']:.2f}: it overfits"
+                 if v["last"] > v["best"] * 1.005 else f"was at its best at the end ({v['last']:.2f}): no sign "
+                 f"of overfitting")
+        lines.append(f"- `{name}`: {run['passes']:.2f} passes over {run['train_tokens'] / 1e6:.1f}M training tokens; "
+                     f"the {head} validation {trend}.")
+    curve = exp.get("fraction_curve")
+    if curve:
+        lines += ["", f"The fraction curve follows `{curve['placement']}`, the placement with the lowest mean gen PPL "
+                      f"at T = {curve['steps']} (" + ", ".join(f"{k} {v:.2f}" for k, v in
+                                                           curve["gen_ppl_of_candidates"].items()) + ")."]
+    return lines + [""]
+
+
+def _verdict(agrees: bool) -> str:
+    return "**agrees**" if agrees else "**disagrees**"
+
+
+def _paper_section(meta: Mapping[str, Any] | None, steps_rows: Sequence[Mapping[str, Any]],
+                   rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Each of the paper's claims (REFERENCE.md section 1) set against these results, in plain words."""
+    lines = ["## Against the paper (arXiv 2604.02340)", ""]
+    if meta is not None:
+        T, (light, heavy) = meta["settings"]["steps"], (meta["light_to_heavy"][0], meta["light_to_heavy"][-1])
+        for metric, model, what in (("kl", f"{heavy}||{light}", f"KL({heavy} ‖ {light})"),
+                                    ("ce_gap", f"{light}-{heavy}", f"the CE gap {light} - {heavy}")):
+            for source in ("masked", "trajectory"):
+                peak = next((p for p in meta["peaks"] if (p["source"], p["metric"], p["model"]) ==
+                             (source, metric, model)), None)
+                series = sorted((r["step"], r["mean"]) for r in steps_rows
+                                if (r["source"], r["metric"], r["model"]) == (source, metric, model))
+                if peak is None or not series:
+                    continue
+                middle = T / 4 <= peak["step"] < 3 * T / 4
+                lines.append(
+                    f"- Per step, {what} on {plots.SOURCE_NAME[source]} states peaks at step {peak['step']} of {T} "
+                    f"(t = {peak['t']:.3f}): {peak['mean']:.4f} [95% {peak['ci_low']:.4f}, {peak['ci_high']:.4f}], "
+                    f"against {series[0][1]:.4f} at the first grid step and {series[-1][1]:.4f} at the last. "
+                    f"The paper finds the middle steps most sensitive; a peak "
+                    f"{'inside' if middle else 'outside'} the middle half of the steps {_verdict(middle)}.")
+    if rows:
+        steps = Counter(r["steps"] for r in rows).most_common(1)[0][0]
+        placed = {r["label"]: r for r in rows if r["steps"] == steps and r["label"] in PAPER_PLACEMENTS}
+        base = next((r for r in rows if r["steps"] == steps and r["light_fraction"] == 0.0), None)
+        if len(placed) >= 2:
+            ranked = sorted(placed.values(), key=lambda r: r["gen_ppl_mean"])
+            worst, runner_up = ranked[-1], ranked[-2]
+            gap, spread = worst["gen_ppl_mean"] - runner_up["gen_ppl_mean"], max(worst["gen_ppl_sd"],
+                                                                                 runner_up["gen_ppl_sd"])
+            measurable = "exceeds" if gap > spread else "does not exceed"
+            lines.append(
+                f"- Placements at T = {steps}, best to worst by gen PPL: " + ", ".join(
+                    f"{r['label']} {_fmt(r['gen_ppl_mean'], r['gen_ppl_sd'])}" for r in ranked) +
+                f". The paper puts the light model's steps at the ends and finds the middle worst; here the worst "
+                f"is {worst['label']} ({_verdict(worst['label'] == 'small-in-the-middle')}), {gap:.2f} above the "
+                f"next, which {measurable} the seed-to-seed s.d. ({spread:.2f}).")
+            best = ranked[0]
+            if base is not None:
+                cost = best["gen_ppl_mean"] / base["gen_ppl_mean"] - 1
+                lines.append(
+                    f"- The best placement, {best['label']}, saves {best['saving_blocks_only']:.1%} of the FLOPs "
+                    f"(blocks only; {best['saving_full']:.1%} full; the paper: 16.7% for 250 of 1000 steps) and "
+                    f"{best['wall_saving']:.1%} of the wall-clock, for gen PPL {_fmt(best['gen_ppl_mean'], best['gen_ppl_sd'])}"
+                    f" against all-heavy {_fmt(base['gen_ppl_mean'], base['gen_ppl_sd'])} ({cost:+.1%}; the paper: "
+                    f"a modest cost). Entropy {_fmt(best['entropy_mean'], best['entropy_sd'], 3)} against "
+                    f"{_fmt(base['entropy_mean'], base['entropy_sd'], 3)}.")
+    return lines + [""] if len(lines) > 2 else []
+
+
+def build_report(folders: Sequence[Path], out: Path, title: str = "Model scheduling report",
+                 experiment: Mapping[str, Any] | None = None) -> Path:
+    """Write report.md, the figures (PNG + PDF) and summary JSON for the given results folders into out.
+
+    experiment (the pipeline's record, pipeline.json) adds the command, device, stage wall-clock and training.
+    """
     if not folders:
         raise ConfigError("no results folders given; pass sweep and/or analysis output folders")
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", ""]
+    if experiment is not None:
+        lines += _experiment_section(experiment)
+    meta, steps_rows, rows = None, [], []
     for folder in folders:
         has_sweep, has_steps = (folder / RESULTS).is_file(), (folder / "per_step.csv").is_file()
         if not (has_sweep or has_steps):
@@ -232,8 +356,12 @@ def build_report(folders: Sequence[Path], out: Path, title: str = "Model schedul
                               f"give the out folder of mdlm-sched sweep or analyze")
         if has_steps:
             lines += _per_step_section(folder, out)
+            meta = json.loads((folder / "per_step.json").read_text())
+            steps_rows = read_rows(folder / "per_step.csv")
         if has_sweep:
             lines += _sweep_section(folder, out)
+            rows = summarize([r for r in read_jsonl(folder / RESULTS) if r["kind"] == "point"])
+    lines += _paper_section(meta, steps_rows, rows)
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path

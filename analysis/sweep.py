@@ -5,7 +5,7 @@ not yet in `results.jsonl`, appending one line per finished point (FLOPs in both
 calls per model, cache share, wall-clock, gen PPL with its protocol, entropy, per-sample values).
 Killing the process loses only the point in progress; running the same command again skips the
 finished points. A point that fails is logged to `failures.jsonl` and the others go on; the next
-run retries it. The real-text reference row is a line of its own, computed once.
+run retries it. The real-text reference rows (one per validation source) are lines of their own, computed once.
 
 A point is identified by its canonical segments (so "sandwich" and "L125,H750,L125" are one
 point), T, seed and sample count. `sweep.json` holds the settings every point shares (models,
@@ -18,8 +18,8 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 
 from analysis.results import append_jsonl, read_jsonl
 from mdlm_sched.checkpoint import atomic_file, atomic_write_text
-from mdlm_sched.config import SweepConfig, validate_sweep
+from mdlm_sched.config import SweepConfig, SweepGroup, validate_sweep
 from mdlm_sched.data import load_sources
 from mdlm_sched.errors import ConfigError
 from mdlm_sched.generate import ModelSet, cache_summary, flops_summary, load_models, run_schedule, warm_up
@@ -153,33 +153,43 @@ def run_point(point: Point, model_set: ModelSet, judge: Judge, cfg: SweepConfig,
     }
 
 
-def run_reference(model_set: ModelSet, judge: Judge, cfg: SweepConfig, progress: bool) -> dict[str, Any]:
-    """The reference row: real validation blocks (same length and wrapping as samples), judged the same way."""
-    blocks = load_sources([cfg.reference.source], model_set.tokenizer, model_set.seq_len, cfg.cache_dir)
+def run_reference(name: str, source: str, model_set: ModelSet, judge: Judge, cfg: SweepConfig,
+                  progress: bool) -> dict[str, Any]:
+    """A reference row: real validation blocks (same length and wrapping as samples), judged the same way."""
+    blocks = load_sources([source], model_set.tokenizer, model_set.seq_len, cfg.cache_dir)
     rows = np.asarray(blocks[: cfg.reference.num_samples], dtype=np.int64).tolist()
     judge_ids = judge_tokens(rows, model_set.tokenizer, judge)  # once for both ways of counting
     gen, entropy, per_sample = _quality(rows, judge_ids, judge, cfg, progress)
     every_token = score_token_ids(judge_ids, judge, cfg.judge_batch_size, first_eos=False)
-    return {"kind": "reference", "key": reference_key(cfg), "source": cfg.reference.source,
-            "num_samples": len(rows), "gen_ppl": gen, "entropy": entropy,
+    return {"kind": "reference", "key": reference_key(name, source, cfg.reference.num_samples), "name": name,
+            "source": source, "num_samples": len(rows), "gen_ppl": gen, "entropy": entropy,
             "judge_ppl_every_token": every_token.summary(judge.name, first_eos=False),
             "per_sample": per_sample, "provenance": provenance(model_set.device)}
 
 
-def reference_key(cfg: SweepConfig) -> str:
-    return f"reference|{cfg.reference.source}|n{cfg.reference.num_samples}"
+def reference_key(name: str, source: str, num_samples: int) -> str:
+    return f"reference|{name}|{source}|n{num_samples}"
 
 
 @dataclass
 class SweepOutcome:
     out_dir: Path
-    done: int  # points run now
-    skipped: int  # points finished by an earlier run
-    failed: list[str]  # keys of points that failed now
+    done: int = 0  # points run now
+    skipped: int = 0  # points finished by an earlier run
+    failed: list[str] = field(default_factory=list)  # keys of points that failed now
 
 
-def run_sweep(cfg: SweepConfig, progress: bool = True, echo: Callable[[str], None] = print) -> SweepOutcome:
-    """Run every point of the sweep not yet in results.jsonl (see the module docstring)."""
+FollowUp = Callable[[list[dict[str, Any]]], Mapping[str, SweepGroup]]
+
+
+def run_sweep(cfg: SweepConfig, progress: bool = True, echo: Callable[[str], None] = print,
+              follow_up: FollowUp | None = None) -> SweepOutcome:
+    """Run every point of the sweep not yet in results.jsonl (see the module docstring).
+
+    follow_up, if given, is called with the results records once the configured points are done; the
+    groups it returns are planned and run too, with the same models and judge (e.g. the fraction curve
+    of whichever placement measured best).
+    """
     validate_sweep(cfg)
     check_settings(_sampler_settings(cfg, cfg.seq_len or 1))  # before loading models: bad settings fail fast
     device = resolve_device(cfg.runtime)
@@ -192,30 +202,44 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, echo: Callable[[str], Non
     judge = load_judge(cfg.judge, device, cfg.judge_context)
     out = Path(cfg.out_dir)
     _check_settings_file(out, cfg)
+    outcome = SweepOutcome(out)
+    warmed = False
+
+    def run_points(points: list[Point]) -> None:
+        nonlocal warmed
+        finished = {r["key"] for r in read_jsonl(out / RESULTS)}
+        todo = [p for p in points if p.key not in finished]
+        outcome.skipped += len(points) - len(todo)
+        echo(f"sweep: {len(points)} points, {len(points) - len(todo)} already finished in {out / RESULTS}, "
+             f"{len(todo)} to run")
+        if todo and cfg.runtime.compile and not warmed:
+            warm_up(model_set, settings)  # compilation stays out of wall_s
+            warmed = True
+        for n, point in enumerate(todo, 1):
+            try:
+                record = run_point(point, model_set, judge, cfg, out, progress)
+            except (RuntimeError, ValueError) as exc:  # e.g. out of memory, a non-finite value: keep the others
+                message = " ".join(str(exc).split())[:300]
+                log.error("point %s failed: %s", point.key, message)
+                append_jsonl(out / FAILURES, {"key": point.key, "label": point.label, "error": message,
+                                              "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                outcome.failed.append(point.key)
+                continue
+            append_jsonl(out / RESULTS, record)
+            outcome.done += 1
+            echo(f"  [{n}/{len(todo)}] {point.label} T={point.steps} seed={point.seed}: gen PPL "
+                 f"{record['gen_ppl']['ppl']:.2f}, entropy {record['entropy']['mean']:.3f}, FLOPs saved "
+                 f"{record['flops']['saving_blocks_only']:.1%} (blocks only) / "
+                 f"{record['flops']['saving_full']:.1%} (full), {record['wall_s']:.1f} s")
 
     finished = {r["key"] for r in read_jsonl(out / RESULTS)}
-    todo = [p for p in points if p.key not in finished]
-    echo(f"sweep: {len(points)} points, {len(points) - len(todo)} already finished in {out / RESULTS}, "
-         f"{len(todo)} to run")
-    if todo and cfg.runtime.compile:
-        warm_up(model_set, settings)  # compilation stays out of wall_s
-    if cfg.reference.source is not None and reference_key(cfg) not in finished:
-        append_jsonl(out / RESULTS, run_reference(model_set, judge, cfg, progress))
-        echo(f"  reference ({cfg.reference.source}, {cfg.reference.num_samples} blocks) done")
-    failed = []
-    for n, point in enumerate(todo, 1):
-        try:
-            record = run_point(point, model_set, judge, cfg, out, progress)
-        except (RuntimeError, ValueError) as exc:  # e.g. out of memory, a non-finite value: keep the others
-            message = " ".join(str(exc).split())[:300]
-            log.error("point %s failed: %s", point.key, message)
-            append_jsonl(out / FAILURES, {"key": point.key, "label": point.label, "error": message,
-                                          "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-            failed.append(point.key)
-            continue
-        append_jsonl(out / RESULTS, record)
-        echo(f"  [{n}/{len(todo)}] {point.label} T={point.steps} seed={point.seed}: gen PPL "
-             f"{record['gen_ppl']['ppl']:.2f}, entropy {record['entropy']['mean']:.3f}, FLOPs saved "
-             f"{record['flops']['saving_blocks_only']:.1%} (blocks only) / {record['flops']['saving_full']:.1%} "
-             f"(full), {record['wall_s']:.1f} s")
-    return SweepOutcome(out, len(todo) - len(failed), len(points) - len(todo), failed)
+    for name, source in cfg.reference.sources.items():
+        if reference_key(name, source, cfg.reference.num_samples) not in finished:
+            append_jsonl(out / RESULTS, run_reference(name, source, model_set, judge, cfg, progress))
+            echo(f"  reference {name} ({source}, {cfg.reference.num_samples} blocks) done")
+    run_points(points)
+    if follow_up is not None:
+        groups = follow_up(read_jsonl(out / RESULTS))
+        if groups:
+            run_points(plan(replace(cfg, groups=dict(groups)), model_set))
+    return outcome

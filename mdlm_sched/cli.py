@@ -90,30 +90,19 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from analysis.per_step import DEFAULT_SHADE, PerStepSettings, analyze
+    from analysis.per_step import DEFAULT_SHADE, PerStepSettings, analyze_models
     from analysis.report import per_step_figures
-    from mdlm_sched.config import RuntimeConfig, validate_runtime
-    from mdlm_sched.generate import load_models
-    from mdlm_sched.provenance import provenance
-    from mdlm_sched.runtime import autocast_dtype, configure_backends, resolve_device
+    from mdlm_sched.config import RuntimeConfig
 
-    models = _models(args.model)
-    if len(models) < 2:
-        raise UserError("the per-step analysis compares models: give at least two, e.g. --model small=... "
-                        "--model large=...")
-    runtime = RuntimeConfig(device=args.device, precision=args.precision, compile=args.compile)
-    validate_runtime(runtime)
     settings = PerStepSettings(steps=args.steps, grid=args.grid, data=args.data, num_blocks=args.num_blocks,
                                trajectory_samples=args.trajectory_samples, batch_size=args.batch_size,
                                seed=args.seed, shade=args.shade or list(DEFAULT_SHADE), cache_dir=args.cache_dir,
                                **({"t_min": args.t_min} if args.t_min is not None else {}))
-    device = resolve_device(runtime)
-    configure_backends(device)
-    model_set = load_models(models, device, autocast_dtype(runtime, device), runtime.compile, args.seq_len)
+    runtime = RuntimeConfig(device=args.device, precision=args.precision, compile=args.compile)
     out = Path(args.out)
-    record = analyze(model_set, settings, out, provenance(device), progress=not args.no_progress)
+    record = analyze_models(_models(args.model), settings, runtime, out, args.seq_len, progress=not args.no_progress)
     figures = per_step_figures(out, out)
-    print(f"per-step analysis of {', '.join(model_set.light_to_heavy)} at {len(record['grid_steps'])} of "
+    print(f"per-step analysis of {', '.join(record['light_to_heavy'])} at {len(record['grid_steps'])} of "
           f"T={settings.steps} steps")
     for p in record["peaks"]:
         print(f"  {p['source']:>10} {p['metric']:>6} {p['model']:>16}: peak at step {p['step']} (t={p['t']:.3f}), "
@@ -138,10 +127,30 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline(args: argparse.Namespace) -> int:
+    from mdlm_sched.pipeline import load_experiment, run_pipeline
+
+    plan = load_experiment(args.config)  # every stage's config is checked before any work
+    outcome = run_pipeline(plan, progress=not args.no_progress)
+    print(f"pipeline: report in {outcome.report}")
+    if outcome.failed:
+        print(f"mdlm-sched: {len(outcome.failed)} parts failed ({', '.join(outcome.failed)}); the report holds the "
+              f"rest; rerun the same command to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from analysis.report import build_report
 
-    path = build_report([Path(f) for f in args.folders], Path(args.out), args.title)
+    experiment = None
+    if args.experiment:
+        try:
+            experiment = json.loads(Path(args.experiment).read_text())
+        except (OSError, ValueError) as exc:
+            raise UserError(f"cannot read --experiment {args.experiment} ({exc}); give the pipeline.json of a "
+                            f"mdlm-sched pipeline run") from exc
+    path = build_report([Path(f) for f in args.folders], Path(args.out), args.title, experiment)
     print(f"wrote {path} and its figures (PNG + PDF) in {path.parent}")
     return 0
 
@@ -211,10 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="+", help="sweep YAML files and a.b=value overrides, in order")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.set_defaults(func=_sweep)
+    p = sub.add_parser("pipeline", help="one experiment end to end: train, analyse, sweep, report; resumable")
+    p.add_argument("config", nargs="+", help="experiment YAML files (configs/experiment/) and a.b=value overrides")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.set_defaults(func=_pipeline)
     p = sub.add_parser("report", help="figures and a Markdown report from sweep/analysis folders")
     p.add_argument("folders", nargs="+", help="out folders of mdlm-sched sweep and/or analyze")
     p.add_argument("--out", default="runs/report", help="folder for report.md and the figures")
     p.add_argument("--title", default="Model scheduling report")
+    p.add_argument("--experiment", help="pipeline.json of a `mdlm-sched pipeline` run: adds command, device, training")
     p.set_defaults(func=_report)
     p = sub.add_parser("config", help="print the resolved config")
     p.add_argument("config", nargs="*", help=CONFIG_HELP)

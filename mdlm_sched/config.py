@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -28,6 +28,8 @@ from mdlm_sched.errors import ConfigError, DataError
 from mdlm_sched.noise import NOISE_SCHEDULES
 
 ARCHS = ("mdlm", "gpt2")
+LR_SCHEDULES = ("constant", "cosine")
+T = TypeVar("T")
 
 
 @dataclass
@@ -88,6 +90,8 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
     warmup_steps: int = 2500
+    lr_schedule: str = "constant"  # after warm-up: constant (MDLM) | cosine (down to lr * lr_final at train.steps)
+    lr_final: float = 0.1  # cosine only: the last step's lr as a fraction of train.lr
     grad_clip: float = 1.0  # 0 = off
     ema: float = 0.9999  # 0 = off
     seed: int = 0
@@ -162,7 +166,8 @@ class SweepGroup:
 class ReferenceConfig:
     """The real-text reference row: validation blocks scored exactly as samples are."""
 
-    source: str | None = "../shared/data/owt_val.jsonl.xz"  # None = no reference row
+    # name -> validation source, one row each (the first is the headline row of tables and figures); {} = none
+    sources: dict[str, str] = field(default_factory=lambda: {"owt": "../shared/data/owt_val.jsonl.xz"})
     num_samples: int = 256
 
 
@@ -221,7 +226,7 @@ def _merge(cfg: DictConfig, overlay: Any) -> DictConfig:
 
 
 def _replace_mappings(target: DictConfig, overlay: DictConfig) -> None:
-    for key, value in overlay.items():
+    for key, value in overlay.items_ex(resolve=False):  # interpolations may point outside the overlay
         if isinstance(value, DictConfig):
             if OmegaConf.get_type(target, key) is dict:  # a plain mapping, not a dataclass section
                 target[key] = value
@@ -249,18 +254,23 @@ def load(args: list[str] | tuple[str, ...] = ()) -> RunConfig:
     return run
 
 
-def load_sweep(args: list[str] | tuple[str, ...]) -> SweepConfig:
-    """Build a validated SweepConfig from YAML files and key=value overrides (in order)."""
-    cfg = OmegaConf.structured(SweepConfig)
+def load_structured(schema: type[T], args: list[str] | tuple[str, ...], what: str) -> T:
+    """An instance of the dataclass `schema` from YAML files and key=value overrides (in order), unvalidated."""
+    cfg = OmegaConf.structured(schema)
     try:
         for arg in args:
             if "=" in arg and not Path(arg).is_file():
                 cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([arg]))
             else:
-                cfg = _merge(cfg, _read_yaml(Path(arg), "sweep file"))
-        sweep: SweepConfig = OmegaConf.to_object(cfg)
+                cfg = _merge(cfg, _read_yaml(Path(arg), what))
+        return OmegaConf.to_object(cfg)
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe(exc)) from exc
+
+
+def load_sweep(args: list[str] | tuple[str, ...]) -> SweepConfig:
+    """Build a validated SweepConfig from YAML files and key=value overrides (in order)."""
+    sweep = load_structured(SweepConfig, args, "sweep file")
     validate_sweep(sweep)
     return sweep
 
@@ -334,6 +344,9 @@ def _validate_train(t: TrainConfig) -> None:
     _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
              f"train.betas={t.betas} must be two numbers in [0, 1)")
     _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
+    _require(t.lr_schedule in LR_SCHEDULES,
+             f"train.lr_schedule={t.lr_schedule!r} is unknown; use one of {', '.join(LR_SCHEDULES)}")
+    _require(0 <= t.lr_final <= 1, f"train.lr_final={t.lr_final} must be in [0, 1] (a fraction of train.lr)")
     _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 = off)")
     _require(0 <= t.ema < 1, f"train.ema={t.ema} must be in [0, 1) (0 = off)")
     _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
@@ -382,11 +395,11 @@ def validate_sweep(cfg: SweepConfig) -> None:
     for name in ("num_samples", "batch_size", "judge_batch_size"):
         _require(getattr(cfg, name) >= 1, f"{name}={getattr(cfg, name)} must be >= 1")
     _require(cfg.reference.num_samples >= 1, f"reference.num_samples={cfg.reference.num_samples} must be >= 1")
-    if cfg.reference.source is not None:
+    for name, source in cfg.reference.sources.items():
         try:
-            check_source(cfg.reference.source)
+            check_source(source)
         except DataError as exc:
-            raise ConfigError(f"reference.source: {exc}") from exc
+            raise ConfigError(f"reference.sources.{name}: {exc}") from exc
     validate_runtime(cfg.runtime)
 
 

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from mdlm_sched.checkpoint import MODEL_DIR, atomic_write_text, export_model, load_latest_state, save_state
-from mdlm_sched.config import RunConfig, to_yaml
+from mdlm_sched.config import RunConfig, TrainConfig, to_yaml
 from mdlm_sched.data import load_sources, load_tokenizer, mask_token_id, tokenizer_hash
 from mdlm_sched.diffusion import corrupt, nelbo_terms, sample_times
 from mdlm_sched.errors import CheckpointError, NonFiniteLossError
@@ -107,6 +107,15 @@ def batch_indices(step: int, batch_size: int, n_blocks: int, seed: int) -> np.nd
         sel = epochs == epoch
         out[sel] = _epoch_permutation(seed, int(epoch), n_blocks)[pos[sel]]
     return out
+
+
+def learning_rate(tc: TrainConfig, step: int) -> float:
+    """lr of optimizer step `step` (0-based): linear warm-up, then constant (MDLM) or cosine to lr * lr_final."""
+    scale = min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps > 0 else 1.0
+    if tc.lr_schedule == "cosine" and step >= tc.warmup_steps:
+        done = min(1.0, (step - tc.warmup_steps) / max(1, tc.steps - 1 - tc.warmup_steps))
+        scale = tc.lr_final + (1 - tc.lr_final) * 0.5 * (1 + math.cos(math.pi * done))
+    return tc.lr * scale
 
 
 class EMA:
@@ -276,8 +285,9 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))
     jlog = JsonlLog(out_dir / "log.jsonl", keep_through_step=start)
-    if start > 0:
-        jlog.write(step=start, event="resume")
+    # What the run sees, for reports (tokens seen, passes over the data): written at every (re)start.
+    jlog.write(step=start, event="resume" if start > 0 else "start", train_blocks=len(train_blocks),
+               train_tokens=len(train_blocks) * cfg.data.seq_len, parameters=n_params)
 
     step_loss = torch.compile(objective.loss) if cfg.runtime.compile else objective.loss
     accum = tc.batch_size // tc.micro_batch_size
@@ -308,7 +318,7 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not progress, desc="train")
     t_last, tokens_since = time.perf_counter(), 0
     for step in bar:
-        lr = tc.lr * min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps > 0 else tc.lr
+        lr = learning_rate(tc, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
         idx = batch_indices(step, tc.batch_size, len(train_blocks), tc.seed)

@@ -1,0 +1,106 @@
+"""`mdlm-sched pipeline`: the quickstart experiment, shortened, end to end; resume; the guards; the lr schedule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from analysis.results import read_jsonl
+from mdlm_sched.cli import main
+from mdlm_sched.config import TrainConfig
+from mdlm_sched.errors import ConfigError
+from mdlm_sched.pipeline import best_placement, load_experiment
+from mdlm_sched.train import learning_rate
+
+from conftest import REPO
+
+QUICKSTART = REPO / "configs" / "experiment" / "quickstart.yaml"
+
+
+def short_quickstart(tmp_path: Path, shared_data: Path, *train_extra: str) -> list[str]:
+    """The quickstart's words, cut to seconds: 4 training steps, T = 8, 2 samples a point, one fraction."""
+    cache = tmp_path / "cache"
+    overlay = tmp_path / "short.yaml"
+    train_common = [*OmegaConf.load(QUICKSTART).train_common, "train.steps=4", "train.val_every=4",
+                    "train.ckpt_every=4", "train.val_batches=1", "data.max_docs=200", f"data.cache_dir={cache}",
+                    *train_extra]
+    OmegaConf.save(OmegaConf.create({"train_common": train_common}), overlay)
+    return [str(QUICKSTART), str(overlay), f"data_root={shared_data}", f"out_dir={tmp_path / 'qs'}",
+            "analysis.steps=8", "analysis.grid=3", "analysis.num_blocks=4", "analysis.trajectory_samples=2",
+            "analysis.batch_size=4", f"analysis.cache_dir={cache}", "sweep.steps=[8]", "sweep.num_samples=2",
+            "sweep.batch_size=2", "sweep.reference.num_samples=4", f"sweep.cache_dir={cache}",
+            "fraction_curve.fractions=[0.5]", "fraction_curve.num_samples=2"]
+
+
+def test_quickstart_pipeline_end_to_end_then_resume(tmp_path, shared_data, capsys) -> None:
+    words = short_quickstart(tmp_path, shared_data)
+    assert main(["pipeline", "--no-progress", *words]) == 0
+    out = tmp_path / "qs"
+    state = json.loads((out / "pipeline.json").read_text())
+    assert list(state["stages"]) == ["train/small", "train/large", "train/judge", "analysis", "sweep", "report"]
+    small = state["training"]["small"]
+    assert small["steps"] == 4 and small["tokens_seen"] == 4 * 8 * 128
+    assert small["passes"] == pytest.approx(small["tokens_seen"] / small["train_tokens"])
+    assert small["val"]["owt"]["last_step"] == 4 and small["val"]["owt"]["last"] > 1
+
+    records = read_jsonl(out / "sweep" / "results.jsonl")
+    points = [r for r in records if r["kind"] == "point"]
+    assert [r["kind"] for r in records].count("reference") == 1
+    assert len(points) == 6 * 2 + 1  # the six placements x 2 seeds, then the curve's one fraction
+    best, steps, candidates = best_placement(records, "placements")
+    assert steps == 8 and set(candidates) == {"early-small", "late-small", "sandwich", "small-in-the-middle"}
+    assert candidates[best] == min(candidates.values())
+    assert points[-1]["label"] == f"{best}@0.5" and points[-1]["groups"] == ["fraction"]
+    assert state["fraction_curve"]["placement"] == best
+
+    report = (out / "report" / "report.md").read_text()
+    for heading in ("## Experiment", "### Training", "## Per-step analysis", "### Fraction curve",
+                    "## Against the paper"):
+        assert heading in report
+    assert "passes over" in report and "times fewer" in report
+    assert (out / "report" / "experiment.json").is_file()
+    assert len(list((out / "report").glob("*.png"))) == len(list((out / "report").glob("*.pdf"))) >= 4
+
+    # The same command again: every stage is found done, nothing is trained, sampled or analysed twice.
+    def trained_steps() -> list[int]:
+        return [r["step"] for r in read_jsonl(out / "train" / "large" / "log.jsonl") if "lr" in r]
+
+    lines, steps_logged = (out / "sweep" / "results.jsonl").read_text(), trained_steps()
+    analysis = (out / "analysis" / "per_step.json").read_text()
+    assert main(["pipeline", "--no-progress", *words]) == 0
+    assert trained_steps() == steps_logged
+    assert (out / "sweep" / "results.jsonl").read_text() == lines
+    assert (out / "analysis" / "per_step.json").read_text() == analysis
+    assert json.loads((out / "pipeline.json").read_text())["stages"]["train/small"] == state["stages"]["train/small"]
+
+    # Training on: the old analysis is refused rather than reported beside models it was not made from.
+    capsys.readouterr()
+    assert main(["pipeline", "--no-progress", *short_quickstart(tmp_path, shared_data, "train.steps=5")]) == 2
+    err = capsys.readouterr().err
+    assert "was made from models at steps" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["models={small: [model=tiny]}"], "give at least two"),
+    (["judge=[model=tiny]"], "expected gpt2"),
+    (["fraction_curve.among=nothing"], "fraction_curve.among"),
+    (["fraction_curve.fractions=[1.0]"], "must lie in (0, 1)"),
+])
+def test_experiment_errors_come_before_any_work(tmp_path, shared_data, extra, message) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_experiment([str(QUICKSTART), f"data_root={shared_data}", f"out_dir={tmp_path}", *extra])
+    assert not any(tmp_path.iterdir())
+
+
+def test_lr_schedules() -> None:
+    constant = TrainConfig(steps=100, lr=1.0, warmup_steps=10)
+    assert [learning_rate(constant, s) for s in (0, 9, 50, 99)] == [0.1, 1.0, 1.0, 1.0]
+    cosine = TrainConfig(steps=100, lr=1.0, warmup_steps=10, lr_schedule="cosine", lr_final=0.1)
+    assert learning_rate(cosine, 9) == pytest.approx(1.0) and learning_rate(cosine, 10) == pytest.approx(1.0)
+    assert learning_rate(cosine, 99) == pytest.approx(0.1)
+    assert learning_rate(cosine, 10 + 89 // 2) == pytest.approx(0.55, abs=0.01)  # half-way down
+    values = [learning_rate(cosine, s) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
