@@ -63,7 +63,9 @@ class ExperimentConfig:
     out_dir: str = "runs/experiment"
     report_dir: str = ""  # "" = <out_dir>/report
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # every stage, training included
-    train_common: list[str] = field(default_factory=list)  # `mdlm-sched train` words of every run, applied first
+    # `mdlm-sched train` words: those of every run first, then each run's own. A section preset such as
+    # model=small resets its section, so model.* overrides go after it, in the run's own words.
+    train_common: list[str] = field(default_factory=list)
     models: dict[str, list[str]] = field(default_factory=dict)  # denoiser name -> its own words (model=small, ...)
     judge: list[str] = field(default_factory=list)  # the judge's own words; [] = sweep.judge as given
     analysis: PerStepSettings = field(default_factory=PerStepSettings)
