@@ -22,9 +22,12 @@ def _train(args: argparse.Namespace) -> int:
     from mdlm_sched.config import load
 
     cfg = load(args.config)  # before importing the trainer (and transformers): bad input fails fast
+    from mdlm_sched.distributed import launch_context
     from mdlm_sched.train import train
 
     result = train(cfg, progress=not args.no_progress)
+    if not launch_context().is_main:  # under torchrun, rank 0 reports for all
+        return 0
     kind = "perplexity bound" if cfg.model.arch == "mdlm" else "perplexity"
     print(f"trained {cfg.model.arch} to step {result.step} in {result.out_dir}")
     if result.last_loss is not None:
@@ -116,15 +119,16 @@ def _sweep(args: argparse.Namespace) -> int:
 
     cfg = load_sweep(args.config)
     from analysis.sweep import run_sweep
+    from mdlm_sched.distributed import launch_context
 
     outcome = run_sweep(cfg, progress=not args.no_progress)
-    print(f"sweep: {outcome.done} points run, {outcome.skipped} finished earlier; results in "
-          f"{outcome.out_dir / 'results.jsonl'}")
-    if outcome.failed:
-        print(f"mdlm-sched: {len(outcome.failed)} points failed (see {outcome.out_dir / 'failures.jsonl'}); "
-              f"rerun the same command to retry them", file=sys.stderr)
-        return 1
-    return 0
+    if launch_context().is_main:  # under torchrun, rank 0 reports for all (the ranks agree on the failures)
+        print(f"sweep: {outcome.done} points run, {outcome.skipped} finished earlier; results in "
+              f"{outcome.out_dir / 'results.jsonl'}")
+        if outcome.failed:
+            print(f"mdlm-sched: {len(outcome.failed)} points failed (see {outcome.out_dir / 'failures.jsonl'}); "
+                  f"rerun the same command to retry them", file=sys.stderr)
+    return 1 if outcome.failed else 0
 
 
 def _pipeline(args: argparse.Namespace) -> int:
@@ -238,7 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    from mdlm_sched.distributed import launch_context  # imports torch: after --help and argument errors
+
+    # Under torchrun, the other ranks log only warnings and errors: rank 0 speaks for the run.
+    level = logging.INFO if launch_context().is_main else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("fontTools").setLevel(logging.WARNING)  # PDF font subsetting reports every table
     if getattr(args, "no_progress", False):  # Hugging Face's weight-loading bars too (read at its import)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

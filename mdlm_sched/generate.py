@@ -2,7 +2,8 @@
 
 A run of N samples is split into batches of `batch_size` (the last one may be smaller; no sample is
 dropped). Batch k draws from its own generator, seeded from (seed, k), so a run is reproducible
-from its seed and batch size, and batches can be spread over processes without changing a sample.
+from its seed and batch size, and batches can be spread over processes without changing a sample:
+under torchrun, `run_schedule` deals the batches out to the ranks and gathers them back in order.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 from mdlm_sched.checkpoint import atomic_file, atomic_write_text, check_compatible, load_denoiser, model_folder
 from mdlm_sched.config import SampleConfig, validate_sample
 from mdlm_sched.data import load_tokenizer
+from mdlm_sched.distributed import ONE_PROCESS, DistContext
 from mdlm_sched.diffusion import DEFAULT_T_MIN
 from mdlm_sched.flops import forward_flops, names_light_to_heavy, trace_flops
 from mdlm_sched.models.denoiser import DenoiserConfig
@@ -89,23 +91,23 @@ def warm_up(model_set: ModelSet, settings: SamplerSettings, steps: int = 8) -> N
 
 
 def run_schedule(model_set: ModelSet, schedule: ModelSchedule, settings: SamplerSettings, num_samples: int,
-                 seed: int, prompts: Sequence[Sequence[int]] = (), progress: bool = True) -> SamplingOutput:
+                 seed: int, prompts: Sequence[Sequence[int]] = (), progress: bool = True,
+                 ctx: DistContext = ONE_PROCESS) -> SamplingOutput:
     """Sample num_samples sequences in batches of settings.batch_size (prompts cycled over samples).
 
-    A batch's samples depend only on (seed, batch index, batch size).
+    A batch's samples depend only on (seed, batch index, batch size). Under torchrun, each rank runs its
+    share of the batches and every rank gets the whole output, the same as one process's; wall_s then runs
+    from a common start until the last rank's samples have been gathered.
     """
     check_settings(settings, model_set.config)
     if prompts:
         check_prompts(prompts, model_set.config, settings.seq_len)
     device = model_set.device
     n_batches = -(-num_samples // settings.batch_size)
-    bar = tqdm(total=n_batches * len(schedule), desc=f"sampling {schedule.spec}", unit="step",
+    bar = tqdm(total=len(ctx.share(n_batches)) * len(schedule), desc=f"sampling {schedule.spec}", unit="step",
                disable=not progress, leave=False)
-    tokens, trace = [], []
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for k in range(n_batches):
+
+    def run_batch(k: int) -> tuple[torch.Tensor, list[StepRecord]]:
         first = k * settings.batch_size
         size = min(settings.batch_size, num_samples - first)
         batch_prompts = [prompts[(first + j) % len(prompts)] for j in range(size)] if prompts else None
@@ -113,12 +115,18 @@ def run_schedule(model_set: ModelSet, schedule: ModelSchedule, settings: Sampler
                         replace(settings, batch_size=size),
                         step_generator(seed, k, STREAM_SAMPLE, device), batch_prompts,
                         on_step=lambda record: bar.update(1) if record.step < len(schedule) else None)
-        tokens.append(result.tokens.cpu())
-        trace.extend(result.trace)
+        return result.tokens.cpu(), result.trace
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    ctx.barrier()
+    start = time.perf_counter()
+    batches = ctx.map_sharded(n_batches, run_batch)  # [(tokens [b, L], trace)] in batch order
     sync()
     wall = time.perf_counter() - start
     bar.close()
-    return SamplingOutput(tokens=torch.cat(tokens), trace=trace, wall_s=wall)
+    return SamplingOutput(tokens=torch.cat([tokens for tokens, _ in batches]),
+                          trace=[record for _, trace in batches for record in trace], wall_s=wall)
 
 
 def flops_summary(model_set: ModelSet, output: SamplingOutput) -> dict[str, Any]:

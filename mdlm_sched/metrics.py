@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mdlm_sched.checkpoint import model_folder
+from mdlm_sched.distributed import ONE_PROCESS, DistContext
 from mdlm_sched.errors import CheckpointError
 
 PROTOCOL_CONTEXT = 1024  # the field's chunk length
@@ -145,41 +146,61 @@ def _strict_float32() -> Iterator[None]:
 
 
 @torch.no_grad()
+def _score_chunks(batch: Sequence[tuple[int, list[int]]], judge: Judge) -> tuple[np.ndarray, np.ndarray]:
+    """Summed NLL (float64) and scored-token count of each chunk of one judge batch of (sample index, chunk)."""
+    width = len(batch[0][1])
+    ids = torch.full((len(batch), width), judge.eos_id, dtype=torch.long)
+    valid = torch.zeros((len(batch), width), dtype=torch.bool)
+    for row, (_, chunk) in enumerate(batch):
+        ids[row, : len(chunk)] = torch.tensor(chunk)
+        valid[row, : len(chunk)] = True
+    ids, valid = ids.to(judge.device), valid.to(judge.device)
+    logits = judge.model(input_ids=ids, attention_mask=valid.long()).logits.float()  # [b, w, V]
+    token_nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # [b, w-1]
+    token_nll = token_nll.double().masked_fill(~valid[:, 1:], 0.0).sum(dim=1).cpu().numpy()
+    return token_nll, valid[:, 1:].sum(dim=1).cpu().numpy()
+
+
 def score_token_ids(samples: Sequence[Sequence[int]], judge: Judge, batch_size: int = 16, first_eos: bool = True,
-                    progress: bool = False) -> GenPPL:
-    """Judge NLL of samples already in the judge's tokens (the protocol's cut, chunks and float64 sums)."""
+                    progress: bool = False, ctx: DistContext = ONE_PROCESS) -> GenPPL:
+    """Judge NLL of samples already in the judge's tokens (the protocol's cut, chunks and float64 sums).
+
+    Under torchrun the judge batches are dealt out to the ranks; every rank gets every batch's values and
+    adds them up in one process's order, so the result is the same to the last bit.
+    """
     pieces = []  # (sample index, chunk)
     for i, ids in enumerate(samples):
         kept = first_eos_cut(ids, judge.eos_id) if first_eos else list(ids)
         pieces.extend((i, c) for c in chunks(kept, judge.context))
     pieces.sort(key=lambda p: -len(p[1]))  # similar lengths batched together: less padding
+    # The last batch may be short: nothing is dropped.
+    batches = [pieces[start:start + batch_size] for start in range(0, len(pieces), batch_size)]
+    bar = tqdm(total=len(ctx.share(len(batches))), desc="judge", unit="batch", disable=not progress, leave=False)
+
+    def score(k: int) -> tuple[np.ndarray, np.ndarray]:
+        out = _score_chunks(batches[k], judge)
+        bar.update(1)
+        return out
+
+    with _strict_float32():
+        scored = ctx.map_sharded(len(batches), score)
+    bar.close()
     nll = np.zeros(len(samples), dtype=np.float64)
     counts = np.zeros(len(samples), dtype=np.int64)
-    device = judge.device
-    with _strict_float32():
-        for start in tqdm(range(0, len(pieces), batch_size), desc="judge", unit="batch", disable=not progress,
-                          leave=False):
-            batch = pieces[start:start + batch_size]  # the last batch may be short: nothing is dropped
-            width = len(batch[0][1])
-            ids = torch.full((len(batch), width), judge.eos_id, dtype=torch.long)
-            valid = torch.zeros((len(batch), width), dtype=torch.bool)
-            for row, (_, chunk) in enumerate(batch):
-                ids[row, : len(chunk)] = torch.tensor(chunk)
-                valid[row, : len(chunk)] = True
-            ids, valid = ids.to(device), valid.to(device)
-            logits = judge.model(input_ids=ids, attention_mask=valid.long()).logits.float()  # [b, w, V]
-            token_nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # [b, w-1]
-            token_nll = token_nll.double().masked_fill(~valid[:, 1:], 0.0).sum(dim=1).cpu().numpy()
-            scored = valid[:, 1:].sum(dim=1).cpu().numpy()
-            for row, (i, _) in enumerate(batch):
-                nll[i] += token_nll[row]
-                counts[i] += scored[row]
+    for batch, (chunk_nll, chunk_counts) in zip(batches, scored):
+        for row, (i, _) in enumerate(batch):
+            nll[i] += chunk_nll[row]
+            counts[i] += chunk_counts[row]
     return GenPPL(nll=nll, tokens=counts)
 
 
-def judge_tokens(samples: Sequence[Sequence[int]], tokenizer: Any, judge: Judge) -> list[list[int]]:
-    """Denoiser samples (token ids of `tokenizer`) re-tokenized for the judge (to_judge_tokens of each)."""
-    return [to_judge_tokens(s, tokenizer, judge) for s in samples]
+def judge_tokens(samples: Sequence[Sequence[int]], tokenizer: Any, judge: Judge,
+                 ctx: DistContext = ONE_PROCESS) -> list[list[int]]:
+    """Denoiser samples (token ids of `tokenizer`) re-tokenized for the judge (to_judge_tokens of each).
+
+    Under torchrun the samples are dealt out to the ranks and every rank gets them all back.
+    """
+    return ctx.map_sharded(len(samples), lambda i: to_judge_tokens(samples[i], tokenizer, judge))
 
 
 def generative_perplexity(samples: Sequence[Sequence[int]], tokenizer: Any, judge: Judge, batch_size: int = 16,

@@ -50,12 +50,12 @@ def hardware(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def provenance(device: torch.device) -> dict[str, Any]:
-    """git, versions, hardware, command line and UTC time, for a results file."""
+def provenance(device: torch.device, world_size: int = 1) -> dict[str, Any]:
+    """git, versions, hardware (device: rank 0's; world_size: processes under torchrun), command line and UTC time."""
     return {
         "git": git_revision(),
         "versions": versions(),
-        "hardware": hardware(device),
+        "hardware": {**hardware(device), "world_size": world_size},
         "argv": sys.argv,
         "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
+import numpy as np
 import torch
 
 from mdlm_sched.config import RuntimeConfig
@@ -55,3 +56,11 @@ def step_seed(seed: int, step: int, stream: int) -> int:
 def step_generator(seed: int, step: int, stream: int, device: torch.device) -> torch.Generator:
     """A torch.Generator on device, seeded for (seed, step, stream)."""
     return torch.Generator(device=device).manual_seed(step_seed(seed, step, stream))
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """A seed for one rank's share of randomness that differs by rank (dropout under torchrun).
+
+    Rank 0 keeps `seed`, so a one-process run draws what it drew before multi-process training existed.
+    """
+    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])

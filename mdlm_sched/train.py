@@ -4,6 +4,14 @@ One optimizer step = `train.batch_size` sequences, run as micro-batches with gra
 accumulation. Every step is a pure function of (seed, step, state): its data indices, its noise
 draws and its dropout masks are seeded from (seed, step), so a run resumed from a checkpoint
 replays exactly the steps an uninterrupted run would have taken.
+
+Under torchrun (`torchrun --nproc_per_node=N mdlm-sched train ...`) each of the N ranks is a DDP
+replica. The global batch stays `train.batch_size` whatever N: every rank builds the step's whole
+batch and its noise draws (cheap: index gathers and mask draws) and runs its own contiguous
+batch_size / N rows of it as micro-batches, so the set of (sequence, t, mask) of a step does not
+depend on N, and neither does the averaged gradient. Dropout differs by rank (rank 0 draws what a
+single process would). Rank 0 alone validates, logs and writes checkpoints, which hold the plain
+model's weights: a run resumes with any N, one process included.
 """
 
 from __future__ import annotations
@@ -23,17 +31,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from mdlm_sched.checkpoint import MODEL_DIR, atomic_write_text, export_model, load_latest_state, save_state
 from mdlm_sched.config import RunConfig, TrainConfig, to_yaml
 from mdlm_sched.data import load_sources, load_tokenizer, mask_token_id, tokenizer_hash
 from mdlm_sched.diffusion import corrupt, nelbo_terms, sample_times
-from mdlm_sched.errors import CheckpointError, NonFiniteLossError
+from mdlm_sched.distributed import ONE_PROCESS, DistContext, distributed
+from mdlm_sched.errors import CheckpointError, ConfigError, NonFiniteLossError
 from mdlm_sched.models import build_model
 from mdlm_sched.noise import LogLinearNoise, make_noise
 from mdlm_sched.runtime import (STREAM_DROPOUT, STREAM_INIT, STREAM_NOISE, STREAM_VAL, autocast, autocast_dtype,
-                                configure_backends, resolve_device, step_generator, step_seed)
+                                configure_backends, rank_seed, step_generator, step_seed)
 
 log = logging.getLogger(__name__)
 
@@ -206,19 +216,27 @@ def evaluate(model: torch.nn.Module, objective: Objective, blocks: np.ndarray, m
 
 def train_step(model: torch.nn.Module, step_loss: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer,
                inputs: tuple[torch.Tensor, ...], accum: int, device: torch.device, amp: torch.dtype | None,
-               grad_clip: float) -> tuple[float, torch.Tensor | None]:
+               grad_clip: float, ctx: DistContext = ONE_PROCESS) -> tuple[float, torch.Tensor | None]:
     """One optimizer step over inputs split into `accum` micro-batches: (mean loss, grad norm before clipping).
+
+    Under torchrun, model is the DDP wrapper and inputs are this rank's rows: DDP averages the ranks' gradients,
+    each the mean over the rank's rows, so the gradient is the mean over the global batch, as in one process.
+    The loss returned is the global mean too, the same on every rank.
 
     The grad norm stays a device tensor: reading it costs a host sync, so the caller does that only to log it.
 
     A non-finite loss skips the optimizer step (gradients are dropped) and is returned for the caller to stop on.
     """
     total = torch.zeros((), device=device)
-    for micro in zip(*(x.chunk(accum) for x in inputs)):
-        with autocast(device, amp):
-            loss = step_loss(model, *micro, training=True) / accum
-        loss.backward()
+    for i, micro in enumerate(zip(*(x.chunk(accum) for x in inputs))):
+        # DDP all-reduces gradients during a backward pass; only the last micro-batch's needs to.
+        accumulate_only = isinstance(model, DDP) and i < accum - 1
+        with model.no_sync() if accumulate_only else nullcontext():
+            with autocast(device, amp):
+                loss = step_loss(model, *micro, training=True) / accum
+            loss.backward()
         total += loss.detach()
+    total = ctx.mean(total)  # the global mean: every rank takes the same decision below
     # Clip before the host sync so that the GPU has the norm kernels queued while the CPU waits;
     # clipping non-finite gradients is harmless, since they are dropped below.
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip) if grad_clip > 0 else None
@@ -243,11 +261,29 @@ def _check_resume_compatible(cfg: RunConfig, out_dir: Path) -> None:
                                   f"settings or choose a new train.out_dir")
 
 
+def rank_accumulation(tc: TrainConfig, world_size: int) -> int:
+    """Micro-batches per rank and optimizer step: the global batch split over the ranks, then into micro-batches."""
+    split = world_size * tc.micro_batch_size
+    if tc.batch_size % split:
+        raise ConfigError(f"train.batch_size={tc.batch_size} does not split into {world_size} ranks x "
+                          f"train.micro_batch_size={tc.micro_batch_size}; make train.batch_size a multiple of {split} "
+                          f"or change train.micro_batch_size")
+    return tc.batch_size // split
+
+
 def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
-    """Train cfg.model on cfg.data; resume from cfg.train.out_dir if it holds a checkpoint."""
+    """Train cfg.model on cfg.data; resume from cfg.train.out_dir if it holds a checkpoint.
+
+    Under torchrun every rank runs this and gets the result (validation results on rank 0 only).
+    """
+    with distributed(cfg.runtime) as (ctx, device):
+        return _train(cfg, ctx, device, progress and ctx.is_main)
+
+
+def _train(cfg: RunConfig, ctx: DistContext, device: torch.device, progress: bool) -> TrainResult:
     tc = cfg.train
+    accum = rank_accumulation(tc, ctx.world_size)  # before any work: a batch that does not split fails fast
     out_dir = Path(tc.out_dir)
-    device = resolve_device(cfg.runtime)
     configure_backends(device)
     amp = autocast_dtype(cfg.runtime, device)
 
@@ -258,12 +294,14 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     objective = make_objective(cfg, mask_id=mask_token_id(tokenizer))
     data_args = dict(tokenizer=tokenizer, seq_len=cfg.data.seq_len, cache_dir=cfg.data.cache_dir,
                      text_field=cfg.data.text_field, max_docs=cfg.data.max_docs)
-    train_blocks = load_sources(cfg.data.train, **data_args)
     max_val = tc.val_batches * tc.micro_batch_size
-    val_blocks = {name: load_sources([src], **data_args)[:max_val] for name, src in cfg.data.val.items()}
+    with ctx.main_first():  # rank 0 tokenises and caches; the other ranks then read its cache
+        train_blocks = load_sources(cfg.data.train, **data_args)
+        val_blocks = {name: load_sources([src], **data_args)[:max_val] for name, src in cfg.data.val.items()}
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("model %s: %.2fM parameters; %d train blocks of %d tokens", cfg.model.arch, n_params / 1e6,
-             len(train_blocks), cfg.data.seq_len)
+    log.info("model %s: %.2fM parameters; %d train blocks of %d tokens; %d process(es), %d micro-batches of %d "
+             "sequences each per step", cfg.model.arch, n_params / 1e6, len(train_blocks), cfg.data.seq_len,
+             ctx.world_size, accum, tc.micro_batch_size)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas),
                                   weight_decay=tc.weight_decay, fused=device.type == "cuda")
@@ -282,15 +320,20 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
             ema.load_state_dict(tensors["ema"])
         start = meta["step"]
         log.info("resumed from %s at step %d", out_dir / "checkpoints", start)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))
-    jlog = JsonlLog(out_dir / "log.jsonl", keep_through_step=start)
-    # What the run sees, for reports (tokens seen, passes over the data): written at every (re)start.
-    jlog.write(step=start, event="resume" if start > 0 else "start", train_blocks=len(train_blocks),
-               train_tokens=len(train_blocks) * cfg.data.seq_len, parameters=n_params)
+    jlog = None  # rank 0 alone writes the run folder
+    if ctx.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))
+        jlog = JsonlLog(out_dir / "log.jsonl", keep_through_step=start)
+        # What the run sees, for reports (tokens seen, passes over the data): written at every (re)start.
+        jlog.write(step=start, event="resume" if start > 0 else "start", world_size=ctx.world_size,
+                   train_blocks=len(train_blocks), train_tokens=len(train_blocks) * cfg.data.seq_len,
+                   parameters=n_params)
+    # DDP averages the gradients over the ranks; `model` stays the plain module (EMA, validation, checkpoints).
+    replica = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.world_size > 1 \
+        else model
 
     step_loss = torch.compile(objective.loss) if cfg.runtime.compile else objective.loss
-    accum = tc.batch_size // tc.micro_batch_size
     tokens_per_step = tc.batch_size * cfg.data.seq_len
     result = TrainResult(out_dir, out_dir / MODEL_DIR, start, None)
 
@@ -309,8 +352,8 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
         tensors = {"model": dict(model.named_parameters())}
         if ema is not None:
             tensors["ema"] = ema.state_dict()
-        save_state(out_dir, step, tensors, optimizer.state_dict(), {"tokens_seen": step * tokens_per_step},
-                   keep=tc.keep_checkpoints)
+        save_state(out_dir, step, tensors, optimizer.state_dict(),
+                   {"tokens_seen": step * tokens_per_step, "world_size": ctx.world_size}, keep=tc.keep_checkpoints)
         with ema.applied(model) if ema is not None else nullcontext():
             export_model(model, tokenizer, result.model_dir)
 
@@ -323,10 +366,13 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
             group["lr"] = lr
         idx = batch_indices(step, tc.batch_size, len(train_blocks), tc.seed)
         x0 = torch.from_numpy(train_blocks[idx].astype(np.int64)).to(device, non_blocking=True)
+        # The draws of the whole global batch, the same on every rank; then this rank's rows of it.
         inputs = objective.prepare(x0, step_generator(tc.seed, step, STREAM_NOISE, device))
-        torch.manual_seed(step_seed(tc.seed, step, STREAM_DROPOUT))  # dropout masks of this step
+        inputs = tuple(x[ctx.rows(tc.batch_size)] for x in inputs)
+        torch.manual_seed(rank_seed(step_seed(tc.seed, step, STREAM_DROPOUT), ctx.rank))  # this step's dropout
 
-        loss_value, grad_norm = train_step(model, step_loss, optimizer, inputs, accum, device, amp, tc.grad_clip)
+        loss_value, grad_norm = train_step(replica, step_loss, optimizer, inputs, accum, device, amp, tc.grad_clip,
+                                           ctx)
         if not math.isfinite(loss_value):
             raise NonFiniteLossError(f"loss is {loss_value} at step {step}; stopped before the optimizer step "
                                      f"(last checkpoint in {out_dir / 'checkpoints'}); "
@@ -339,19 +385,25 @@ def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
 
         if done % tc.log_every == 0 or done == tc.steps:
             now = time.perf_counter()
-            jlog.write(step=done, loss=loss_value, lr=lr, grad_norm=None if grad_norm is None else float(grad_norm),
-                       tokens_seen=done * tokens_per_step, epochs=done * tc.batch_size / len(train_blocks),
-                       tokens_per_s=tokens_since / (now - t_last))
+            if jlog is not None:
+                jlog.write(step=done, loss=loss_value, lr=lr,
+                           grad_norm=None if grad_norm is None else float(grad_norm),
+                           tokens_seen=done * tokens_per_step, epochs=done * tc.batch_size / len(train_blocks),
+                           tokens_per_s=tokens_since / (now - t_last))
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_since / (now - t_last):.0f}")
             t_last, tokens_since = now, 0
-        if done % tc.val_every == 0 or done == tc.steps:
+        validating = done % tc.val_every == 0 or done == tc.steps
+        saving = done % tc.ckpt_every == 0 or done == tc.steps
+        if validating and ctx.is_main:
             validate(done)
-        if done % tc.ckpt_every == 0 or done == tc.steps:
+        if saving and ctx.is_main:
             checkpoint(done)
-        if done % tc.val_every == 0 or done % tc.ckpt_every == 0:  # keep their time out of tokens/s
-            t_last, tokens_since = time.perf_counter(), 0
+        if validating or saving:
+            ctx.barrier()  # the other ranks wait for rank 0's validation and checkpoint
+            t_last, tokens_since = time.perf_counter(), 0  # keep their time out of tokens/s
     bar.close()
-    jlog.close()
+    if jlog is not None:
+        jlog.close()
     if start >= tc.steps:
         log.info("%s is already trained to step %d (train.steps=%d); nothing to do", out_dir, start, tc.steps)
     return result
