@@ -311,6 +311,13 @@ def _paper_section(meta: Mapping[str, Any] | None, steps_rows: Sequence[Mapping[
         steps = Counter(r["steps"] for r in rows).most_common(1)[0][0]
         placed = {r["label"]: r for r in rows if r["steps"] == steps and r["label"] in PAPER_PLACEMENTS}
         base = next((r for r in rows if r["steps"] == steps and r["light_fraction"] == 0.0), None)
+        light = next((r for r in rows if r["steps"] == steps and r["light_fraction"] == 1.0), None)
+        if base is not None and light is not None and not (
+                light["gen_ppl_mean"] - base["gen_ppl_mean"] > max(light["gen_ppl_sd"], base["gen_ppl_sd"])):
+            lines.insert(2, f"**Caveat: all-light ({_fmt(light['gen_ppl_mean'], light['gen_ppl_sd'])}) is not "
+                            f"measurably worse than all-heavy ({_fmt(base['gen_ppl_mean'], base['gen_ppl_sd'])}) "
+                            f"here, so no schedule comparison below can confirm or refute the paper: the verdicts "
+                            f"say only where these numbers fall.**\n")
         if len(placed) >= 2:
             ranked = sorted(placed.values(), key=lambda r: r["gen_ppl_mean"])
             worst, runner_up = ranked[-1], ranked[-2]

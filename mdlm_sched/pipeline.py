@@ -133,7 +133,7 @@ def _candidates(labels: Sequence[str]) -> list[str]:
 def best_placement(records: Sequence[Mapping[str, Any]], group: str) -> tuple[str, int, dict[str, float]]:
     """(placement, T, mean gen PPL of each candidate) of the group's placement presets at its most common T."""
     rows = [r for r in summarize([p for p in records if p["kind"] == "point"])
-            if group in r["groups"] and r["label"] in _candidates([r["label"]])]
+            if group in r["groups"] and _candidates([r["label"]])]
     if not rows:
         raise ConfigError(f"sweep group {group!r} has no finished placement points to choose the curve's from; "
                           f"rerun the command once they finish")

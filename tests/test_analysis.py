@@ -165,7 +165,7 @@ def test_end_to_end_analyze_sweep_report(trained_tiny, tmp_path, capsys):
         assert f"({figure}.png)" in text
         assert (report / f"{figure}.png").stat().st_size > 10_000 and (report / f"{figure}.pdf").is_file()
     assert "| sandwich | small:2,large:12,small:2 | 0.250 |" in text  # its table row
-    assert "All-light is" in text and "Reference (real text" in text
+    assert "All-light is" in text and "Reference rows (real validation text" in text and "## Against the paper" in text
     summary = json.loads((report / "summary_sweep.json").read_text())
     assert {r["label"]: r["seeds"] for r in summary["rows"]} == {"all-large": 2, "all-small": 2, "sandwich": 2}
 
