@@ -185,7 +185,7 @@ class _State:
 
     def check_models(self, name: str, folder: Path, models: dict[str, int]) -> None:
         made_from = self.stage(name).get("models")
-        if made_from is not None and made_from != models:
+        if folder.exists() and made_from is not None and made_from != models:  # a deleted folder is redone
             raise ConfigError(f"{folder} was made from models at steps {made_from}, now {models}; delete it "
                               f"to redo the {name} or choose a new out_dir")
 
@@ -237,12 +237,12 @@ def run_pipeline(plan: Plan, progress: bool = True, echo: Callable[[str], None] 
     curve = exp.fraction_curve
 
     def fraction_group(records: list[dict[str, Any]]) -> dict[str, SweepGroup]:
-        best, steps, candidates = best_placement(records, curve.among)
-        echo(f"pipeline: fraction curve for {best}, the lowest gen PPL at T={steps} "
+        best, at_steps, candidates = best_placement(records, curve.among)
+        echo(f"pipeline: fraction curve for {best}, the lowest gen PPL at T={at_steps} "
              f"({', '.join(f'{k} {v:.2f}' for k, v in candidates.items())})")
-        state.data["fraction_curve"] = {"placement": best, "steps": steps, "gen_ppl_of_candidates": candidates}
-        return {"fraction": SweepGroup(placements=[best], fractions=curve.fractions, steps=[steps], seeds=curve.seeds,
-                                       num_samples=curve.num_samples)}
+        state.data["fraction_curve"] = {"placement": best, "steps": at_steps, "gen_ppl_of_candidates": candidates}
+        return {"fraction": SweepGroup(placements=[best], fractions=curve.fractions, steps=[at_steps],
+                                       seeds=curve.seeds, num_samples=curve.num_samples)}
 
     outcome = run_sweep(plan.sweep, progress=progress, echo=echo,
                         follow_up=fraction_group if curve.fractions else None)
