@@ -131,6 +131,9 @@ def driver(args: argparse.Namespace) -> None:
     if not args.smoke and torch.cuda.device_count() < max(args.gpus):
         raise SystemExit(f"{max(args.gpus)} GPUs asked for, {torch.cuda.device_count()} visible; run this on a "
                          f"machine with that many (nvidia-h200-x2) or use --smoke on the CPU")
+    if not args.smoke and len(args.models) < 3:  # the sweep needs two denoisers and the judge
+        raise SystemExit(f"--models {' '.join(args.models)}: the sweep step needs two denoisers then a judge, "
+                         f"e.g. --models small large judge_small")
     env = {**os.environ, "NCCL_NVLS_ENABLE": os.environ.get("NCCL_NVLS_ENABLE", "0")}
     if args.smoke:  # one thread per process at every N (torchrun sets it only for N > 1)
         env.setdefault("OMP_NUM_THREADS", "1")

@@ -164,7 +164,7 @@ class SweepGroup:
 
 @dataclass
 class ReferenceConfig:
-    """The real-text reference row: validation blocks scored exactly as samples are."""
+    """The real-text reference rows: validation blocks scored exactly as samples are."""
 
     # name -> validation source, one row each (the first is the headline row of tables and figures); {} = none
     sources: dict[str, str] = field(default_factory=lambda: {"owt": "../shared/data/owt_val.jsonl.xz"})
