@@ -93,6 +93,24 @@ def _schedule_table(rows: Sequence[Mapping[str, Any]], front: set[str]) -> list[
     return lines
 
 
+def main_steps(rows: Sequence[Mapping[str, Any]]) -> int:
+    """The T most rows were sampled at (the one the comparisons use)."""
+    return Counter(r["steps"] for r in rows).most_common(1)[0][0]
+
+
+def _light_against_heavy(rows: Sequence[Mapping[str, Any]]) -> tuple[Mapping[str, Any], Mapping[str, Any]] | None:
+    """(all-light row, all-heavy row of the same T and sample count) at the main T, if both ran."""
+    steps = main_steps(rows)
+    light = next((r for r in rows if r["steps"] == steps and r["light_fraction"] == 1.0), None)
+    base = _all_heavy(rows, light) if light is not None else None
+    return (light, base) if base is not None else None
+
+
+def _gap_and_spread(worse: Mapping[str, Any], better: Mapping[str, Any]) -> tuple[float, float]:
+    """Gen-PPL difference worse - better, and the larger of their seed-to-seed s.d. (nan with one seed)."""
+    return worse["gen_ppl_mean"] - better["gen_ppl_mean"], max(worse["gen_ppl_sd"], better["gen_ppl_sd"])
+
+
 def _placement_of(label: str) -> str | None:
     return label.partition("@")[0] if "@" in label else None
 
@@ -109,16 +127,17 @@ def fraction_rows(rows: Sequence[Mapping[str, Any]], placement: str) -> list[Map
     return [by_share[k] for k in sorted(by_share)]
 
 
-def _sweep_section(folder: Path, out: Path) -> list[str]:
+def _sweep_section(folder: Path, out: Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """The sweep's report lines and its rows (summarize)."""
     records = read_jsonl(folder / RESULTS)
     points = [r for r in records if r["kind"] == "point"]
     refs = [r for r in records if r["kind"] == "reference"]
     if not points:
-        return [f"## Sweep `{folder}`", "", "No finished points yet.", ""]
+        return [f"## Sweep `{folder}`", "", "No finished points yet.", ""], []
     rows = summarize(points)
     heavy = rows[0]["baseline_model"]
-    main_steps = Counter(r["steps"] for r in rows).most_common(1)[0][0]
-    main = [r for r in rows if r["steps"] == main_steps]
+    main_t = main_steps(rows)
+    main = [r for r in rows if r["steps"] == main_t]
     front = set(pareto_front((r["flops_ratio"], r["gen_ppl_mean"], r["name"]) for r in main))
     reference = None
     if refs:  # the first source of the config is the headline row (a rerun cannot change the sources)
@@ -149,7 +168,8 @@ def _sweep_section(folder: Path, out: Path) -> list[str]:
                   "| reference | source | blocks | gen PPL (first-EOS protocol) | judge PPL, every token | entropy |",
                   "|---|---|---:|---:|---:|---:|"]
         lines += [f"| {ref['name']} | `{ref['source']}` | {ref['num_samples']} | {ref['gen_ppl']['ppl']:.2f} | "
-                  f"{ref['judge_ppl_every_token']['ppl']:.2f} | {_fmt(ref['entropy']['mean'], ref['entropy']['sd'], 3)} |"
+                  f"{ref['judge_ppl_every_token']['ppl']:.2f} | "
+                  f"{_fmt(ref['entropy']['mean'], ref['entropy']['sd'], 3)} |"
                   for ref in refs]
         lines.append("")
     groups = list(dict.fromkeys(g for r in rows for g in r["groups"]))
@@ -157,12 +177,10 @@ def _sweep_section(folder: Path, out: Path) -> list[str]:
         in_group = [r for r in rows if group in r["groups"]]
         in_group.sort(key=lambda r: (r["steps"], -r["flops_ratio"], r["gen_ppl_mean"]))  # costliest first
         lines += [f"### Group `{group}`", "", *_schedule_table(in_group, front), ""]
-    light_rows = [r for r in main if r["light_fraction"] == 1.0]
-    base = _all_heavy(main, main[0])
-    if light_rows and base:
-        lr = light_rows[0]
-        diff = lr["gen_ppl_mean"] - base["gen_ppl_mean"]
-        spread = max(lr["gen_ppl_sd"], base["gen_ppl_sd"])
+    pair = _light_against_heavy(rows)
+    if pair:
+        lr, base = pair
+        diff, spread = _gap_and_spread(lr, base)
         if math.isnan(spread):
             verdict = "compared on one seed only: there is no seed-to-seed spread to judge the difference by"
         elif diff > spread:
@@ -171,7 +189,7 @@ def _sweep_section(folder: Path, out: Path) -> list[str]:
             verdict = ("NOT measurably worse: the difference does not exceed the seed-to-seed s.d., so the "
                        "schedule comparisons here are within noise")
         lines += ["### All-light against all-heavy", "",
-                  f"At T = {main_steps}: all-light gen PPL {_fmt(lr['gen_ppl_mean'], lr['gen_ppl_sd'])}, all-heavy "
+                  f"At T = {main_t}: all-light gen PPL {_fmt(lr['gen_ppl_mean'], lr['gen_ppl_sd'])}, all-heavy "
                   f"{_fmt(base['gen_ppl_mean'], base['gen_ppl_sd'])}: difference {diff:+.2f}, largest seed s.d. "
                   f"{spread:.2f}. All-light is {verdict}.", ""]
     placements = Counter(_placement_of(r["label"]) for r in rows if _placement_of(r["label"]))
@@ -189,22 +207,30 @@ def _sweep_section(folder: Path, out: Path) -> list[str]:
     atomic_write_text(out / f"summary_{folder.name}.json", json.dumps(
         {"rows": rows, "pareto": sorted(front), "reference": refs}, indent=1,
         default=lambda o: None) + "\n")
-    return lines
+    return lines, rows
+
+
+def _read_per_step(folder: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """An analysis folder's per_step.csv rows and per_step.json record."""
+    return read_rows(folder / "per_step.csv"), json.loads((folder / "per_step.json").read_text())
+
+
+def _draw_per_step(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], name: str, out: Path) -> list[Path]:
+    paths = []
+    for axis in ("step", "t"):
+        paths += plots.per_step_figure(rows, meta, out / f"per_step_{name}_{axis}", axis)
+    return paths
 
 
 def per_step_figures(folder: Path, out: Path) -> list[Path]:
     """The per-step figure against step index and against t (PNG + PDF) from an analysis folder."""
-    rows = read_rows(folder / "per_step.csv")
-    meta = json.loads((folder / "per_step.json").read_text())
-    paths = []
-    for axis in ("step", "t"):
-        paths += plots.per_step_figure(rows, meta, out / f"per_step_{folder.name}_{axis}", axis)
-    return paths
+    return _draw_per_step(*_read_per_step(folder), folder.name, out)
 
 
-def _per_step_section(folder: Path, out: Path) -> list[str]:
-    meta = json.loads((folder / "per_step.json").read_text())
-    stems = [p.stem for p in per_step_figures(folder, out) if p.suffix == ".png"]
+def _per_step_section(folder: Path, out: Path) -> tuple[list[str], list[dict[str, Any]], dict[str, Any]]:
+    """The analysis's report lines, its rows and its record (per_step.csv and .json)."""
+    rows, meta = _read_per_step(folder)
+    stems = [p.stem for p in _draw_per_step(rows, meta, folder.name, out) if p.suffix == ".png"]
     s = meta["settings"]
     lines = [f"## Per-step analysis `{folder}`", "",
              f"T = {s['steps']}, {len(meta['grid_steps'])} grid steps, {meta['blocks']} masked OWT validation "
@@ -217,7 +243,7 @@ def _per_step_section(folder: Path, out: Path) -> list[str]:
         models = f"KL({p['model'].replace('||', ' ‖ ')})" if p["metric"] == "kl" else p["model"]
         lines.append(f"| {p['source']} | {p['metric']} | {models} | {p['step']} | {p['t']:.3f} | "
                      f"{p['mean']:.4f} | [{p['ci_low']:.4f}, {p['ci_high']:.4f}] |")
-    return lines + [""]
+    return lines + [""], rows, meta
 
 
 MDLM_RECIPE_TOKENS = 1_000_000 * 512 * 1024  # REFERENCE.md section 2: 1M steps of 512 x 1024 tokens
@@ -308,21 +334,21 @@ def _paper_section(meta: Mapping[str, Any] | None, steps_rows: Sequence[Mapping[
                     f"The paper finds the middle steps most sensitive; a peak "
                     f"{'inside' if middle else 'outside'} the middle half of the steps {_verdict(middle)}.")
     if rows:
-        steps = Counter(r["steps"] for r in rows).most_common(1)[0][0]
+        steps = main_steps(rows)
         placed = {r["label"]: r for r in rows if r["steps"] == steps and r["label"] in PAPER_PLACEMENTS}
-        base = next((r for r in rows if r["steps"] == steps and r["light_fraction"] == 0.0), None)
-        light = next((r for r in rows if r["steps"] == steps and r["light_fraction"] == 1.0), None)
-        if base is not None and light is not None and not (
-                light["gen_ppl_mean"] - base["gen_ppl_mean"] > max(light["gen_ppl_sd"], base["gen_ppl_sd"])):
-            lines.insert(2, f"**Caveat: all-light ({_fmt(light['gen_ppl_mean'], light['gen_ppl_sd'])}) is not "
-                            f"measurably worse than all-heavy ({_fmt(base['gen_ppl_mean'], base['gen_ppl_sd'])}) "
-                            f"here, so no schedule comparison below can confirm or refute the paper: the verdicts "
-                            f"say only where these numbers fall.**\n")
+        pair = _light_against_heavy(rows)
+        if pair:
+            gap, spread = _gap_and_spread(*pair)
+            light, base = pair
+            if not gap > spread:  # (a nan spread, one seed, measures nothing either)
+                lines.insert(2, f"**Caveat: all-light ({_fmt(light['gen_ppl_mean'], light['gen_ppl_sd'])}) is not "
+                                f"measurably worse than all-heavy ({_fmt(base['gen_ppl_mean'], base['gen_ppl_sd'])}) "
+                                f"here, so no schedule comparison below can confirm or refute the paper: the "
+                                f"verdicts say only where these numbers fall.**\n")
         if len(placed) >= 2:
             ranked = sorted(placed.values(), key=lambda r: r["gen_ppl_mean"])
             worst, runner_up = ranked[-1], ranked[-2]
-            gap, spread = worst["gen_ppl_mean"] - runner_up["gen_ppl_mean"], max(worst["gen_ppl_sd"],
-                                                                                 runner_up["gen_ppl_sd"])
+            gap, spread = _gap_and_spread(worst, runner_up)
             measurable = "exceeds" if gap > spread else "does not exceed"
             lines.append(
                 f"- Placements at T = {steps}, best to worst by gen PPL: " + ", ".join(
@@ -331,13 +357,15 @@ def _paper_section(meta: Mapping[str, Any] | None, steps_rows: Sequence[Mapping[
                 f"is {worst['label']} ({_verdict(worst['label'] == 'small-in-the-middle')}), {gap:.2f} above the "
                 f"next, which {measurable} the seed-to-seed s.d. ({spread:.2f}).")
             best = ranked[0]
+            base = _all_heavy(rows, best)
             if base is not None:
                 cost = best["gen_ppl_mean"] / base["gen_ppl_mean"] - 1
                 lines.append(
                     f"- The best placement, {best['label']}, saves {best['saving_blocks_only']:.1%} of the FLOPs "
                     f"(blocks only; {best['saving_full']:.1%} full; the paper: 16.7% for 250 of 1000 steps) and "
-                    f"{best['wall_saving']:.1%} of the wall-clock, for gen PPL {_fmt(best['gen_ppl_mean'], best['gen_ppl_sd'])}"
-                    f" against all-heavy {_fmt(base['gen_ppl_mean'], base['gen_ppl_sd'])} ({cost:+.1%}; the paper: "
+                    f"{best['wall_saving']:.1%} of the wall-clock, for gen PPL "
+                    f"{_fmt(best['gen_ppl_mean'], best['gen_ppl_sd'])} against all-heavy "
+                    f"{_fmt(base['gen_ppl_mean'], base['gen_ppl_sd'])} ({cost:+.1%}; the paper: "
                     f"a modest cost). Entropy {_fmt(best['entropy_mean'], best['entropy_sd'], 3)} against "
                     f"{_fmt(base['entropy_mean'], base['entropy_sd'], 3)}.")
     return lines + [""] if len(lines) > 2 else []
@@ -362,12 +390,11 @@ def build_report(folders: Sequence[Path], out: Path, title: str = "Model schedul
             raise ConfigError(f"{folder} holds neither {RESULTS} (a sweep) nor per_step.csv (an analysis); "
                               f"give the out folder of mdlm-sched sweep or analyze")
         if has_steps:
-            lines += _per_step_section(folder, out)
-            meta = json.loads((folder / "per_step.json").read_text())
-            steps_rows = read_rows(folder / "per_step.csv")
+            section, steps_rows, meta = _per_step_section(folder, out)
+            lines += section
         if has_sweep:
-            lines += _sweep_section(folder, out)
-            rows = summarize([r for r in read_jsonl(folder / RESULTS) if r["kind"] == "point"])
+            section, rows = _sweep_section(folder, out)
+            lines += section
     lines += _paper_section(meta, steps_rows, rows)
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines) + "\n")

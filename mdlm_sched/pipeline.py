@@ -19,7 +19,6 @@ import json
 import logging
 import statistics
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from analysis.per_step import PerStepSettings, analyze_models
-from analysis.report import build_report, summarize
+from analysis.report import build_report, main_steps, summarize
 from analysis.sweep import run_sweep
 from mdlm_sched.checkpoint import atomic_write_text
 from mdlm_sched.config import (RunConfig, RuntimeConfig, SweepConfig, SweepGroup, load, load_structured,
@@ -137,7 +136,7 @@ def best_placement(records: Sequence[Mapping[str, Any]], group: str) -> tuple[st
     if not rows:
         raise ConfigError(f"sweep group {group!r} has no finished placement points to choose the curve's from; "
                           f"rerun the command once they finish")
-    steps = Counter(r["steps"] for r in rows).most_common(1)[0][0]
+    steps = main_steps(rows)
     ppl = {r["label"]: r["gen_ppl_mean"] for r in rows if r["steps"] == steps}
     return min(ppl, key=ppl.get), steps, ppl
 
@@ -252,7 +251,8 @@ def run_pipeline(plan: Plan, progress: bool = True, echo: Callable[[str], None] 
               points_done=outcome.done + outcome.skipped, points_failed=len(outcome.failed))
 
     state.data["training"] = {name: training_summary(Path(cfg.train.out_dir)) for name, cfg in plan.runs.items()}
-    folders = [f for f in (analysis_dir, sweep_dir) if (f / "per_step.json").is_file() or (f / "results.jsonl").is_file()]
+    folders = [f for f in (analysis_dir, sweep_dir)
+               if (f / "per_step.json").is_file() or (f / "results.jsonl").is_file()]
     start = time.perf_counter()
     report = build_report(folders, plan.report_dir, exp.title, experiment=state.data)
     state.set("report", wall_s=time.perf_counter() - start, path=str(report))

@@ -31,7 +31,8 @@ def sweep_yaml(path: Path, trained: dict[str, Path], out: Path, groups: str, **e
     """A sweep file over the tiny trained models: T = 16, 3 samples in batches of 2 (the last one short)."""
     fields = {"models": f"{{small: {trained['small']}, large: {trained['large']}}}", "judge": str(trained["judge"]),
               "steps": "[16]", "seeds": "[0]", "seq_len": "64", "num_samples": "3", "batch_size": "2",
-              "judge_batch_size": "4", "reference": f"{{sources: {{owt: {SHARED_DATA / 'owt_val.jsonl.xz'}}}, num_samples: 4}}",
+              "judge_batch_size": "4",
+              "reference": f"{{sources: {{owt: {SHARED_DATA / 'owt_val.jsonl.xz'}}}, num_samples: 4}}",
               "cache_dir": str(trained["cache"]), "out_dir": str(out), "runtime": "{device: cpu}", **extra}
     path.write_text("".join(f"{k}: {v}\n" for k, v in fields.items()) + "groups:\n" + groups + "\n")
     return path
