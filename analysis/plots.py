@@ -20,12 +20,16 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from mdlm_sched.artifacts import FIGURE_SUFFIXES  # noqa: E402
+
 STYLE = {
     "font.size": 8.5, "axes.titlesize": 9, "axes.labelsize": 8.5, "legend.fontsize": 7.5,
     "xtick.labelsize": 7.5, "ytick.labelsize": 7.5, "axes.grid": True, "grid.alpha": 0.3,
     "axes.spines.top": False, "axes.spines.right": False, "figure.dpi": 100, "savefig.bbox": "tight",
     "lines.linewidth": 1.4, "pdf.fonttype": 42,
 }
+# PNG at 200 dpi; PDF without a creation date, so that a figure rebuilt from the same files is byte-identical.
+SAVE_OPTIONS = {".png": {"dpi": 200}, ".pdf": {"metadata": {"CreationDate": None}}}
 HEAVY, LIGHT, OTHER = "#1b4f72", "#c0392b", ("#7d3c98", "#148f77", "#b9770e", "#566573")
 SOURCE_STYLE = {"masked": "-", "trajectory": "--"}
 SOURCE_NAME = {"masked": "masked OWT", "trajectory": "all-heavy trajectories"}
@@ -41,9 +45,9 @@ def model_colors(light_to_heavy: Sequence[str]) -> dict[str, str]:
 def save(fig: plt.Figure, stem: Path) -> list[Path]:
     """Write stem.png (200 dpi) and stem.pdf; close the figure."""
     stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
-    fig.savefig(paths[0], dpi=200)
-    fig.savefig(paths[1])
+    paths = [stem.with_suffix(suffix) for suffix in FIGURE_SUFFIXES]
+    for path in paths:
+        fig.savefig(path, **SAVE_OPTIONS[path.suffix])
     plt.close(fig)
     return paths
 

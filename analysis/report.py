@@ -15,63 +15,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from analysis import plots
-from analysis.per_step import read_rows
-from analysis.results import mean_sd, pareto_front, read_jsonl
-from analysis.sweep import FAILURES, RESULTS, SETTINGS
-from mdlm_sched.checkpoint import atomic_write_text
+from mdlm_sched.artifacts import AnalysisDir, ReportDir, SweepDir, atomic_write_text
 from mdlm_sched.errors import ConfigError
-
-
-def summarize(points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (schedule, T, sample count): means and s.d. over seeds, FLOPs, calls, wall-clock."""
-    by_name: dict[str, list[Mapping[str, Any]]] = {}
-    for p in points:
-        by_name.setdefault(f"{p['segments']}|T{p['steps']}|n{p['num_samples']}", []).append(p)
-    rows = []
-    for name, group in by_name.items():
-        first = group[0]
-        ppl = mean_sd([p["gen_ppl"]["ppl"] for p in group])
-        ent = mean_sd([p["entropy"]["mean"] for p in group])
-        wall = mean_sd([p["wall_s"] for p in group])
-        calls = Counter()
-        for p in group:
-            calls.update(p["flops"]["calls"])
-
-        def avg(section: str, key: str) -> float:
-            return float(np.mean([p[section][key] for p in group]))
-
-        rows.append({
-            "name": name, "label": first["label"], "groups": sorted({g for p in group for g in p["groups"]}),
-            "segments": first["segments"], "steps": first["steps"], "num_samples": first["num_samples"],
-            "seeds": len(group), "seed_list": sorted(p["seed"] for p in group),
-            "steps_per_model": first["steps_per_model"], "light_fraction": first["light_fraction"],
-            "baseline_model": first["flops"]["baseline_model"],
-            "saving_blocks_only": avg("flops", "saving_blocks_only"),
-            "saving_full": avg("flops", "saving_full"),
-            "flops_blocks_only": avg("flops", "blocks_only"),
-            "flops_full": avg("flops", "full"),
-            "calls": {k: v / len(group) for k, v in sorted(calls.items())},
-            "skipped_share": avg("cache", "skipped_share"),
-            "wall_s_mean": wall[0], "wall_s_sd": wall[1],
-            "gen_ppl_mean": ppl[0], "gen_ppl_sd": ppl[1], "entropy_mean": ent[0], "entropy_sd": ent[1],
-        })
-    for r in rows:
-        r["flops_ratio"] = 1.0 - r["saving_blocks_only"]
-        base = _all_heavy(rows, r)
-        r["wall_saving"] = 1.0 - r["wall_s_mean"] / base["wall_s_mean"] if base else math.nan
-    return rows
-
-
-def _all_heavy(rows: Sequence[Mapping[str, Any]], like: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    """The all-heavy row with the same T and sample count as `like` (the wall-clock baseline)."""
-    for r in rows:
-        if (r["steps"], r["num_samples"]) == (like["steps"], like["num_samples"]) and \
-                set(r["steps_per_model"]) == {r["baseline_model"]}:
-            return r
-    return None
+from mdlm_sched.schedule import PAPER_PLACEMENTS
+from mdlm_sched.summary import (all_heavy, fraction_rows, gap_and_spread, light_against_heavy, main_steps,
+                                pareto_front, placement_of, summarize)
 
 
 def _fmt(mean: float, sd: float, digits: int = 2) -> str:
@@ -93,45 +42,10 @@ def _schedule_table(rows: Sequence[Mapping[str, Any]], front: set[str]) -> list[
     return lines
 
 
-def main_steps(rows: Sequence[Mapping[str, Any]]) -> int:
-    """The T most rows were sampled at (the one the comparisons use)."""
-    return Counter(r["steps"] for r in rows).most_common(1)[0][0]
-
-
-def _light_against_heavy(rows: Sequence[Mapping[str, Any]]) -> tuple[Mapping[str, Any], Mapping[str, Any]] | None:
-    """(all-light row, all-heavy row of the same T and sample count) at the main T, if both ran."""
-    steps = main_steps(rows)
-    light = next((r for r in rows if r["steps"] == steps and r["light_fraction"] == 1.0), None)
-    base = _all_heavy(rows, light) if light is not None else None
-    return (light, base) if base is not None else None
-
-
-def _gap_and_spread(worse: Mapping[str, Any], better: Mapping[str, Any]) -> tuple[float, float]:
-    """Gen-PPL difference worse - better, and the larger of their seed-to-seed s.d. (nan with one seed)."""
-    return worse["gen_ppl_mean"] - better["gen_ppl_mean"], max(worse["gen_ppl_sd"], better["gen_ppl_sd"])
-
-
-def _placement_of(label: str) -> str | None:
-    return label.partition("@")[0] if "@" in label else None
-
-
-def fraction_rows(rows: Sequence[Mapping[str, Any]], placement: str) -> list[Mapping[str, Any]]:
-    """Rows of `placement` at any fraction (its default-fraction row too) plus all-heavy and all-light, by share."""
-    steps = Counter(r["steps"] for r in rows if _placement_of(r["label"]) == placement).most_common(1)[0][0]
-    chosen = [r for r in rows if r["steps"] == steps and (
-        _placement_of(r["label"]) == placement or r["label"] == placement
-        or r["light_fraction"] in (0.0, 1.0))]
-    by_share: dict[float, Mapping[str, Any]] = {}
-    for r in sorted(chosen, key=lambda r: -r["seeds"] * r["num_samples"]):  # the best-measured row per share
-        by_share.setdefault(r["light_fraction"], r)
-    return [by_share[k] for k in sorted(by_share)]
-
-
-def _sweep_section(folder: Path, out: Path) -> tuple[list[str], list[dict[str, Any]]]:
+def _sweep_section(folder: Path, out: ReportDir) -> tuple[list[str], list[dict[str, Any]]]:
     """The sweep's report lines and its rows (summarize)."""
-    records = read_jsonl(folder / RESULTS)
-    points = [r for r in records if r["kind"] == "point"]
-    refs = [r for r in records if r["kind"] == "reference"]
+    results = SweepDir(folder).read()
+    points, refs, settings = results.points, results.references, results.settings
     if not points:
         return [f"## Sweep `{folder}`", "", "No finished points yet.", ""], []
     rows = summarize(points)
@@ -144,9 +58,8 @@ def _sweep_section(folder: Path, out: Path) -> tuple[list[str], list[dict[str, A
         ref = refs[0]
         reference = {"gen_ppl": ref["gen_ppl"]["ppl"], "entropy": ref["entropy"]["mean"],
                      "num_samples": ref["num_samples"], "name": ref["name"]}
-    stem = out / f"sweep_{folder.name}"
+    stem = out.figure("sweep", folder.name)
     plots.sweep_figure(main, reference, sorted(front), stem, heavy)
-    settings = json.loads((folder / SETTINGS).read_text())["shared"] if (folder / SETTINGS).is_file() else {}
     prov = points[0]["provenance"]
     per_forward = points[0]["flops"]["per_forward_one_sequence"]
     lines = [f"## Sweep `{folder}`", "",
@@ -177,10 +90,10 @@ def _sweep_section(folder: Path, out: Path) -> tuple[list[str], list[dict[str, A
         in_group = [r for r in rows if group in r["groups"]]
         in_group.sort(key=lambda r: (r["steps"], -r["flops_ratio"], r["gen_ppl_mean"]))  # costliest first
         lines += [f"### Group `{group}`", "", *_schedule_table(in_group, front), ""]
-    pair = _light_against_heavy(rows)
+    pair = light_against_heavy(rows)
     if pair:
         lr, base = pair
-        diff, spread = _gap_and_spread(lr, base)
+        diff, spread = gap_and_spread(lr, base)
         if math.isnan(spread):
             verdict = "compared on one seed only: there is no seed-to-seed spread to judge the difference by"
         elif diff > spread:
@@ -192,44 +105,39 @@ def _sweep_section(folder: Path, out: Path) -> tuple[list[str], list[dict[str, A
                   f"At T = {main_t}: all-light gen PPL {_fmt(lr['gen_ppl_mean'], lr['gen_ppl_sd'])}, all-heavy "
                   f"{_fmt(base['gen_ppl_mean'], base['gen_ppl_sd'])}: difference {diff:+.2f}, largest seed s.d. "
                   f"{spread:.2f}. All-light is {verdict}.", ""]
-    placements = Counter(_placement_of(r["label"]) for r in rows if _placement_of(r["label"]))
+    placements = Counter(placement_of(r["label"]) for r in rows if placement_of(r["label"]))
     if placements:
         placement = placements.most_common(1)[0][0]
         curve = fraction_rows(rows, placement)
-        fstem = out / f"fraction_{folder.name}"
+        fstem = out.figure("fraction", folder.name)
         plots.fraction_figure(curve, placement, reference, fstem)
         lines += [f"### Fraction curve: `{placement}`", "", f"![fraction curve]({fstem.name}.png)", "",
                   *_schedule_table(curve, front), ""]
-    failures = [f for f in read_jsonl(folder / FAILURES) if f["key"] not in {p["key"] for p in points}]
-    if failures:
+    if results.failures:
         lines += ["### Points that failed (not rerun successfully)", ""]
-        lines += [f"- `{f['label']}` ({f['key']}): {f['error']}" for f in failures] + [""]
-    atomic_write_text(out / f"summary_{folder.name}.json", json.dumps(
+        lines += [f"- `{f['label']}` ({f['key']}): {f['error']}" for f in results.failures] + [""]
+    atomic_write_text(out.summary(folder.name), json.dumps(
         {"rows": rows, "pareto": sorted(front), "reference": refs}, indent=1,
         default=lambda o: None) + "\n")
     return lines, rows
 
 
-def _read_per_step(folder: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """An analysis folder's per_step.csv rows and per_step.json record."""
-    return read_rows(folder / "per_step.csv"), json.loads((folder / "per_step.json").read_text())
-
-
-def _draw_per_step(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], name: str, out: Path) -> list[Path]:
+def _draw_per_step(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], name: str,
+                   out: ReportDir) -> list[Path]:
     paths = []
     for axis in ("step", "t"):
-        paths += plots.per_step_figure(rows, meta, out / f"per_step_{name}_{axis}", axis)
+        paths += plots.per_step_figure(rows, meta, out.figure("per_step", name, axis), axis)
     return paths
 
 
 def per_step_figures(folder: Path, out: Path) -> list[Path]:
     """The per-step figure against step index and against t (PNG + PDF) from an analysis folder."""
-    return _draw_per_step(*_read_per_step(folder), folder.name, out)
+    return _draw_per_step(*AnalysisDir(folder).read(), folder.name, ReportDir(out))
 
 
-def _per_step_section(folder: Path, out: Path) -> tuple[list[str], list[dict[str, Any]], dict[str, Any]]:
+def _per_step_section(folder: Path, out: ReportDir) -> tuple[list[str], list[dict[str, Any]], dict[str, Any]]:
     """The analysis's report lines, its rows and its record (per_step.csv and .json)."""
-    rows, meta = _read_per_step(folder)
+    rows, meta = AnalysisDir(folder).read()
     stems = [p.stem for p in _draw_per_step(rows, meta, folder.name, out) if p.suffix == ".png"]
     s = meta["settings"]
     lines = [f"## Per-step analysis `{folder}`", "",
@@ -248,7 +156,6 @@ def _per_step_section(folder: Path, out: Path) -> tuple[list[str], list[dict[str
 
 MDLM_RECIPE_TOKENS = 1_000_000 * 512 * 1024  # REFERENCE.md section 2: 1M steps of 512 x 1024 tokens
 MDLM_OWT_BOUND = 23.21  # MDLM's reported OWT perplexity bound (12 x 768 DiT, the recipe above)
-PAPER_PLACEMENTS = ("early-small", "late-small", "sandwich", "small-in-the-middle")
 
 
 def _experiment_section(exp: Mapping[str, Any]) -> list[str]:
@@ -336,9 +243,9 @@ def _paper_section(meta: Mapping[str, Any] | None, steps_rows: Sequence[Mapping[
     if rows:
         steps = main_steps(rows)
         placed = {r["label"]: r for r in rows if r["steps"] == steps and r["label"] in PAPER_PLACEMENTS}
-        pair = _light_against_heavy(rows)
+        pair = light_against_heavy(rows)
         if pair:
-            gap, spread = _gap_and_spread(*pair)
+            gap, spread = gap_and_spread(*pair)
             light, base = pair
             if not gap > spread:  # (a nan spread, one seed, measures nothing either)
                 lines.insert(2, f"**Caveat: all-light ({_fmt(light['gen_ppl_mean'], light['gen_ppl_sd'])}) is not "
@@ -348,7 +255,7 @@ def _paper_section(meta: Mapping[str, Any] | None, steps_rows: Sequence[Mapping[
         if len(placed) >= 2:
             ranked = sorted(placed.values(), key=lambda r: r["gen_ppl_mean"])
             worst, runner_up = ranked[-1], ranked[-2]
-            gap, spread = _gap_and_spread(worst, runner_up)
+            gap, spread = gap_and_spread(worst, runner_up)
             measurable = "exceeds" if gap > spread else "does not exceed"
             lines.append(
                 f"- Placements at T = {steps}, best to worst by gen PPL: " + ", ".join(
@@ -357,7 +264,7 @@ def _paper_section(meta: Mapping[str, Any] | None, steps_rows: Sequence[Mapping[
                 f"is {worst['label']} ({_verdict(worst['label'] == 'small-in-the-middle')}), {gap:.2f} above the "
                 f"next, which {measurable} the seed-to-seed s.d. ({spread:.2f}).")
             best = ranked[0]
-            base = _all_heavy(rows, best)
+            base = all_heavy(rows, best)
             if base is not None:
                 cost = best["gen_ppl_mean"] / base["gen_ppl_mean"] - 1
                 lines.append(
@@ -379,23 +286,23 @@ def build_report(folders: Sequence[Path], out: Path, title: str = "Model schedul
     """
     if not folders:
         raise ConfigError("no results folders given; pass sweep and/or analysis output folders")
+    report = ReportDir(out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", ""]
     if experiment is not None:
         lines += _experiment_section(experiment)
     meta, steps_rows, rows = None, [], []
     for folder in folders:
-        has_sweep, has_steps = (folder / RESULTS).is_file(), (folder / "per_step.csv").is_file()
-        if not (has_sweep or has_steps):
-            raise ConfigError(f"{folder} holds neither {RESULTS} (a sweep) nor per_step.csv (an analysis); "
-                              f"give the out folder of mdlm-sched sweep or analyze")
-        if has_steps:
-            section, steps_rows, meta = _per_step_section(folder, out)
+        sweep, analysis = SweepDir(folder), AnalysisDir(folder)
+        if not (sweep.results.is_file() or analysis.exists()):
+            raise ConfigError(f"{folder} holds neither {sweep.results.name} (a sweep) nor {analysis.csv.name} and "
+                              f"{analysis.json.name} (an analysis); give the out folder of mdlm-sched sweep or analyze")
+        if analysis.exists():
+            section, steps_rows, meta = _per_step_section(folder, report)
             lines += section
-        if has_sweep:
-            section, rows = _sweep_section(folder, out)
+        if sweep.results.is_file():
+            section, rows = _sweep_section(folder, report)
             lines += section
     lines += _paper_section(meta, steps_rows, rows)
-    path = out / "report.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
-    return path
+    atomic_write_text(report.report, "\n".join(lines) + "\n")
+    return report.report

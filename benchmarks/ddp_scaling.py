@@ -22,7 +22,7 @@ What each job measures (strong scaling: the same work at every N):
          of the N ranks runs --batch / N sequences a step. tokens/s is the run's own log (global tokens):
          the median over the logged intervals after the first two (compilation and warm-up), validation
          and checkpoints excluded. Efficiency at N = tokens/s(N) / (N x tokens/s(1)).
-  sweep  `analysis.sweep.run_sweep` of one point per --schedules entry with the denoisers and judge just
+  sweep  `mdlm_sched.sweep.run_sweep` of one point per --schedules entry with the denoisers and judge just
          trained (their quality is beside the point: a step's work does not depend on the weights):
          --samples samples at T = --sweep-steps in sampler batches of --sweep-batch, dealt out to the
          ranks, then judged. Sampling wall-clock (wall_s) and judging (judge_s) of each point from
@@ -42,11 +42,12 @@ from pathlib import Path
 
 import torch
 
-from analysis.results import read_jsonl
-from analysis.sweep import RESULTS, run_sweep
-from mdlm_sched.config import ReferenceConfig, RuntimeConfig, SweepConfig, SweepGroup, load
+from mdlm_sched.artifacts import SweepDir
+from mdlm_sched.config import RuntimeConfig, load
 from mdlm_sched.distributed import DistContext, distributed
 from mdlm_sched.provenance import provenance
+from mdlm_sched.sampling_config import ReferenceConfig, SweepConfig, SweepGroup
+from mdlm_sched.sweep import run_sweep
 from mdlm_sched.train import train
 
 
@@ -90,7 +91,7 @@ def bench_sweep(s: dict, schedules: list[str], work: Path, runtime: RuntimeConfi
     """One sweep point per schedule with the trained denoisers (the first two presets) and judge (the third)."""
     small, large, judge = s["models"][:3]
     cfg = SweepConfig(models={"small": str(work / small), "large": str(work / large)}, judge=str(work / judge),
-                      groups={"scaling": SweepGroup(schedules=schedules)}, steps=[s["sweep_steps"]], seeds=[0],
+                      groups={"scaling": SweepGroup(schedules=schedules)}, step_counts=[s["sweep_steps"]], seeds=[0],
                       num_samples=s["samples"], batch_size=s["sweep_batch"], seq_len=s["seq_len"],
                       reference=ReferenceConfig(sources={}), save_samples=False, out_dir=str(work / "sweep"),
                       runtime=runtime)
@@ -99,7 +100,7 @@ def bench_sweep(s: dict, schedules: list[str], work: Path, runtime: RuntimeConfi
         return []
     rows = [{"schedule": r["label"], "world_size": ctx.world_size, "samples": r["num_samples"], "steps": r["steps"],
              "batch": s["sweep_batch"], "wall_s": round(r["wall_s"], 3), "judge_s": round(r["judge_s"], 3)}
-            for r in read_jsonl(work / "sweep" / RESULTS)]
+            for r in SweepDir(work / "sweep").read().points]
     for row in rows:
         print(json.dumps(row), flush=True)
     return rows

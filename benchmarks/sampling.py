@@ -30,14 +30,15 @@ from pathlib import Path
 
 import torch
 
-from mdlm_sched.diffusion import DEFAULT_T_MIN
 from mdlm_sched.flops import forward_flops, names_light_to_heavy
-from mdlm_sched.generate import ModelSet, cache_summary, flops_summary, run_schedule
+from mdlm_sched.generate import cache_summary, flops_summary, run_schedule
+from mdlm_sched.modelset import ModelSet, PreparedDenoiser
 from mdlm_sched.models.denoiser import DenoiserConfig, MDLMDenoiser
 from mdlm_sched.noise import LogLinearNoise
 from mdlm_sched.provenance import provenance
 from mdlm_sched.runtime import configure_backends
-from mdlm_sched.sampler import PreparedDenoiser, SamplerSettings
+from mdlm_sched.sampling_config import SamplerSettings
+from mdlm_sched.schedule import DEFAULT_T_MIN
 
 PEAK_BF16 = 776e12  # measured 8192^3 bf16 matmul rate of the lent H200 (REFERENCE.md section 6)
 SEQ_LEN = 1024  # the paper's length; --smoke runs 64
@@ -163,13 +164,13 @@ def bench_profile(model: PreparedDenoiser, batch: int) -> dict:
 def model_set(models: dict[str, PreparedDenoiser]) -> ModelSet:
     timed = {name: Timed(m) for name, m in models.items()}
     return ModelSet(models=timed, light_to_heavy=names_light_to_heavy({n: m.config for n, m in models.items()}, SEQ_LEN),
-                    noise=LogLinearNoise(1e-3), tokenizer=None, seq_len=SEQ_LEN)
+                    noise=LogLinearNoise(1e-3), tokenizer=None, seq_len=SEQ_LEN,
+                    device=next(iter(models.values())).device)
 
 
 def timed_run(ms: ModelSet, spec: str, steps: int, samples: int, batch: int, cache: bool, seed: int = 0) -> dict:
     schedule = ms.schedule(spec, steps)
-    settings = SamplerSettings(batch_size=batch, seq_len=SEQ_LEN, cache=cache)
-    output = run_schedule(ms, schedule, settings, samples, seed, progress=False)
+    output = run_schedule(ms, schedule, SamplerSettings(cache=cache), samples, batch, seed, progress=False)
     network = sum(m.network_seconds() for m in ms.models.values())
     flops = flops_summary(ms, output)
     return {"schedule": spec, "segments": schedule.segments_str(), "steps": steps, "samples": samples, "batch": batch,

@@ -1,6 +1,8 @@
 """`mdlm-sched <subcommand>`: the command-line entry point.
 
 Bad input ends with one line on stderr and exit code 2; a diverged training run with exit code 1.
+Option defaults are read from the config dataclasses (SampleConfig, AnalysisConfig), never restated.
+The report is the one command that imports the analysis package; everything else runs in mdlm_sched.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from mdlm_sched.errors import NonFiniteLossError, UserError
@@ -74,17 +77,21 @@ def _prompt_file(path: str) -> tuple[list[str], list[list[int]]]:
     return texts, ids
 
 
+def _runtime(args: argparse.Namespace):
+    from mdlm_sched.config import RuntimeConfig
+
+    return RuntimeConfig(device=args.device, precision=args.precision, compile=args.compile)
+
+
 def _sample(args: argparse.Namespace) -> int:
-    from mdlm_sched.config import RuntimeConfig, SampleConfig
+    from mdlm_sched.sampling_config import SampleConfig
 
     texts, ids = _prompt_file(args.prompts_file) if args.prompts_file else ([], [])
     cfg = SampleConfig(
         models=_models(args.model), schedule=args.schedule, steps=args.steps, num_samples=args.num_samples,
         batch_size=args.batch_size, seed=args.seed, top_p=args.top_p, cache=not args.no_cache,
-        noise_removal=not args.no_noise_removal, seq_len=args.seq_len,
-        prompts=[*args.prompt, *texts], prompt_token_ids=ids, out_dir=args.out,
-        runtime=RuntimeConfig(device=args.device, precision=args.precision, compile=args.compile),
-        **({"t_min": args.t_min} if args.t_min is not None else {}),
+        noise_removal=not args.no_noise_removal, seq_len=args.seq_len, t_min=args.t_min,
+        prompts=[*args.prompt, *texts], prompt_token_ids=ids, out_dir=args.out, runtime=_runtime(args),
     )
     from mdlm_sched.generate import sample_command
 
@@ -93,40 +100,42 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from analysis.per_step import DEFAULT_SHADE, PerStepSettings, analyze_models
-    from analysis.report import per_step_figures
-    from mdlm_sched.config import RuntimeConfig
+    from mdlm_sched.artifacts import AnalysisDir
+    from mdlm_sched.sampling_config import AnalysisConfig
 
-    settings = PerStepSettings(steps=args.steps, grid=args.grid, data=args.data, num_blocks=args.num_blocks,
-                               trajectory_samples=args.trajectory_samples, batch_size=args.batch_size,
-                               seed=args.seed, shade=args.shade or list(DEFAULT_SHADE), cache_dir=args.cache_dir,
-                               **({"t_min": args.t_min} if args.t_min is not None else {}))
-    runtime = RuntimeConfig(device=args.device, precision=args.precision, compile=args.compile)
-    out = Path(args.out)
-    record = analyze_models(_models(args.model), settings, runtime, out, args.seq_len, progress=not args.no_progress)
-    figures = per_step_figures(out, out)
+    settings = AnalysisConfig(steps=args.steps, grid=args.grid, data=args.data, num_blocks=args.num_blocks,
+                              trajectory_samples=args.trajectory_samples, batch_size=args.batch_size,
+                              seed=args.seed, shade=args.shade or AnalysisConfig().shade, cache_dir=args.cache_dir,
+                              t_min=args.t_min)
+    from analysis.report import per_step_figures
+    from mdlm_sched.per_step import analyze_models
+
+    out = AnalysisDir(Path(args.out))
+    record = analyze_models(_models(args.model), settings, _runtime(args), out, args.seq_len,
+                            progress=not args.no_progress)
+    figures = per_step_figures(out.root, out.root)
     print(f"per-step analysis of {', '.join(record['light_to_heavy'])} at {len(record['grid_steps'])} of "
           f"T={settings.steps} steps")
     for p in record["peaks"]:
         print(f"  {p['source']:>10} {p['metric']:>6} {p['model']:>16}: peak at step {p['step']} (t={p['t']:.3f}), "
               f"{p['mean']:.4f} [{p['ci_low']:.4f}, {p['ci_high']:.4f}]")
-    print(f"  wrote {out / 'per_step.csv'}, {out / 'per_step.json'} and {len(figures)} figure files")
+    print(f"  wrote {out.csv}, {out.json} and {len(figures)} figure files")
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from mdlm_sched.config import load_sweep
+    from mdlm_sched.sampling_config import load_sweep
 
     cfg = load_sweep(args.config)
-    from analysis.sweep import run_sweep
     from mdlm_sched.distributed import launch_context
+    from mdlm_sched.sweep import run_sweep
 
     outcome = run_sweep(cfg, progress=not args.no_progress)
     if launch_context().is_main:  # under torchrun, rank 0 reports for all (the ranks agree on the failures)
         print(f"sweep: {outcome.done} points run, {outcome.skipped} finished earlier; results in "
-              f"{outcome.out_dir / 'results.jsonl'}")
+              f"{outcome.out.results}")
         if outcome.failed:
-            print(f"mdlm-sched: {len(outcome.failed)} points failed (see {outcome.out_dir / 'failures.jsonl'}); "
+            print(f"mdlm-sched: {len(outcome.failed)} points failed (see {outcome.out.failures}); "
                   f"rerun the same command to retry them", file=sys.stderr)
     return 1 if outcome.failed else 0
 
@@ -136,7 +145,14 @@ def _pipeline(args: argparse.Namespace) -> int:
 
     plan = load_experiment(args.config)  # every stage's config is checked before any work
     outcome = run_pipeline(plan, progress=not args.no_progress)
-    print(f"pipeline: report in {outcome.report}")
+    from analysis.report import build_report
+    from mdlm_sched.artifacts import ReportDir
+
+    start = time.perf_counter()
+    path = build_report(outcome.report_folders, plan.report_dir, plan.experiment.title,
+                        experiment=outcome.state.data)
+    outcome.state.record_report(ReportDir(plan.report_dir), time.perf_counter() - start)
+    print(f"pipeline: report in {path}")
     if outcome.failed:
         print(f"mdlm-sched: {len(outcome.failed)} parts failed ({', '.join(outcome.failed)}); the report holds the "
               f"rest; rerun the same command to retry them", file=sys.stderr)
@@ -146,14 +162,11 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from analysis.report import build_report
+    from mdlm_sched.artifacts import read_json
 
     experiment = None
     if args.experiment:
-        try:
-            experiment = json.loads(Path(args.experiment).read_text())
-        except (OSError, ValueError) as exc:
-            raise UserError(f"cannot read --experiment {args.experiment} ({exc}); give the pipeline.json of a "
-                            f"mdlm-sched pipeline run") from exc
+        experiment = read_json(Path(args.experiment), "the pipeline.json of a mdlm-sched pipeline run")
     path = build_report([Path(f) for f in args.folders], Path(args.out), args.title, experiment)
     print(f"wrote {path} and its figures (PNG + PDF) in {path.parent}")
     return 0
@@ -168,21 +181,29 @@ def _config(args: argparse.Namespace) -> int:
 
 def _add_sampling_run_args(p: argparse.ArgumentParser, out: str) -> None:
     """Options of every command that loads denoisers and samples: length, t_min, output, device."""
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length (default: the models')")
-    p.add_argument("--t-min", type=float, default=None, help="the last step ends at this t (default 1e-5)")
-    p.add_argument("--out", default=out, help="output folder")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", default="auto", help="auto (bf16 on cuda) | bf16 | fp32")
+    from mdlm_sched.config import RuntimeConfig
+    from mdlm_sched.sampling_config import SamplingConfig
+
+    sampling, runtime = SamplingConfig(), RuntimeConfig()
+    p.add_argument("--seq-len", type=int, default=sampling.seq_len, help="sequence length (default: the models')")
+    p.add_argument("--t-min", type=float, default=sampling.t_min,
+                   help=f"the last step ends at this t (default {sampling.t_min:g})")
+    p.add_argument("--out", default=out, help=f"output folder (default {out})")
+    p.add_argument("--device", default=runtime.device, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", default=runtime.precision, help="auto (bf16 on cuda) | bf16 | fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mdlm_sched.sampling_config import AnalysisConfig, SampleConfig
+
+    sample, analysis = SampleConfig(), AnalysisConfig()
     parser = argparse.ArgumentParser(prog="mdlm-sched", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train an MLA-MDLM (model.arch=mdlm) or the GPT-2 judge (model.arch=gpt2)")
     p.add_argument("config", nargs="*", help=CONFIG_HELP)
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_train)
     p = sub.add_parser("sample", help="sample from named MDLMs with a model schedule",
                        description="Sample with a model schedule. Schedules: a preset (all-large, all-small, "
@@ -192,41 +213,42 @@ def build_parser() -> argparse.ArgumentParser:
                                    "t-thresholds such as t:L>0.875,H>0.125,L.")
     p.add_argument("--model", action="append", default=[], metavar="NAME=PATH", required=True,
                    help="a model by name: its folder or its training run folder (repeat for each model)")
-    p.add_argument("--schedule", default="all-large", help="preset[@fraction], segments or t:thresholds")
-    p.add_argument("--steps", type=int, default=1000, help="denoising steps T (default 1000)")
-    p.add_argument("--num-samples", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=16, help="sequences per sampler call")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = off)")
+    p.add_argument("--schedule", default=sample.schedule, help="preset[@fraction], segments or t:thresholds")
+    p.add_argument("--steps", type=int, default=sample.steps, help=f"denoising steps T (default {sample.steps})")
+    p.add_argument("--num-samples", type=int, default=sample.num_samples)
+    p.add_argument("--batch-size", type=int, default=sample.batch_size, help="sequences per sampler call")
+    p.add_argument("--seed", type=int, default=sample.seed)
+    p.add_argument("--top-p", type=float, default=sample.top_p, help="nucleus sampling mass in (0, 1] (1 = off)")
     p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeat; cycled over samples)")
     p.add_argument("--prompts-file", help='JSON lines of {"text": ...} or {"token_ids": [...]}')
     p.add_argument("--no-cache", action="store_true", help="run the network on every sequence at every step")
     p.add_argument("--no-noise-removal", action="store_true", help="leave masks left after the last step")
-    _add_sampling_run_args(p, "runs/samples")
+    _add_sampling_run_args(p, sample.out_dir)
     p.set_defaults(func=_sample)
     p = sub.add_parser("analyze", help="per-step loss and KL between models on the sampler's time grid")
     p.add_argument("--model", action="append", default=[], metavar="NAME=PATH", required=True,
                    help="a model by name (at least two; the heaviest is the reference)")
-    p.add_argument("--steps", type=int, default=1000, help="T of the sampler whose grid is analysed")
-    p.add_argument("--grid", type=int, default=50, help="steps evaluated, evenly spaced over the T steps")
-    p.add_argument("--data", default="../shared/data/owt_val.jsonl.xz", help="validation source (masked states)")
-    p.add_argument("--num-blocks", type=int, default=64, help="validation blocks masked at every grid step")
-    p.add_argument("--trajectory-samples", type=int, default=32,
+    p.add_argument("--steps", type=int, default=analysis.steps, help="T of the sampler whose grid is analysed")
+    p.add_argument("--grid", type=int, default=analysis.grid, help="steps evaluated, evenly spaced over the T steps")
+    p.add_argument("--data", default=analysis.data, help="validation source (masked states)")
+    p.add_argument("--num-blocks", type=int, default=analysis.num_blocks,
+                   help="validation blocks masked at every grid step")
+    p.add_argument("--trajectory-samples", type=int, default=analysis.trajectory_samples,
                    help="all-heavy samples whose states are analysed too (0 = none)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=analysis.batch_size)
+    p.add_argument("--seed", type=int, default=analysis.seed)
     p.add_argument("--shade", action="append", default=[], metavar="SCHEDULE",
                    help="a schedule whose light steps the figures show (repeat; default: the four placements)")
-    p.add_argument("--cache-dir", default=".cache/mdlm_sched", help="tokenised data cache")
+    p.add_argument("--cache-dir", default=analysis.cache_dir, help="tokenised data cache")
     _add_sampling_run_args(p, "runs/analysis")
     p.set_defaults(func=_analyze)
     p = sub.add_parser("sweep", help="sample, count and judge many schedules; resumable")
     p.add_argument("config", nargs="+", help="sweep YAML files and a.b=value overrides, in order")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_sweep)
     p = sub.add_parser("pipeline", help="one experiment end to end: train, analyse, sweep, report; resumable")
     p.add_argument("config", nargs="+", help="experiment YAML files (configs/experiment/) and a.b=value overrides")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_pipeline)
     p = sub.add_parser("report", help="figures and a Markdown report from sweep/analysis folders")
     p.add_argument("folders", nargs="+", help="out folders of mdlm-sched sweep and/or analyze")
@@ -241,8 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from mdlm_sched.distributed import launch_context  # imports torch: after --help and argument errors
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # config words after an option (train model=tiny --no-progress train.steps=2) come back in order
+        if not hasattr(args, "config") or any(word.startswith("-") for word in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.config += extra
+    from mdlm_sched.distributed import launch_context
 
     # Under torchrun, the other ranks log only warnings and errors: rank 0 speaks for the run.
     level = logging.INFO if launch_context().is_main else logging.WARNING

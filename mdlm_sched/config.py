@@ -14,7 +14,7 @@ names the field and the fix. Interpolations such as ${data.root} are resolved; n
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,13 +23,30 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from mdlm_sched.data import check_source
-from mdlm_sched.diffusion import DEFAULT_T_MIN
 from mdlm_sched.errors import ConfigError, DataError
 from mdlm_sched.noise import NOISE_SCHEDULES
 
 ARCHS = ("mdlm", "gpt2")
 LR_SCHEDULES = ("constant", "cosine")
 T = TypeVar("T")
+
+# Field metadata flags. RESUME: a training run resumes only with the same value (train.py).
+RESUME = {"resume": True}
+
+
+def flagged_fields(schema: type, flag: str, prefix: str = "") -> list[str]:
+    """Dotted paths of the fields of dataclass `schema` whose metadata sets `flag`, nested sections included.
+
+    A flagged section counts as a whole; an unflagged section is searched field by field.
+    """
+    out = []
+    for f in fields(schema):
+        path = f"{prefix}{f.name}"
+        if f.metadata.get(flag):
+            out.append(path)
+        elif f.default_factory is not MISSING and is_dataclass(f.default_factory):
+            out += flagged_fields(f.default_factory, flag, f"{path}.")
+    return out
 
 
 @dataclass
@@ -68,13 +85,13 @@ class DataConfig:
     """Text sources, tokenizer and wrapping. A source is a local file/glob or `hf:NAME[#train|#val]`."""
 
     root: str = "../shared/data"
-    train: list[str] = field(default_factory=lambda: ["${data.root}/owt_train.jsonl.xz"])
+    train: list[str] = field(default_factory=lambda: ["${data.root}/owt_train.jsonl.xz"], metadata=RESUME)
     # name -> source; every source is validated and logged on its own, the first is the headline
-    val: dict[str, str] = field(default_factory=lambda: {"owt": "${data.root}/owt_val.jsonl.xz"})
-    tokenizer: str = "${data.root}/gpt2-tokenizer"
-    seq_len: int = 1024
-    text_field: str = "text"
-    max_docs: int | None = None  # per source; None = all documents
+    val: dict[str, str] = field(default_factory=lambda: {"owt": "${data.root}/owt_val.jsonl.xz"}, metadata=RESUME)
+    tokenizer: str = field(default="${data.root}/gpt2-tokenizer", metadata=RESUME)
+    seq_len: int = field(default=1024, metadata=RESUME)
+    text_field: str = field(default="text", metadata=RESUME)
+    max_docs: int | None = field(default=None, metadata=RESUME)  # per source; None = all documents
     cache_dir: str = ".cache/mdlm_sched"
 
 
@@ -84,7 +101,7 @@ class TrainConfig:
 
     out_dir: str = "runs/default"
     steps: int = 1000
-    batch_size: int = 512  # global sequences per optimizer step
+    batch_size: int = field(default=512, metadata=RESUME)  # global sequences per optimizer step
     micro_batch_size: int = 32  # sequences per forward/backward; the rest is gradient accumulation
     lr: float = 3e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -94,7 +111,7 @@ class TrainConfig:
     lr_final: float = 0.1  # cosine only: the last step's lr as a fraction of train.lr
     grad_clip: float = 1.0  # 0 = off
     ema: float = 0.9999  # 0 = off
-    seed: int = 0
+    seed: int = field(default=0, metadata=RESUME)
     log_every: int = 10
     val_every: int = 500
     val_batches: int = 8  # micro-batches per validation source
@@ -113,87 +130,16 @@ class RuntimeConfig:
 
 @dataclass
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    """A training run: the model, the forward process, the data, the optimisation and where it runs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig, metadata=RESUME)
+    noise: NoiseConfig = field(default_factory=NoiseConfig, metadata=RESUME)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 SECTIONS = tuple(f.name for f in fields(RunConfig))
-
-
-@dataclass
-class SampleConfig:
-    """A sampling run (`mdlm-sched sample`): models by name, a schedule, how many samples, where to."""
-
-    models: dict[str, str] = field(default_factory=dict)  # name -> model folder or training run folder
-    schedule: str = "all-large"  # preset[@fraction] | segments (L125,H750,L125) | t:thresholds
-    steps: int = 1000  # T
-    num_samples: int = 16
-    batch_size: int = 16  # sequences per sampler call; each batch has its own generator (seed, batch index)
-    seed: int = 0
-    top_p: float = 1.0
-    cache: bool = True
-    noise_removal: bool = True
-    t_min: float = DEFAULT_T_MIN  # the last step ends at t_min
-    seq_len: int | None = None  # None = the models' max_position_embeddings
-    prompts: list[str] = field(default_factory=list)  # texts, cycled over the samples; [BOS] is put first
-    prompt_token_ids: list[list[int]] = field(default_factory=list)  # raw token ids, cycled likewise
-    out_dir: str = "runs/samples"
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-
-
-@dataclass
-class SweepGroup:
-    """Points of a sweep that belong together in the report (e.g. placements, a fraction curve).
-
-    A group's schedules are `schedules`, plus placement@fraction for every placement and fraction,
-    plus the 2^segments coarse-segment schedules of the seed paper's exhaustive search (segments > 0).
-    steps, seeds and num_samples default to the sweep's.
-    """
-
-    schedules: list[str] = field(default_factory=list)
-    placements: list[str] = field(default_factory=list)  # presets, e.g. sandwich
-    fractions: list[float] = field(default_factory=list)  # light-step fractions for each placement
-    segments: int = 0  # k > 0: every assignment of L or H to k equal segments (2^k schedules)
-    steps: list[int] | None = None
-    seeds: list[int] | None = None
-    num_samples: int | None = None
-
-
-@dataclass
-class ReferenceConfig:
-    """The real-text reference rows: validation blocks scored exactly as samples are."""
-
-    # name -> validation source, one row each (the first is the headline row of tables and figures); {} = none
-    sources: dict[str, str] = field(default_factory=lambda: {"owt": "../shared/data/owt_val.jsonl.xz"})
-    num_samples: int = 256
-
-
-@dataclass
-class SweepConfig:
-    """`mdlm-sched sweep`: schedules x step counts x seeds, each point sampled, timed and judged."""
-
-    models: dict[str, str] = field(default_factory=dict)  # name -> model folder or training run folder
-    judge: str = ""  # a causal LM folder (or training run folder) or a hub name, e.g. gpt2-large
-    judge_batch_size: int = 16  # chunks per judge forward
-    judge_context: int | None = None  # tokens per scored chunk; None = min(1024, the judge's positions)
-    groups: dict[str, SweepGroup] = field(default_factory=dict)
-    steps: list[int] = field(default_factory=lambda: [1000])
-    seeds: list[int] = field(default_factory=lambda: [0])
-    num_samples: int = 256
-    batch_size: int = 64
-    top_p: float = 1.0
-    cache: bool = True
-    noise_removal: bool = True
-    t_min: float = DEFAULT_T_MIN
-    seq_len: int | None = None  # None = the models' max_position_embeddings
-    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-    save_samples: bool = True  # samples/<point>.jsonl beside the results
-    cache_dir: str = ".cache/mdlm_sched"  # tokenised reference blocks
-    out_dir: str = "runs/sweep"
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
 
 def configs_dir() -> Path:
@@ -268,13 +214,6 @@ def load_structured(schema: type[T], args: list[str] | tuple[str, ...], what: st
         raise ConfigError(_describe(exc)) from exc
 
 
-def load_sweep(args: list[str] | tuple[str, ...]) -> SweepConfig:
-    """Build a validated SweepConfig from YAML files and key=value overrides (in order)."""
-    sweep = load_structured(SweepConfig, args, "sweep file")
-    validate_sweep(sweep)
-    return sweep
-
-
 def to_yaml(cfg: RunConfig) -> str:
     """The resolved config as YAML (saved beside every result)."""
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
@@ -285,42 +224,43 @@ def from_yaml(path: str | Path) -> RunConfig:
     return load([str(path)])
 
 
-def _require(ok: bool, message: str) -> None:
+def require(ok: bool, message: str) -> None:
+    """Raise ConfigError(message) unless ok."""
     if not ok:
         raise ConfigError(message)
 
 
 def _validate_model(m: ModelConfig) -> None:
-    _require(m.arch in ARCHS, f"model.arch={m.arch!r} is unknown; use one of {', '.join(ARCHS)}")
+    require(m.arch in ARCHS, f"model.arch={m.arch!r} is unknown; use one of {', '.join(ARCHS)}")
     for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "mlp_ratio", "max_seq_len"):
-        _require(getattr(m, name) >= 1, f"model.{name}={getattr(m, name)} must be >= 1")
-    _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
-    _require(m.vocab_size is None or m.vocab_size >= 2, f"model.vocab_size={m.vocab_size} must be >= 2 or null")
+        require(getattr(m, name) >= 1, f"model.{name}={getattr(m, name)} must be >= 1")
+    require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+    require(m.vocab_size is None or m.vocab_size >= 2, f"model.vocab_size={m.vocab_size} must be >= 2 or null")
     if m.arch == "gpt2":
-        _require(m.hidden_size % m.num_attention_heads == 0,
+        require(m.hidden_size % m.num_attention_heads == 0,
                  f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
                  f"{m.num_attention_heads}; pick a head count that divides it")
         return
-    _require(1 <= m.kv_lora_rank <= m.hidden_size,
+    require(1 <= m.kv_lora_rank <= m.hidden_size,
              f"model.kv_lora_rank={m.kv_lora_rank} must be in [1, model.hidden_size={m.hidden_size}]; lower it")
-    _require(0 <= m.q_lora_rank <= m.hidden_size,
+    require(0 <= m.q_lora_rank <= m.hidden_size,
              f"model.q_lora_rank={m.q_lora_rank} must be 0 (full-rank query) or at most "
              f"model.hidden_size={m.hidden_size}; lower it")
-    _require(m.qk_rope_head_dim >= 2 and m.qk_rope_head_dim % 2 == 0,
+    require(m.qk_rope_head_dim >= 2 and m.qk_rope_head_dim % 2 == 0,
              f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even and >= 2 (rotary pairs)")
-    _require(m.qk_nope_head_dim >= 1 and m.v_head_dim >= 1,
+    require(m.qk_nope_head_dim >= 1 and m.v_head_dim >= 1,
              "model.qk_nope_head_dim and model.v_head_dim must be >= 1")
-    _require(m.cond_dim >= 1, f"model.cond_dim={m.cond_dim} must be >= 1")
-    _require(m.vocab_pad_multiple >= 1, f"model.vocab_pad_multiple={m.vocab_pad_multiple} must be >= 1")
+    require(m.cond_dim >= 1, f"model.cond_dim={m.cond_dim} must be >= 1")
+    require(m.vocab_pad_multiple >= 1, f"model.vocab_pad_multiple={m.vocab_pad_multiple} must be >= 1")
 
 
 def _validate_data(d: DataConfig, m: ModelConfig) -> None:
-    _require(d.seq_len >= 3, f"data.seq_len={d.seq_len} must be >= 3 ([BOS] + text + [EOS])")
-    _require(d.seq_len <= m.max_seq_len,
+    require(d.seq_len >= 3, f"data.seq_len={d.seq_len} must be >= 3 ([BOS] + text + [EOS])")
+    require(d.seq_len <= m.max_seq_len,
              f"data.seq_len={d.seq_len} is above the model's maximum model.max_seq_len={m.max_seq_len}; "
              f"lower data.seq_len or raise model.max_seq_len")
-    _require(len(d.train) > 0, "data.train is empty; list at least one source")
-    _require(d.max_docs is None or d.max_docs >= 1, f"data.max_docs={d.max_docs} must be >= 1 or null")
+    require(len(d.train) > 0, "data.train is empty; list at least one source")
+    require(d.max_docs is None or d.max_docs >= 1, f"data.max_docs={d.max_docs} must be >= 1 or null")
     named = [(f"data.train[{i}]", s) for i, s in enumerate(d.train)] + [(f"data.val.{k}", s) for k, s in d.val.items()]
     for field_name, source in named:
         try:
@@ -328,7 +268,7 @@ def _validate_data(d: DataConfig, m: ModelConfig) -> None:
         except DataError as exc:
             raise ConfigError(f"{field_name}: {exc}") from exc
     looks_local = d.tokenizer.startswith((".", "/")) or os.sep in d.tokenizer.rstrip(os.sep)
-    _require(not looks_local or Path(d.tokenizer).is_dir(),
+    require(not looks_local or Path(d.tokenizer).is_dir(),
              f"data.tokenizer={d.tokenizer} is not a folder; point it at a folder with tokenizer.json "
              f"(e.g. ../shared/data/gpt2-tokenizer) or a hub name such as gpt2")
 
@@ -336,80 +276,38 @@ def _validate_data(d: DataConfig, m: ModelConfig) -> None:
 def _validate_train(t: TrainConfig) -> None:
     for name in ("steps", "batch_size", "micro_batch_size", "log_every", "val_every", "val_batches",
                  "ckpt_every", "keep_checkpoints"):
-        _require(getattr(t, name) >= 1, f"train.{name}={getattr(t, name)} must be >= 1")
-    _require(t.batch_size % t.micro_batch_size == 0,
+        require(getattr(t, name) >= 1, f"train.{name}={getattr(t, name)} must be >= 1")
+    require(t.batch_size % t.micro_batch_size == 0,
              f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}; "
              f"make it one")
-    _require(t.lr > 0, f"train.lr={t.lr} must be > 0")
-    _require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
+    require(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
              f"train.betas={t.betas} must be two numbers in [0, 1)")
-    _require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
-    _require(t.lr_schedule in LR_SCHEDULES,
+    require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
+    require(t.lr_schedule in LR_SCHEDULES,
              f"train.lr_schedule={t.lr_schedule!r} is unknown; use one of {', '.join(LR_SCHEDULES)}")
-    _require(0 <= t.lr_final <= 1, f"train.lr_final={t.lr_final} must be in [0, 1] (a fraction of train.lr)")
-    _require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 = off)")
-    _require(0 <= t.ema < 1, f"train.ema={t.ema} must be in [0, 1) (0 = off)")
-    _require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
+    require(0 <= t.lr_final <= 1, f"train.lr_final={t.lr_final} must be in [0, 1] (a fraction of train.lr)")
+    require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 = off)")
+    require(0 <= t.ema < 1, f"train.ema={t.ema} must be in [0, 1) (0 = off)")
+    require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
 
 
 def validate_runtime(r: RuntimeConfig) -> None:
     """Check device and precision; raise ConfigError naming the field and the fix."""
-    _require(r.precision in ("auto", "bf16", "fp32"), f"runtime.precision={r.precision!r}; use auto, bf16 or fp32")
-    _require(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"),
+    require(r.precision in ("auto", "bf16", "fp32"), f"runtime.precision={r.precision!r}; use auto, bf16 or fp32")
+    require(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"),
              f"runtime.device={r.device!r}; use auto, cpu, cuda or cuda:N")
-    _require(not r.device.startswith("cuda") or torch.cuda.is_available(),
+    require(not r.device.startswith("cuda") or torch.cuda.is_available(),
              f"runtime.device={r.device} but no CUDA GPU is visible; use runtime.device=cpu")
-
-
-def validate_sample(cfg: SampleConfig) -> None:
-    """Check a SampleConfig's values; raise ConfigError naming the field and the fix.
-
-    The sampler's own settings (batch size, top_p, t_min) are checked by sampler.check_settings.
-    """
-    _require(len(cfg.models) > 0, "no models given; name at least one, e.g. --model large=runs/large")
-    _require(cfg.steps >= 1, f"steps={cfg.steps} must be >= 1")
-    _require(cfg.num_samples >= 1, f"num_samples={cfg.num_samples} must be >= 1")
-    _require(cfg.seq_len is None or cfg.seq_len >= 1, f"seq_len={cfg.seq_len} must be >= 1 or null")
-    _require(not (cfg.prompts and cfg.prompt_token_ids), "give prompts as texts or as token ids, not both")
-    validate_runtime(cfg.runtime)
-
-
-def validate_sweep(cfg: SweepConfig) -> None:
-    """Check a SweepConfig's values (schedules are parsed when the models are known)."""
-    _require(len(cfg.models) > 0, "sweep: no models; list them under models: (name: path)")
-    _require(bool(cfg.judge), "sweep: no judge; set judge: to a causal LM folder or a hub name such as gpt2-large")
-    _require(len(cfg.groups) > 0, "sweep: no groups; list at least one under groups: with schedules: [...]")
-    for name, group in cfg.groups.items():
-        _require(bool(group.schedules or (group.placements and group.fractions) or group.segments),
-                 f"groups.{name} has no schedules; give schedules, placements with fractions, or segments")
-        _require(bool(group.placements) == bool(group.fractions),
-                 f"groups.{name}: placements and fractions go together; give both or neither")
-        _require(group.segments >= 0, f"groups.{name}.segments={group.segments} must be >= 0")
-        _require(group.num_samples is None or group.num_samples >= 1,
-                 f"groups.{name}.num_samples={group.num_samples} must be >= 1")
-        _require(group.steps is None or (len(group.steps) > 0 and min(group.steps) >= 1),
-                 f"groups.{name}.steps={group.steps} must list step counts >= 1")
-        _require(group.seeds is None or len(group.seeds) > 0, f"groups.{name}.seeds is empty; list at least one")
-    _require(len(cfg.steps) > 0 and min(cfg.steps) >= 1, f"steps={cfg.steps} must list step counts >= 1")
-    _require(len(cfg.seeds) > 0, "seeds is empty; list at least one seed")
-    for name in ("num_samples", "batch_size", "judge_batch_size"):
-        _require(getattr(cfg, name) >= 1, f"{name}={getattr(cfg, name)} must be >= 1")
-    _require(cfg.reference.num_samples >= 1, f"reference.num_samples={cfg.reference.num_samples} must be >= 1")
-    for name, source in cfg.reference.sources.items():
-        try:
-            check_source(source)
-        except DataError as exc:
-            raise ConfigError(f"reference.sources.{name}: {exc}") from exc
-    validate_runtime(cfg.runtime)
 
 
 def validate(cfg: RunConfig) -> None:
     """Check values that types cannot; raise ConfigError naming the field and the fix."""
     _validate_model(cfg.model)
-    _require(cfg.noise.schedule in NOISE_SCHEDULES,
+    require(cfg.noise.schedule in NOISE_SCHEDULES,
              f"noise.schedule={cfg.noise.schedule!r} is unknown; use one of {', '.join(NOISE_SCHEDULES)}")
-    _require(0 < cfg.noise.eps < 1, f"noise.eps={cfg.noise.eps} must be in (0, 1)")
-    _require(0 < cfg.noise.sampling_eps < 1, f"noise.sampling_eps={cfg.noise.sampling_eps} must be in (0, 1)")
+    require(0 < cfg.noise.eps < 1, f"noise.eps={cfg.noise.eps} must be in (0, 1)")
+    require(0 < cfg.noise.sampling_eps < 1, f"noise.sampling_eps={cfg.noise.sampling_eps} must be in (0, 1)")
     _validate_data(cfg.data, cfg.model)
     _validate_train(cfg.train)
     validate_runtime(cfg.runtime)

@@ -23,7 +23,7 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from mdlm_sched.checkpoint import atomic_file
+from mdlm_sched.artifacts import atomic_file, data_cache_file
 from mdlm_sched.errors import DataError
 
 if TYPE_CHECKING:  # transformers takes seconds to import; only load_tokenizer needs it at run time
@@ -283,7 +283,7 @@ def tokenized_blocks(
     identity = _source_identity(source, root)
     key = json.dumps([_CACHE_VERSION, identity, tokenizer_hash(tokenizer), eos_id, seq_len, text_field, max_docs])
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", source.rsplit("/", 1)[-1])[:48]
-    path = Path(cache_dir) / f"{stem}-L{seq_len}-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npy"
+    path = data_cache_file(cache_dir, stem, seq_len, hashlib.sha256(key.encode()).hexdigest()[:24])
 
     if path.is_file():
         blocks = _load(path)

@@ -68,14 +68,6 @@ def nelbo_terms(logits: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: to
 # ----------------------------------------------------------------------------- sampling
 
 
-DEFAULT_T_MIN = 1e-5  # MDLM samples on linspace(1, 1e-5, T + 1)
-
-
-def time_grid(steps: int, t_min: float = DEFAULT_T_MIN) -> torch.Tensor:
-    """The T + 1 times [T + 1] (float64) of ancestral sampling: step i goes from t[i] to t[i + 1]."""
-    return torch.linspace(1.0, t_min, steps + 1, dtype=torch.float64)
-
-
 def unmask_probability(noise: LogLinearNoise, t: float, s: float) -> float:
     """P(a position masked at t is unmasked at s < t) = (alpha_s - alpha_t) / (1 - alpha_t).
 

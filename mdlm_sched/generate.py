@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -18,60 +18,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mdlm_sched.checkpoint import atomic_file, atomic_write_text, check_compatible, load_denoiser, model_folder
-from mdlm_sched.config import SampleConfig, validate_sample
-from mdlm_sched.data import load_tokenizer
+from mdlm_sched.artifacts import SampleRun, atomic_file, atomic_write_json, atomic_write_text
 from mdlm_sched.distributed import ONE_PROCESS, DistContext
-from mdlm_sched.diffusion import DEFAULT_T_MIN
-from mdlm_sched.flops import forward_flops, names_light_to_heavy, trace_flops
-from mdlm_sched.models.denoiser import DenoiserConfig
-from mdlm_sched.noise import LogLinearNoise, make_noise
+from mdlm_sched.flops import forward_flops, trace_flops
+from mdlm_sched.modelset import ModelSet, open_models
 from mdlm_sched.provenance import provenance
-from mdlm_sched.runtime import STREAM_SAMPLE, autocast_dtype, configure_backends, resolve_device, step_generator
-from mdlm_sched.sampler import PreparedDenoiser, SamplerSettings, StepRecord, check_prompts, check_settings, sample
-from mdlm_sched.schedule import ModelSchedule, parse_schedule
-
-
-@dataclass
-class ModelSet:
-    """Named denoisers ready to sample, with what every run needs to know about them."""
-
-    models: dict[str, PreparedDenoiser]
-    light_to_heavy: list[str]  # names by FLOPs per forward; the last is the all-large baseline
-    noise: LogLinearNoise
-    tokenizer: Any
-    seq_len: int
-
-    @property
-    def config(self) -> DenoiserConfig:
-        """The heaviest model's config (compatible with the others' in every field a schedule needs)."""
-        return self.models[self.light_to_heavy[-1]].config
-
-    @property
-    def device(self) -> torch.device:
-        return self.models[self.light_to_heavy[-1]].device
-
-    def schedule(self, spec: str, steps: int, t_min: float = DEFAULT_T_MIN) -> ModelSchedule:
-        """parse_schedule for these models."""
-        return parse_schedule(spec, steps, self.light_to_heavy, t_min)
-
-
-def load_models(paths: Mapping[str, str], device: torch.device, dtype: torch.dtype | None = None,
-                compile: bool = False, seq_len: int | None = None) -> ModelSet:
-    """Load denoisers by name, refuse an incompatible set, prepare them for sampling."""
-    raw = {name: load_denoiser(path, device) for name, path in paths.items()}
-    check_compatible({name: model.config for name, model in raw.items()})
-    first_name, first = next(iter(raw.items()))
-    config = first.config
-    length = seq_len or config.max_position_embeddings
-    tokenizer = load_tokenizer(str(model_folder(paths[first_name])))
-    return ModelSet(
-        models={name: PreparedDenoiser(model, dtype, compile) for name, model in raw.items()},
-        light_to_heavy=names_light_to_heavy({name: m.config for name, m in raw.items()}, length),
-        noise=make_noise(config.noise_schedule, config.noise_eps),
-        tokenizer=tokenizer,
-        seq_len=length,
-    )
+from mdlm_sched.runtime import STREAM_SAMPLE, step_generator
+from mdlm_sched.sampler import StepRecord, check_prompts, sample
+from mdlm_sched.sampling_config import SampleConfig, SamplerSettings, validate_sample
+from mdlm_sched.schedule import ModelSchedule
 
 
 @dataclass
@@ -83,37 +38,36 @@ class SamplingOutput:
     wall_s: float  # sampling only (models loaded and compiled before)
 
 
-def warm_up(model_set: ModelSet, settings: SamplerSettings, steps: int = 8) -> None:
+def warm_up(model_set: ModelSet, settings: SamplerSettings, batch_size: int, steps: int = 8) -> None:
     """A few untimed steps of every model at this batch size, so that compilation is in no timing."""
     for name in model_set.light_to_heavy:
         sample(model_set.models, model_set.schedule(f"{name}:{steps}", steps), model_set.noise,
-               replace(settings, cache=False), torch.Generator(device=model_set.device).manual_seed(0))
+               replace(settings, cache=False), torch.Generator(device=model_set.device).manual_seed(0),
+               batch_size, model_set.seq_len)
 
 
 def run_schedule(model_set: ModelSet, schedule: ModelSchedule, settings: SamplerSettings, num_samples: int,
-                 seed: int, prompts: Sequence[Sequence[int]] = (), progress: bool = True,
+                 batch_size: int, seed: int, prompts: Sequence[Sequence[int]] = (), progress: bool = True,
                  ctx: DistContext = ONE_PROCESS) -> SamplingOutput:
-    """Sample num_samples sequences in batches of settings.batch_size (prompts cycled over samples).
+    """Sample num_samples sequences in batches of batch_size (the last may be smaller; prompts cycled over samples).
 
     A batch's samples depend only on (seed, batch index, batch size). Under torchrun, each rank runs its
     share of the batches and every rank gets the whole output, the same as one process's; wall_s then runs
     from a common start until the last rank's samples have been gathered.
     """
-    check_settings(settings, model_set.config)
     if prompts:
-        check_prompts(prompts, model_set.config, settings.seq_len)
+        check_prompts(prompts, model_set.config, model_set.seq_len)
     device = model_set.device
-    n_batches = -(-num_samples // settings.batch_size)
+    n_batches = -(-num_samples // batch_size)
     bar = tqdm(total=len(ctx.share(n_batches)) * len(schedule), desc=f"sampling {schedule.spec}", unit="step",
                disable=not progress, leave=False)
 
     def run_batch(k: int) -> tuple[torch.Tensor, list[StepRecord]]:
-        first = k * settings.batch_size
-        size = min(settings.batch_size, num_samples - first)
+        first = k * batch_size
+        size = min(batch_size, num_samples - first)
         batch_prompts = [prompts[(first + j) % len(prompts)] for j in range(size)] if prompts else None
-        result = sample(model_set.models, schedule, model_set.noise,
-                        replace(settings, batch_size=size),
-                        step_generator(seed, k, STREAM_SAMPLE, device), batch_prompts,
+        result = sample(model_set.models, schedule, model_set.noise, settings,
+                        step_generator(seed, k, STREAM_SAMPLE, device), size, model_set.seq_len, batch_prompts,
                         on_step=lambda record: bar.update(1) if record.step < len(schedule) else None)
         return result.tokens.cpu(), result.trace
 
@@ -131,7 +85,7 @@ def run_schedule(model_set: ModelSet, schedule: ModelSchedule, settings: Sampler
 
 def flops_summary(model_set: ModelSet, output: SamplingOutput) -> dict[str, Any]:
     """FLOPs of the run in both conventions, per model, and against the same calls made by the heaviest model."""
-    configs = {name: m.config for name, m in model_set.models.items()}
+    configs = model_set.configs
     used = trace_flops(output.trace, configs, model_set.seq_len)
     heavy = model_set.light_to_heavy[-1]
     baseline = trace_flops(output.trace, configs, model_set.seq_len, as_model=heavy)
@@ -200,22 +154,16 @@ def sample_command(cfg: SampleConfig, progress: bool = True,
     """`mdlm-sched sample`: load, sample, write samples.jsonl, trace.csv and record.json; return the record."""
     from omegaconf import OmegaConf
 
-    validate_sample(cfg)
-    # seq_len is a placeholder until the models are loaded (check_settings without a config skips it).
-    settings = SamplerSettings(batch_size=cfg.batch_size, seq_len=cfg.seq_len or 1, top_p=cfg.top_p,
-                               cache=cfg.cache, noise_removal=cfg.noise_removal, t_min=cfg.t_min)
-    check_settings(settings)  # before loading models: bad settings fail fast
-    device = resolve_device(cfg.runtime)
-    configure_backends(device)
-    model_set = load_models(cfg.models, device, autocast_dtype(cfg.runtime, device), cfg.runtime.compile, cfg.seq_len)
-    settings = replace(settings, seq_len=model_set.seq_len)
+    settings = validate_sample(cfg)  # before loading models: bad settings fail fast
+    model_set = open_models(cfg.models, cfg.runtime, cfg.seq_len)
     schedule = model_set.schedule(cfg.schedule, cfg.steps, cfg.t_min)
     prompts = text_prompts(model_set.tokenizer, cfg.prompts) if cfg.prompts else cfg.prompt_token_ids
     if cfg.runtime.compile:
-        warm_up(model_set, settings)
-    output = run_schedule(model_set, schedule, settings, cfg.num_samples, cfg.seed, prompts, progress)
+        warm_up(model_set, settings, cfg.batch_size)
+    output = run_schedule(model_set, schedule, settings, cfg.num_samples, cfg.batch_size, cfg.seed, prompts,
+                          progress)
 
-    out = Path(cfg.out_dir)
+    out = SampleRun(Path(cfg.out_dir))
     flops = flops_summary(model_set, output)
     cache = cache_summary(output, cfg.steps)
     n_tokens = output.tokens.numel()
@@ -223,8 +171,7 @@ def sample_command(cfg: SampleConfig, progress: bool = True,
         "config": OmegaConf.to_container(OmegaConf.structured(cfg)),
         "schedule": {"spec": schedule.spec, "segments": schedule.segments_str(), "steps_per_model": schedule.counts()},
         "models": {name: {"path": cfg.models[name], "layers": m.config.num_hidden_layers,
-                          "hidden_size": m.config.hidden_size,
-                          "parameters": sum(p.numel() for p in m.model.parameters())}
+                          "hidden_size": m.config.hidden_size, "parameters": m.parameters}
                    for name, m in model_set.models.items()},
         "light_to_heavy": model_set.light_to_heavy,
         "num_samples": cfg.num_samples,
@@ -234,14 +181,14 @@ def sample_command(cfg: SampleConfig, progress: bool = True,
         "cache": cache,
         "wall_s": output.wall_s,
         "tokens_per_s": n_tokens / output.wall_s if output.wall_s > 0 else None,
-        "provenance": provenance(device),
+        "provenance": provenance(model_set.device),
     }
-    write_samples(out / "samples.jsonl", output.tokens, model_set.tokenizer, cfg.seed, cfg.batch_size)
+    write_samples(out.samples, output.tokens, model_set.tokenizer, cfg.seed, cfg.batch_size)
     rows = trace_table(output.trace)
-    atomic_write_text(out / "trace.csv", "step,t,s,model,run,skipped,unmasked\n" + "".join(
+    atomic_write_text(out.trace, "step,t,s,model,run,skipped,unmasked\n" + "".join(
         f"{r['step']},{r['t']:.6f},{r['s']:.6f},{r['model']},{r['run']},{r['skipped']},{r['unmasked']}\n"
         for r in rows))
-    atomic_write_text(out / "record.json", json.dumps(record, indent=1) + "\n")
+    atomic_write_json(out.record, record)
 
     heavy = flops["baseline_model"]
     echo(f"sampled {cfg.num_samples} x {model_set.seq_len} tokens, T={cfg.steps}, schedule {schedule.spec} "
@@ -254,8 +201,8 @@ def sample_command(cfg: SampleConfig, progress: bool = True,
     echo(f"  cache: {cache['skipped_share']:.1%} of {cache['sequence_steps']} sequence-steps needed no network call")
     echo(f"  FLOPs: blocks-only {flops['blocks_only']:.3e} ({flops['saving_blocks_only']:.1%} saved vs all-{heavy}), "
          f"full {flops['full']:.3e} ({flops['saving_full']:.1%} saved)")
-    echo(f"  wall-clock {output.wall_s:.2f} s, {record['tokens_per_s']:.0f} tokens/s on {device}")
+    echo(f"  wall-clock {output.wall_s:.2f} s, {record['tokens_per_s']:.0f} tokens/s on {model_set.device}")
     first_text = model_set.tokenizer.decode(output.tokens[0].tolist()).replace("\n", " ")
     echo(f"  sample 0: {first_text[:160]!r}")
-    echo(f"  wrote {out / 'samples.jsonl'}, {out / 'trace.csv'}, {out / 'record.json'}")
+    echo(f"  wrote {out.samples}, {out.trace}, {out.record}")
     return record

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mdlm_sched.checkpoint import model_folder
+from mdlm_sched.artifacts import model_folder
 from mdlm_sched.distributed import ONE_PROCESS, DistContext
 from mdlm_sched.errors import CheckpointError
 

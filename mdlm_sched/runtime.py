@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 
 import numpy as np
 import torch
 
 from mdlm_sched.config import RuntimeConfig
+from mdlm_sched.errors import UserError
 
-log = logging.getLogger(__name__)
+# Failures a stage records and moves past (a sweep point, the pipeline's analysis): the device ran out of
+# memory, or the input was bad. Anything else is a bug and must surface with its traceback.
+RECORDED_FAILURES = (torch.OutOfMemoryError, UserError)
 
 
 def resolve_device(runtime: RuntimeConfig) -> torch.device:

@@ -38,16 +38,16 @@ from typing import Protocol
 
 import torch
 
-from mdlm_sched.diffusion import DEFAULT_T_MIN, forbid_mask, time_grid, unmask_probability
+from mdlm_sched.diffusion import forbid_mask, unmask_probability
 from mdlm_sched.errors import SamplingError
 from mdlm_sched.models.denoiser import DenoiserConfig
 from mdlm_sched.noise import LogLinearNoise
-from mdlm_sched.runtime import autocast
-from mdlm_sched.schedule import ModelSchedule
+from mdlm_sched.sampling_config import SamplerSettings
+from mdlm_sched.schedule import ModelSchedule, time_grid
 
 
 class Denoiser(Protocol):
-    """What the sampler needs of a model (MDLMDenoiser and PreparedDenoiser have it)."""
+    """What the sampler needs of a model (MDLMDenoiser and modelset.PreparedDenoiser have it)."""
 
     config: DenoiserConfig
     device: torch.device
@@ -57,38 +57,6 @@ class Denoiser(Protocol):
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [..., V] of hidden [..., d]."""
-
-
-class PreparedDenoiser:
-    """A denoiser set up to sample: eval mode, autocast dtype, optionally a compiled backbone."""
-
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None, compile: bool = False) -> None:
-        self.model = model.eval()
-        self.config = model.config
-        self.device = model.device
-        self.dtype = dtype
-        # dynamic=True: the number of sequences run changes at every step.
-        self._hidden = torch.compile(model.hidden, dynamic=True) if compile else model.hidden
-
-    def hidden(self, input_ids: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
-        # Always without autograd: a compiled graph is specialised on grad mode, so mixing modes recompiles.
-        with torch.no_grad(), autocast(input_ids.device, self.dtype):
-            return self._hidden(input_ids, sigma)
-
-    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.logits_from_hidden(hidden)
-
-
-@dataclass(frozen=True)
-class SamplerSettings:
-    """How to sample one batch; T is the schedule's length."""
-
-    batch_size: int
-    seq_len: int
-    top_p: float = 1.0  # nucleus sampling; 1 = the full distribution
-    cache: bool = True  # run the network only on sequences that unmask a token at the step
-    noise_removal: bool = True  # argmax-fill the masks left after the last step
-    t_min: float = DEFAULT_T_MIN  # the last step ends at t_min (0 = unmask everything by then)
 
 
 @dataclass(frozen=True)
@@ -143,16 +111,10 @@ def check_prompts(prompts: Sequence[Sequence[int]], config: DenoiserConfig, seq_
                                 f"or equal to [MASK]={config.mask_token_id}; give ids of the model's tokenizer")
 
 
-def check_settings(settings: SamplerSettings, config: DenoiserConfig | None = None) -> None:
-    """Raise SamplingError for settings no sampler run can use (the length too when config is given)."""
-    if settings.batch_size < 1:
-        raise SamplingError(f"batch size {settings.batch_size} must be >= 1")
-    if not 0.0 < settings.top_p <= 1.0:
-        raise SamplingError(f"top_p={settings.top_p} must be in (0, 1]; use 1 for the full distribution")
-    if not 0.0 <= settings.t_min < 1.0:
-        raise SamplingError(f"t_min={settings.t_min} must be in [0, 1)")
-    if config is not None and not 1 <= settings.seq_len <= config.max_position_embeddings:
-        raise SamplingError(f"sequence length {settings.seq_len} must be in [1, {config.max_position_embeddings}] "
+def check_length(seq_len: int, config: DenoiserConfig) -> None:
+    """Raise SamplingError unless sequences of seq_len tokens fit the models."""
+    if not 1 <= seq_len <= config.max_position_embeddings:
+        raise SamplingError(f"sequence length {seq_len} must be in [1, {config.max_position_embeddings}] "
                             f"(the models' max_position_embeddings)")
 
 
@@ -170,11 +132,11 @@ def _decode(model: Denoiser, x: torch.Tensor, rows: torch.Tensor, positions: tor
 
 @torch.no_grad()
 def sample(models: Mapping[str, Denoiser], schedule: ModelSchedule, noise: LogLinearNoise,
-           settings: SamplerSettings, generator: torch.Generator,
+           settings: SamplerSettings, generator: torch.Generator, batch_size: int, seq_len: int,
            prompts: Sequence[Sequence[int]] | None = None,
            on_step: Callable[[StepRecord], None] | None = None,
            on_state: Callable[[int, torch.Tensor], None] | None = None) -> SampleResult:
-    """Sample settings.batch_size sequences with `schedule` (T = len(schedule) steps).
+    """Sample batch_size sequences of seq_len tokens with `schedule` (T = len(schedule) steps).
 
     models: name -> denoiser; every name in the schedule must be there (check_compatible first).
     generator: the only source of randomness; draws are made on its device.
@@ -183,12 +145,14 @@ def sample(models: Mapping[str, Denoiser], schedule: ModelSchedule, noise: LogLi
     on_state: called with (step i, x_t [B, L]) at the start of each step, before its draws (the
         states the step's model sees; per-step analysis). The tensor is the sampler's own: clone it to keep it.
     """
-    missing = sorted(set(schedule.steps) - set(models))
+    missing = sorted(set(schedule.names) - set(models))
     if missing:
         raise SamplingError(f"the schedule uses model {missing[0]!r}, which was not given; pass it by name")
     config = models[schedule[0]].config
-    check_settings(settings, config)
-    b, l, mask_id = settings.batch_size, settings.seq_len, config.mask_token_id
+    check_length(seq_len, config)
+    if batch_size < 1:
+        raise SamplingError(f"batch size {batch_size} must be >= 1")
+    b, l, mask_id = batch_size, seq_len, config.mask_token_id
     device = models[schedule[0]].device
     x = torch.full((b, l), mask_id, dtype=torch.long, device=device)  # [B, L]
     if prompts is not None:
@@ -212,7 +176,7 @@ def sample(models: Mapping[str, Denoiser], schedule: ModelSchedule, noise: LogLi
             return None
         return noise.sigma(torch.full((n,), t, device=device))
 
-    for i, name in enumerate(schedule.steps):
+    for i, name in enumerate(schedule.names):
         t, s = times[i], times[i + 1]
         model = models[name]
         if on_state is not None:

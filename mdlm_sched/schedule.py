@@ -17,7 +17,8 @@ Model keys: a model's full name (``small``), ``H`` for the heavy model (most FLO
 ``L`` for the light one (fewest), as in the seed paper, and the upper-case initial of any other
 name (``S`` for small, ``M`` for medium) when it is unambiguous. Any number of models may be named.
 
-Step i of T runs from t_i = 1 - i (1 - t_min) / T down to t_{i+1} (diffusion.time_grid).
+Step i of T runs from t_i = 1 - i (1 - t_min) / T down to t_{i+1} (`time_grid`). No torch here: the
+report reads preset names from this module.
 """
 
 from __future__ import annotations
@@ -27,32 +28,50 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import groupby
 
-from mdlm_sched.diffusion import DEFAULT_T_MIN, time_grid
-from mdlm_sched.errors import ScheduleError
+import numpy as np
+
+from mdlm_sched.errors import ConfigError, ScheduleError
 
 PRESETS = ("all-large", "all-small", "early-small", "late-small", "sandwich", "small-in-the-middle", "alternating")
+# The presets that place light steps among heavy ones (the other two use one model throughout), and the four
+# placements of 250 of 1000 light steps that the seed paper compares.
+PLACEMENTS = tuple(p for p in PRESETS if not p.startswith("all-"))
+PAPER_PLACEMENTS = ("early-small", "late-small", "sandwich", "small-in-the-middle")
 DEFAULT_FRACTION = 0.25
+DEFAULT_T_MIN = 1e-5  # MDLM samples on linspace(1, 1e-5, T + 1)
 
 _SEGMENT = re.compile(r"^([A-Za-z][A-Za-z0-9_\-]*?):?(\d+)$")
 _THRESHOLD = re.compile(r"^([A-Za-z][A-Za-z0-9_\-]*?)>([0-9.eE+\-]+)$")
+
+
+def time_grid(steps: int, t_min: float = DEFAULT_T_MIN) -> np.ndarray:
+    """The T + 1 times [T + 1] (float64) of ancestral sampling: step i goes from t[i] to t[i + 1]."""
+    return np.linspace(1.0, t_min, steps + 1, dtype=np.float64)
+
+
+def grid_steps(steps: int, grid: int) -> list[int]:
+    """`grid` step indices evenly spaced over 0..steps-1, both ends included (the per-step analysis's grid)."""
+    if not 1 <= grid <= steps:
+        raise ConfigError(f"grid={grid} must be in [1, steps={steps}]; evaluate at most every step")
+    return sorted({int(round(x)) for x in np.linspace(0, steps - 1, grid)})
 
 
 @dataclass(frozen=True)
 class ModelSchedule:
     """The model name of every denoising step, with the spec it was built from."""
 
-    steps: tuple[str, ...]
+    names: tuple[str, ...]  # names[i] is the model of step i; len() is T
     spec: str
 
     def __len__(self) -> int:
-        return len(self.steps)
+        return len(self.names)
 
     def __getitem__(self, i: int) -> str:
-        return self.steps[i]
+        return self.names[i]
 
     def segments(self) -> list[tuple[str, int]]:
         """Run-length form: [(model, steps), ...] in step order."""
-        return [(name, len(list(run))) for name, run in groupby(self.steps)]
+        return [(name, len(list(run))) for name, run in groupby(self.names)]
 
     def segments_str(self) -> str:
         """Run-length form as a string, with full model names: "small:125,large:750,small:125"."""
@@ -61,7 +80,7 @@ class ModelSchedule:
     def counts(self) -> dict[str, int]:
         """Steps per model."""
         out: dict[str, int] = {}
-        for name in self.steps:
+        for name in self.names:
             out[name] = out.get(name, 0) + 1
         return out
 
@@ -87,8 +106,9 @@ def model_keys(names_light_to_heavy: Sequence[str]) -> dict[str, str]:
 def _resolve(key: str, keys: dict[str, str], spec: str) -> str:
     if key not in keys:
         known = ", ".join(f"{k}={v}" for k, v in keys.items() if k != v)
-        raise ScheduleError(f"schedule {spec!r}: {key!r} names no model; use a model name ({', '.join(sorted(set(keys.values())))}) "
-                            f"or a letter ({known})")
+        names = ", ".join(sorted(set(keys.values())))
+        raise ScheduleError(f"schedule {spec!r}: {key!r} names no model; use a model name ({names}) or a letter "
+                            f"({known})")
     return keys[key]
 
 
@@ -181,7 +201,7 @@ def parse_schedule(spec: str, steps: int, names_light_to_heavy: Sequence[str],
     else:
         raise ScheduleError(f"schedule {spec!r} is not a preset ({', '.join(PRESETS)}, optionally @fraction), "
                             f"segments (e.g. L125,H750,L125) or t-thresholds (e.g. t:L>0.875,H>0.125,L)")
-    return ModelSchedule(steps=tuple(names), spec=spec)
+    return ModelSchedule(names=tuple(names), spec=spec)
 
 
 def coarse_segment_specs(segments: int, steps: int) -> list[tuple[str, str]]:

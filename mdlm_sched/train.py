@@ -25,82 +25,33 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from mdlm_sched.checkpoint import MODEL_DIR, atomic_write_text, export_model, load_latest_state, save_state
-from mdlm_sched.config import RunConfig, TrainConfig, to_yaml
+from mdlm_sched.artifacts import (LOG_RESUME, LOG_START, LOG_TRAIN, LOG_VAL, TrainRun, append_jsonl,
+                                  atomic_write_text, read_jsonl)
+from mdlm_sched.checkpoint import export_model, load_latest_state, save_state
+from mdlm_sched.config import RunConfig, TrainConfig, flagged_fields, to_yaml
 from mdlm_sched.data import load_sources, load_tokenizer, mask_token_id, tokenizer_hash
-from mdlm_sched.diffusion import corrupt, nelbo_terms, sample_times
 from mdlm_sched.distributed import ONE_PROCESS, DistContext, distributed
 from mdlm_sched.errors import CheckpointError, ConfigError, NonFiniteLossError
 from mdlm_sched.models import build_model
-from mdlm_sched.noise import LogLinearNoise, make_noise
+from mdlm_sched.objectives import evaluate, make_objective
 from mdlm_sched.runtime import (STREAM_DROPOUT, STREAM_INIT, STREAM_NOISE, STREAM_VAL, autocast, autocast_dtype,
                                 configure_backends, rank_seed, step_generator, step_seed)
 
 log = logging.getLogger(__name__)
 
-
-# ---------------------------------------------------------------------------------------------
-# Objectives: what a batch of clean blocks x0 [B, L] costs a model.
-
-
-class Objective(Protocol):
-    def prepare(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-        """Random inputs for one optimizer step's sequences (all tensors have batch dim first)."""
-
-    def loss(self, model: torch.nn.Module, *inputs: torch.Tensor, training: bool) -> torch.Tensor:
-        """Mean loss per token of one micro-batch (float32 scalar)."""
-
-
-@dataclass(frozen=True)
-class MDLMObjective:
-    """Continuous-time NELBO of the masked diffusion model; exp(mean) bounds the perplexity."""
-
-    noise: LogLinearNoise
-    mask_id: int
-    sampling_eps: float
-
-    def prepare(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-        # One low-discrepancy set of times over the whole step's batch, then masks at those times.
-        t = sample_times(x0.shape[0], generator, self.sampling_eps, device=x0.device)
-        return x0, corrupt(x0, t, self.noise, self.mask_id, generator), t
-
-    def loss(self, model: torch.nn.Module, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *,
-             training: bool) -> torch.Tensor:
-        # Training keeps the output head in the autocast dtype for speed; evaluation uses float32.
-        logits = model(x_t, sigma=self.noise.sigma(t), head_fp32=not training)
-        return nelbo_terms(logits, x0, x_t, t, self.noise, self.mask_id).mean()
-
-
-@dataclass(frozen=True)
-class AutoregressiveObjective:
-    """Next-token cross-entropy of a causal LM (the judge); exp(mean) is its perplexity."""
-
-    def prepare(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
-        return (x0,)
-
-    def loss(self, model: torch.nn.Module, x0: torch.Tensor, *, training: bool) -> torch.Tensor:
-        logits = model(input_ids=x0).logits  # [B, L, V]
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x0[:, 1:].flatten())
-
-
-def make_objective(cfg: RunConfig, mask_id: int) -> Objective:
-    """The objective for cfg.model.arch."""
-    if cfg.model.arch == "gpt2":
-        return AutoregressiveObjective()
-    return MDLMObjective(make_noise(cfg.noise.schedule, cfg.noise.eps), mask_id, cfg.noise.sampling_eps)
+# Config fields a resumed run must share with the run it resumes (the model, the data it sees, its order).
+RESUME_KEYS = tuple(flagged_fields(RunConfig, "resume"))
 
 
 # ---------------------------------------------------------------------------------------------
-# Data order and EMA.
+# Data order, learning rate, EMA.
 
 
 @lru_cache(maxsize=4)
@@ -165,53 +116,7 @@ class EMA:
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop.
-
-
-@dataclass
-class TrainResult:
-    out_dir: Path
-    model_dir: Path
-    step: int
-    last_loss: float | None
-    val: dict[str, float] = field(default_factory=dict)  # "<source>" -> perplexity (bound for an mdlm)
-
-
-class JsonlLog:
-    """Append-only JSONL log; on resume, entries past the resumed step are dropped (they will be redone)."""
-
-    def __init__(self, path: Path, keep_through_step: int) -> None:
-        self.path = path
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line and json.loads(line).get("step", 0) <= keep_through_step]
-            atomic_write_text(path, "".join(line + "\n" for line in kept))
-        self.file = path.open("a")
-
-    def write(self, **record: object) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
-
-
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, objective: Objective, blocks: np.ndarray, micro_batch_size: int,
-             device: torch.device, amp: torch.dtype | None, seed: int) -> float:
-    """Mean loss per token over blocks [N, L] (the same noise draws at every call for a given seed)."""
-    was_training = model.training
-    model.eval()
-    generator = torch.Generator(device=device).manual_seed(seed)
-    total, count = 0.0, 0
-    for start in range(0, len(blocks), micro_batch_size):
-        x0 = torch.from_numpy(blocks[start:start + micro_batch_size].astype(np.int64)).to(device)
-        with autocast(device, amp):
-            loss = objective.loss(model, *objective.prepare(x0, generator), training=False)
-        total += float(loss) * len(x0)  # every block has the same length, so weight by blocks
-        count += len(x0)
-    model.train(was_training)
-    return total / count
+# One optimizer step.
 
 
 def train_step(model: torch.nn.Module, step_loss: Callable[..., torch.Tensor], optimizer: torch.optim.Optimizer,
@@ -247,20 +152,6 @@ def train_step(model: torch.nn.Module, step_loss: Callable[..., torch.Tensor], o
     return loss_value, grad_norm
 
 
-def _check_resume_compatible(cfg: RunConfig, out_dir: Path) -> None:
-    saved_path = out_dir / "config.yaml"
-    if not saved_path.exists():
-        return
-    saved = OmegaConf.load(saved_path)
-    current = OmegaConf.structured(cfg)
-    for key in ("model", "noise", "data.train", "data.val", "data.tokenizer", "data.seq_len", "data.text_field",
-                "data.max_docs", "train.batch_size", "train.seed"):
-        a, b = OmegaConf.select(saved, key), OmegaConf.select(current, key)
-        if a != b:
-            raise CheckpointError(f"{out_dir} holds a run with a different '{key}'; resume with the same "
-                                  f"settings or choose a new train.out_dir")
-
-
 def rank_accumulation(tc: TrainConfig, world_size: int) -> int:
     """Micro-batches per rank and optimizer step: the global batch split over the ranks, then into micro-batches."""
     split = world_size * tc.micro_batch_size
@@ -271,139 +162,188 @@ def rank_accumulation(tc: TrainConfig, world_size: int) -> int:
     return tc.batch_size // split
 
 
+# ---------------------------------------------------------------------------------------------
+# The run.
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    model_dir: Path
+    step: int
+    last_loss: float | None
+    val: dict[str, float] = field(default_factory=dict)  # "<source>" -> perplexity (bound for an mdlm)
+
+
+def _check_resume_compatible(cfg: RunConfig, run: TrainRun) -> None:
+    if not run.config.exists():
+        return
+    saved = OmegaConf.load(run.config)
+    current = OmegaConf.structured(cfg)
+    for key in RESUME_KEYS:
+        if OmegaConf.select(saved, key) != OmegaConf.select(current, key):
+            raise CheckpointError(f"{run.root} holds a run with a different '{key}'; resume with the same "
+                                  f"settings or choose a new train.out_dir")
+
+
 def train(cfg: RunConfig, progress: bool = True) -> TrainResult:
     """Train cfg.model on cfg.data; resume from cfg.train.out_dir if it holds a checkpoint.
 
     Under torchrun every rank runs this and gets the result (validation results on rank 0 only).
     """
     with distributed(cfg.runtime) as (ctx, device):
-        return _train(cfg, ctx, device, progress and ctx.is_main)
+        trainer = _Trainer(cfg, ctx, device)
+        start = trainer.resume()
+        trainer.loop(start, progress and ctx.is_main)
+        return trainer.result
 
 
-def _train(cfg: RunConfig, ctx: DistContext, device: torch.device, progress: bool) -> TrainResult:
-    tc = cfg.train
-    accum = rank_accumulation(tc, ctx.world_size)  # before any work: a batch that does not split fails fast
-    out_dir = Path(tc.out_dir)
-    configure_backends(device)
-    amp = autocast_dtype(cfg.runtime, device)
+class _Trainer:
+    """One training run: the model, its optimizer and EMA, the data, the log, and the steps taken so far."""
 
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    tok_hash = tokenizer_hash(tokenizer)
-    torch.manual_seed(step_seed(tc.seed, 0, STREAM_INIT))  # initial weights
-    model = build_model(cfg, len(tokenizer), tokenizer.eos_token_id, tok_hash).to(device)
-    objective = make_objective(cfg, mask_id=mask_token_id(tokenizer))
-    data_args = dict(tokenizer=tokenizer, seq_len=cfg.data.seq_len, cache_dir=cfg.data.cache_dir,
-                     text_field=cfg.data.text_field, max_docs=cfg.data.max_docs)
-    max_val = tc.val_batches * tc.micro_batch_size
-    with ctx.main_first():  # rank 0 tokenises and caches; the other ranks then read its cache
-        train_blocks = load_sources(cfg.data.train, **data_args)
-        val_blocks = {name: load_sources([src], **data_args)[:max_val] for name, src in cfg.data.val.items()}
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info("model %s: %.2fM parameters; %d train blocks of %d tokens; %d process(es), %d micro-batches of %d "
-             "sequences each per step", cfg.model.arch, n_params / 1e6, len(train_blocks), cfg.data.seq_len,
-             ctx.world_size, accum, tc.micro_batch_size)
+    def __init__(self, cfg: RunConfig, ctx: DistContext, device: torch.device) -> None:
+        tc = cfg.train
+        self.cfg, self.ctx, self.device = cfg, ctx, device
+        self.accum = rank_accumulation(tc, ctx.world_size)  # before any work: a batch that does not split fails
+        self.run = TrainRun(Path(tc.out_dir))
+        configure_backends(device)
+        self.amp = autocast_dtype(cfg.runtime, device)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        torch.manual_seed(step_seed(tc.seed, 0, STREAM_INIT))  # initial weights
+        self.model = build_model(cfg, len(self.tokenizer), self.tokenizer.eos_token_id,
+                                 tokenizer_hash(self.tokenizer)).to(device)
+        self.objective = make_objective(cfg, mask_id=mask_token_id(self.tokenizer))
+        data_args = dict(tokenizer=self.tokenizer, seq_len=cfg.data.seq_len, cache_dir=cfg.data.cache_dir,
+                         text_field=cfg.data.text_field, max_docs=cfg.data.max_docs)
+        max_val = tc.val_batches * tc.micro_batch_size
+        with ctx.main_first():  # rank 0 tokenises and caches; the other ranks then read its cache
+            self.train_blocks = load_sources(cfg.data.train, **data_args)
+            self.val_blocks = {name: load_sources([src], **data_args)[:max_val] for name, src in cfg.data.val.items()}
+        self.parameters = sum(p.numel() for p in self.model.parameters())
+        log.info("model %s: %.2fM parameters; %d train blocks of %d tokens; %d process(es), %d micro-batches of %d "
+                 "sequences each per step", cfg.model.arch, self.parameters / 1e6, len(self.train_blocks),
+                 cfg.data.seq_len, ctx.world_size, self.accum, tc.micro_batch_size)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=tc.lr, betas=tuple(tc.betas),
+                                           weight_decay=tc.weight_decay, fused=device.type == "cuda")
+        self.ema = EMA(self.model, tc.ema) if tc.ema > 0 else None
+        # DDP averages the gradients over the ranks; `model` stays the plain module (EMA, validation, checkpoints).
+        self.replica = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None) \
+            if ctx.world_size > 1 else self.model
+        self.step_loss = torch.compile(self.objective.loss) if cfg.runtime.compile else self.objective.loss
+        self.tokens_per_step = tc.batch_size * cfg.data.seq_len
+        self.result = TrainResult(self.run.root, self.run.model, 0, None)
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas),
-                                  weight_decay=tc.weight_decay, fused=device.type == "cuda")
-    ema = EMA(model, tc.ema) if tc.ema > 0 else None
+    # ----------------------------------------------------------------------------- resume
 
-    start = 0
-    state = load_latest_state(out_dir)
-    if state is not None:
-        _check_resume_compatible(cfg, out_dir)
-        tensors, opt_state, meta = state
-        with torch.no_grad():  # by parameter name: tied weights (the GPT-2 head) are stored once
-            for name, param in model.named_parameters():
-                param.copy_(tensors["model"][name])
-        optimizer.load_state_dict(opt_state)
-        if ema is not None:
-            ema.load_state_dict(tensors["ema"])
-        start = meta["step"]
-        log.info("resumed from %s at step %d", out_dir / "checkpoints", start)
-    jlog = None  # rank 0 alone writes the run folder
-    if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.yaml", to_yaml(cfg))
-        jlog = JsonlLog(out_dir / "log.jsonl", keep_through_step=start)
-        # What the run sees, for reports (tokens seen, passes over the data): written at every (re)start.
-        jlog.write(step=start, event="resume" if start > 0 else "start", world_size=ctx.world_size,
-                   train_blocks=len(train_blocks), train_tokens=len(train_blocks) * cfg.data.seq_len,
-                   parameters=n_params)
-    # DDP averages the gradients over the ranks; `model` stays the plain module (EMA, validation, checkpoints).
-    replica = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ctx.world_size > 1 \
-        else model
+    def resume(self) -> int:
+        """Load the newest checkpoint if there is one; start (or restart) the log; return the first step to take."""
+        stems = ["model", "ema"] if self.ema is not None else ["model"]
+        state = load_latest_state(self.run, stems)
+        start = 0
+        if state is not None:
+            _check_resume_compatible(self.cfg, self.run)
+            tensors, opt_state, meta = state
+            with torch.no_grad():  # by parameter name: tied weights (the GPT-2 head) are stored once
+                for name, param in self.model.named_parameters():
+                    param.copy_(tensors["model"][name])
+            self.optimizer.load_state_dict(opt_state)
+            if self.ema is not None:
+                self.ema.load_state_dict(tensors["ema"])
+            start = meta["step"]
+            log.info("resumed from %s at step %d", self.run.checkpoints, start)
+        self.result.step = start
+        if self.ctx.is_main:  # rank 0 alone writes the run folder
+            self.run.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.run.config, to_yaml(self.cfg))
+            # Records past the resumed step are dropped: those steps are taken again.
+            kept = [r for r in read_jsonl(self.run.log) if r["step"] <= start]
+            atomic_write_text(self.run.log, "".join(json.dumps(r) + "\n" for r in kept))
+            # What the run sees, for reports (tokens seen, passes over the data): written at every (re)start.
+            self._log(kind=LOG_RESUME if start > 0 else LOG_START, step=start, world_size=self.ctx.world_size,
+                      train_blocks=len(self.train_blocks),
+                      train_tokens=len(self.train_blocks) * self.cfg.data.seq_len, parameters=self.parameters)
+        return start
 
-    step_loss = torch.compile(objective.loss) if cfg.runtime.compile else objective.loss
-    tokens_per_step = tc.batch_size * cfg.data.seq_len
-    result = TrainResult(out_dir, out_dir / MODEL_DIR, start, None)
+    # ----------------------------------------------------------------------------- helpers
 
-    def validate(step: int) -> None:
-        with ema.applied(model) if ema is not None else nullcontext():
-            for i, (name, blocks) in enumerate(val_blocks.items()):
-                nelbo = evaluate(model, objective, blocks, tc.micro_batch_size, device, amp,
-                                 seed=step_seed(tc.seed, i, STREAM_VAL))  # the same draws at every validation
-                result.val[name] = math.exp(nelbo)
-                jlog.write(step=step, split=f"val/{name}", loss=nelbo, ppl=math.exp(nelbo), blocks=len(blocks))
-                kind = "perplexity bound" if cfg.model.arch == "mdlm" else "perplexity"
-                log.info("step %d val/%s: loss %.4f, %s %.2f (%d blocks)", step, name, nelbo, kind,
-                         math.exp(nelbo), len(blocks))
+    def _log(self, **record: object) -> None:
+        append_jsonl(self.run.log, record)
 
-    def checkpoint(step: int) -> None:
-        tensors = {"model": dict(model.named_parameters())}
-        if ema is not None:
-            tensors["ema"] = ema.state_dict()
-        save_state(out_dir, step, tensors, optimizer.state_dict(),
-                   {"tokens_seen": step * tokens_per_step, "world_size": ctx.world_size}, keep=tc.keep_checkpoints)
-        with ema.applied(model) if ema is not None else nullcontext():
-            export_model(model, tokenizer, result.model_dir)
+    def validate(self, step: int) -> None:
+        """The validation loss of every source under the EMA weights (rank 0)."""
+        tc = self.cfg.train
+        kind = "perplexity bound" if self.cfg.model.arch == "mdlm" else "perplexity"
+        with self.ema.applied(self.model) if self.ema is not None else nullcontext():
+            for i, (name, blocks) in enumerate(self.val_blocks.items()):
+                loss = evaluate(self.model, self.objective, blocks, tc.micro_batch_size, self.device, self.amp,
+                                seed=step_seed(tc.seed, i, STREAM_VAL))  # the same draws at every validation
+                self.result.val[name] = math.exp(loss)
+                self._log(kind=LOG_VAL, step=step, source=name, loss=loss, ppl=math.exp(loss), blocks=len(blocks))
+                log.info("step %d val/%s: loss %.4f, %s %.2f (%d blocks)", step, name, loss, kind, math.exp(loss),
+                         len(blocks))
 
-    model.train()
-    bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not progress, desc="train")
-    t_last, tokens_since = time.perf_counter(), 0
-    for step in bar:
-        lr = learning_rate(tc, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        idx = batch_indices(step, tc.batch_size, len(train_blocks), tc.seed)
-        x0 = torch.from_numpy(train_blocks[idx].astype(np.int64)).to(device, non_blocking=True)
-        # The draws of the whole global batch, the same on every rank; then this rank's rows of it.
-        inputs = objective.prepare(x0, step_generator(tc.seed, step, STREAM_NOISE, device))
-        inputs = tuple(x[ctx.rows(tc.batch_size)] for x in inputs)
-        torch.manual_seed(rank_seed(step_seed(tc.seed, step, STREAM_DROPOUT), ctx.rank))  # this step's dropout
+    def checkpoint(self, step: int) -> None:
+        """A resumable state, then the Hugging Face export of the EMA weights (rank 0)."""
+        tensors = {"model": dict(self.model.named_parameters())}
+        if self.ema is not None:
+            tensors["ema"] = self.ema.state_dict()
+        save_state(self.run, step, tensors, self.optimizer.state_dict(),
+                   {"tokens_seen": step * self.tokens_per_step, "world_size": self.ctx.world_size},
+                   keep=self.cfg.train.keep_checkpoints)
+        with self.ema.applied(self.model) if self.ema is not None else nullcontext():
+            export_model(self.model, self.tokenizer, self.run.model)
 
-        loss_value, grad_norm = train_step(replica, step_loss, optimizer, inputs, accum, device, amp, tc.grad_clip,
-                                           ctx)
-        if not math.isfinite(loss_value):
-            raise NonFiniteLossError(f"loss is {loss_value} at step {step}; stopped before the optimizer step "
-                                     f"(last checkpoint in {out_dir / 'checkpoints'}); "
-                                     f"lower train.lr or check the data")
-        if ema is not None:
-            ema.update(model, step)
-        done = step + 1
-        tokens_since += tokens_per_step
-        result.step, result.last_loss = done, loss_value
+    # ----------------------------------------------------------------------------- the loop
 
-        if done % tc.log_every == 0 or done == tc.steps:
-            now = time.perf_counter()
-            if jlog is not None:
-                jlog.write(step=done, loss=loss_value, lr=lr,
-                           grad_norm=None if grad_norm is None else float(grad_norm),
-                           tokens_seen=done * tokens_per_step, epochs=done * tc.batch_size / len(train_blocks),
-                           tokens_per_s=tokens_since / (now - t_last))
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_since / (now - t_last):.0f}")
-            t_last, tokens_since = now, 0
-        validating = done % tc.val_every == 0 or done == tc.steps
-        saving = done % tc.ckpt_every == 0 or done == tc.steps
-        if validating and ctx.is_main:
-            validate(done)
-        if saving and ctx.is_main:
-            checkpoint(done)
-        if validating or saving:
-            ctx.barrier()  # the other ranks wait for rank 0's validation and checkpoint
-            t_last, tokens_since = time.perf_counter(), 0  # keep their time out of tokens/s
-    bar.close()
-    if jlog is not None:
-        jlog.close()
-    if start >= tc.steps:
-        log.info("%s is already trained to step %d (train.steps=%d); nothing to do", out_dir, start, tc.steps)
-    return result
+    def loop(self, start: int, progress: bool) -> None:
+        """Take the steps from `start` to train.steps, logging, validating and saving on schedule."""
+        tc, ctx = self.cfg.train, self.ctx
+        self.model.train()
+        bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not progress, desc="train")
+        t_last, tokens_since = time.perf_counter(), 0
+        for step in bar:
+            lr = learning_rate(tc, step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            idx = batch_indices(step, tc.batch_size, len(self.train_blocks), tc.seed)
+            x0 = torch.from_numpy(self.train_blocks[idx].astype(np.int64)).to(self.device, non_blocking=True)
+            # The draws of the whole global batch, the same on every rank; then this rank's rows of it.
+            inputs = self.objective.prepare(x0, step_generator(tc.seed, step, STREAM_NOISE, self.device))
+            inputs = tuple(x[ctx.rows(tc.batch_size)] for x in inputs)
+            torch.manual_seed(rank_seed(step_seed(tc.seed, step, STREAM_DROPOUT), ctx.rank))  # this step's dropout
+
+            loss_value, grad_norm = train_step(self.replica, self.step_loss, self.optimizer, inputs, self.accum,
+                                               self.device, self.amp, tc.grad_clip, ctx)
+            if not math.isfinite(loss_value):
+                raise NonFiniteLossError(f"loss is {loss_value} at step {step}; stopped before the optimizer step "
+                                         f"(last checkpoint in {self.run.checkpoints}); lower train.lr or check the "
+                                         f"data")
+            if self.ema is not None:
+                self.ema.update(self.model, step)
+            done = step + 1
+            tokens_since += self.tokens_per_step
+            self.result.step, self.result.last_loss = done, loss_value
+
+            if done % tc.log_every == 0 or done == tc.steps:
+                now = time.perf_counter()
+                if ctx.is_main:
+                    self._log(kind=LOG_TRAIN, step=done, loss=loss_value, lr=lr,
+                              grad_norm=None if grad_norm is None else float(grad_norm),
+                              tokens_seen=done * self.tokens_per_step,
+                              epochs=done * tc.batch_size / len(self.train_blocks),
+                              tokens_per_s=tokens_since / (now - t_last))
+                bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_since / (now - t_last):.0f}")
+                t_last, tokens_since = now, 0
+            validating = done % tc.val_every == 0 or done == tc.steps
+            saving = done % tc.ckpt_every == 0 or done == tc.steps
+            if validating and ctx.is_main:
+                self.validate(done)
+            if saving and ctx.is_main:
+                self.checkpoint(done)
+            if validating or saving:
+                ctx.barrier()  # the other ranks wait for rank 0's validation and checkpoint
+                t_last, tokens_since = time.perf_counter(), 0  # keep their time out of tokens/s
+        bar.close()
+        if start >= tc.steps:
+            log.info("%s is already trained to step %d (train.steps=%d); nothing to do", self.run.root, start,
+                     tc.steps)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import pytest
+# One thread per test process (read by torch when it is first imported, and inherited by the processes tests
+# start): pytest runs two workers side by side on a two-core machine.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402  (after the thread setting)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

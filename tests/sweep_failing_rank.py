@@ -7,6 +7,8 @@ The failure is raised where a real one (out of memory) would be: inside rank 1's
 
 import sys
 
+import torch
+
 import mdlm_sched.generate as generate
 from mdlm_sched.cli import main
 from mdlm_sched.distributed import launch_context
@@ -17,7 +19,7 @@ real_sample = generate.sample
 
 def sample(models, schedule, *args, **kwargs):
     if schedule.spec == failing and launch_context().rank == 1:
-        raise RuntimeError("CUDA out of memory (stand-in failure on rank 1 only)")
+        raise torch.OutOfMemoryError("CUDA out of memory (stand-in failure on rank 1 only)")
     return real_sample(models, schedule, *args, **kwargs)
 
 

@@ -14,15 +14,19 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.per_step import PerStepSettings, _kl, analyze, grid_steps
-from analysis.results import append_jsonl, pareto_front, read_jsonl
-from analysis.sweep import plan
+from mdlm_sched.artifacts import AnalysisDir, append_jsonl, read_jsonl
 from mdlm_sched.cli import main
-from mdlm_sched.config import load_sweep
+from mdlm_sched.config import RuntimeConfig
 from mdlm_sched.errors import ConfigError, DataError, ScheduleError
 from mdlm_sched.flops import forward_flops
-from mdlm_sched.generate import load_models
-from mdlm_sched.schedule import coarse_segment_specs
+from mdlm_sched.modelset import open_models
+from mdlm_sched.per_step import _kl, analyze
+from mdlm_sched.sampling_config import AnalysisConfig, load_sweep
+from mdlm_sched.schedule import coarse_segment_specs, grid_steps
+from mdlm_sched.summary import pareto_front
+from mdlm_sched.sweep import plan
+
+CPU = RuntimeConfig(device="cpu")
 
 from conftest import REPO, SHARED_DATA
 
@@ -30,7 +34,7 @@ from conftest import REPO, SHARED_DATA
 def sweep_yaml(path: Path, trained: dict[str, Path], out: Path, groups: str, **extra: str) -> Path:
     """A sweep file over the tiny trained models: T = 16, 3 samples in batches of 2 (the last one short)."""
     fields = {"models": f"{{small: {trained['small']}, large: {trained['large']}}}", "judge": str(trained["judge"]),
-              "steps": "[16]", "seeds": "[0]", "seq_len": "64", "num_samples": "3", "batch_size": "2",
+              "step_counts": "[16]", "seeds": "[0]", "seq_len": "64", "num_samples": "3", "batch_size": "2",
               "judge_batch_size": "4",
               "reference": f"{{sources: {{owt: {SHARED_DATA / 'owt_val.jsonl.xz'}}}, num_samples: 4}}",
               "cache_dir": str(trained["cache"]), "out_dir": str(out), "runtime": "{device: cpu}", **extra}
@@ -84,8 +88,8 @@ def test_sweep_plan_dedups_points_and_rejects_bad_input(trained_tiny, tmp_path):
               "  fraction: {placements: [sandwich], fractions: [0.25, 0.5], seeds: [0, 1]}\n"
               "  exhaustive: {segments: 2}")
     cfg = load_sweep([str(sweep_yaml(tmp_path / "s.yaml", trained_tiny, tmp_path / "out", groups))])
-    model_set = load_models(cfg.models, torch.device("cpu"))
-    points = plan(cfg, model_set)
+    model_set = open_models(cfg.models, CPU)
+    points = plan(cfg, model_set.light_to_heavy)
     keys = [p.key for p in points]
     assert len(keys) == len(set(keys))
     by_segments = {(p.schedule.segments_str(), p.seed): p for p in points}
@@ -99,16 +103,15 @@ def test_sweep_plan_dedups_points_and_rejects_bad_input(trained_tiny, tmp_path):
         load_sweep([str(tmp_path / "s.yaml"), "groups={g: {seeds: [1]}}"])
     bad = load_sweep([str(tmp_path / "s.yaml"), "groups={g: {schedules: [middle-small]}}"])
     with pytest.raises(ScheduleError, match="middle-small"):
-        plan(bad, model_set)
+        plan(bad, model_set.light_to_heavy)
 
 
 def test_identical_models_have_zero_kl_and_gap(trained_tiny, tmp_path):
-    model_set = load_models({"a": str(trained_tiny["small"]), "b": str(trained_tiny["small"])}, torch.device("cpu"),
-                            seq_len=64)
-    settings = PerStepSettings(steps=16, grid=4, data=str(SHARED_DATA / "owt_val.jsonl.xz"), num_blocks=4,
+    model_set = open_models({"a": str(trained_tiny["small"]), "b": str(trained_tiny["small"])}, CPU, seq_len=64)
+    settings = AnalysisConfig(steps=16, grid=4, data=str(SHARED_DATA / "owt_val.jsonl.xz"), num_blocks=4,
                                trajectory_samples=2, batch_size=2, shade=["sandwich"],
                                cache_dir=str(trained_tiny["cache"]))
-    record = analyze(model_set, settings, tmp_path, {}, progress=False)
+    record = analyze(model_set, settings, AnalysisDir(tmp_path), {}, progress=False)
     rows = [line.split(",") for line in (tmp_path / "per_step.csv").read_text().splitlines()[1:]]
     kl = [float(r[5]) for r in rows if r[3] in ("kl", "ce_gap")]
     assert len(kl) == 2 * 4 * 3 and all(v == 0.0 for v in kl)  # 2 sources x 4 steps x (2 KLs + gap)
@@ -143,7 +146,7 @@ def test_end_to_end_analyze_sweep_report(trained_tiny, tmp_path, capsys):
     records = read_jsonl(sweep / "results.jsonl")
     points = [r for r in records if r["kind"] == "point"]
     assert [r["kind"] for r in records].count("reference") == 1 and len(points) == 6
-    small, large = (forward_flops(load_models({n: str(trained_tiny[n])}, torch.device("cpu")).config, 64)
+    small, large = (forward_flops(open_models({n: str(trained_tiny[n])}, CPU).config, 64)
                     for n in ("small", "large"))
     for p in points:
         assert p["num_samples"] == 3 and len(p["per_sample"]["nll"]) == 3  # 3 samples in batches of 2
@@ -199,7 +202,7 @@ def test_killed_sweep_resumes_without_repeating_or_losing_points(trained_tiny, t
 
 
 def test_a_failing_point_keeps_the_others_and_a_rerun_retries_it(trained_tiny, tmp_path, monkeypatch, capsys):
-    import analysis.sweep as sweep_module
+    import mdlm_sched.sweep as sweep_module
 
     cfg = sweep_yaml(tmp_path / "sweep.yaml", trained_tiny, tmp_path / "out",
                      "  p: {schedules: [all-large, sandwich, all-small]}", save_samples="false")
@@ -207,7 +210,7 @@ def test_a_failing_point_keeps_the_others_and_a_rerun_retries_it(trained_tiny, t
 
     def flaky(model_set, schedule, *args, **kwargs):
         if schedule.spec == "sandwich":
-            raise RuntimeError("CUDA out of memory (stand-in failure for this test)")
+            raise torch.OutOfMemoryError("CUDA out of memory (stand-in failure for this test)")
         return real(model_set, schedule, *args, **kwargs)
 
     monkeypatch.setattr(sweep_module, "run_schedule", flaky)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from analysis.results import read_jsonl
+from mdlm_sched.artifacts import read_jsonl
 from mdlm_sched.cli import main
 from mdlm_sched.config import load
 from mdlm_sched.train import train
@@ -82,8 +82,8 @@ def runs(tmp_path_factory, shared_data) -> dict[str, Path]:
 
 
 def assert_same_log(single: Path, other: Path, steps: range) -> None:
-    a = {r["step"]: r for r in train_log(single) if "lr" in r}
-    b = {r["step"]: r for r in train_log(other) if "lr" in r}
+    a = {r["step"]: r for r in train_log(single) if r["kind"] == "train"}
+    b = {r["step"]: r for r in train_log(other) if r["kind"] == "train"}
     for step in steps:
         for name in ("loss", "grad_norm", "tokens_seen"):
             assert b[step][name] == pytest.approx(a[step][name], rel=LOG_RTOL), (step, name)
@@ -103,18 +103,18 @@ def test_two_ranks_take_the_single_process_steps(runs):
     assert_same_state(runs["single"], runs["chain"], 2)
     meta = json.loads((runs["chain"] / "checkpoints" / "step-00000002" / "state.json").read_text())
     assert meta["world_size"] == 2
-    vals = {r["step"]: r["loss"] for r in train_log(runs["single"]) if r.get("split")}
-    chain_vals = {r["step"]: r["loss"] for r in train_log(runs["chain"]) if r.get("split")}
+    vals = {r["step"]: r["loss"] for r in train_log(runs["single"]) if r["kind"] == "val"}
+    chain_vals = {r["step"]: r["loss"] for r in train_log(runs["chain"]) if r["kind"] == "val"}
     assert chain_vals[2] == pytest.approx(vals[2], rel=LOG_RTOL)  # validated once, by rank 0, on the same weights
 
 
 def test_resume_with_another_number_of_ranks(runs):
-    events = [(r["step"], r["event"], r["world_size"]) for r in train_log(runs["chain"]) if "event" in r]
+    events = [(r["step"], r["kind"], r["world_size"]) for r in train_log(runs["chain"]) if "world_size" in r]
     assert events == [(0, "start", 2), (2, "resume", 1), (4, "resume", 2)]
     assert_same_log(runs["single"], runs["chain"], range(1, 7))
     assert_same_state(runs["single"], runs["chain"], 4)  # one process resumed the 2-rank run
     assert_same_state(runs["single"], runs["chain"], 6)  # 2 ranks resumed the one-process run
-    assert len([r for r in train_log(runs["chain"]) if r.get("split") and r["step"] == 6]) == 1
+    assert len([r for r in train_log(runs["chain"]) if r["kind"] == "val" and r["step"] == 6]) == 1
 
 
 def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(tmp_path, shared_data):

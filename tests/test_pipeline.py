@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
-from analysis.results import read_jsonl
+from mdlm_sched.artifacts import read_jsonl
 from mdlm_sched.cli import main
 from mdlm_sched.config import TrainConfig
-from mdlm_sched.errors import ConfigError
-from mdlm_sched.pipeline import best_placement, load_experiment
+from mdlm_sched.errors import UserError
+from mdlm_sched.pipeline import load_experiment
+from mdlm_sched.summary import best_placement
 from mdlm_sched.train import learning_rate
 
 from conftest import REPO
@@ -31,7 +33,7 @@ def short_quickstart(tmp_path: Path, shared_data: Path, *train_extra: str) -> li
     OmegaConf.save(OmegaConf.create({"train_common": train_common}), overlay)
     return [str(QUICKSTART), str(overlay), f"data_root={shared_data}", f"out_dir={tmp_path / 'qs'}",
             "analysis.steps=8", "analysis.grid=3", "analysis.num_blocks=4", "analysis.trajectory_samples=2",
-            "analysis.batch_size=4", f"analysis.cache_dir={cache}", "sweep.steps=[8]", "sweep.num_samples=2",
+            "analysis.batch_size=4", f"analysis.cache_dir={cache}", "sweep.step_counts=[8]", "sweep.num_samples=2",
             "sweep.batch_size=2", "sweep.reference.num_samples=4", f"sweep.cache_dir={cache}",
             "fraction_curve.fractions=[0.5]", "fraction_curve.num_samples=2"]
 
@@ -51,7 +53,7 @@ def test_quickstart_pipeline_end_to_end_then_resume(tmp_path, shared_data, capsy
     points = [r for r in records if r["kind"] == "point"]
     assert [r["kind"] for r in records].count("reference") == 1
     assert len(points) == 6 * 2 + 1  # the six placements x 2 seeds, then the curve's one fraction
-    best, steps, candidates = best_placement(records, "placements")
+    best, steps, candidates = best_placement(points, "placements")
     assert steps == 8 and set(candidates) == {"early-small", "late-small", "sandwich", "small-in-the-middle"}
     assert candidates[best] == min(candidates.values())
     assert points[-1]["label"] == f"{best}@0.5" and points[-1]["groups"] == ["fraction"]
@@ -67,7 +69,7 @@ def test_quickstart_pipeline_end_to_end_then_resume(tmp_path, shared_data, capsy
 
     # The same command again: every stage is found done, nothing is trained, sampled or analysed twice.
     def trained_steps() -> list[int]:
-        return [r["step"] for r in read_jsonl(out / "train" / "large" / "log.jsonl") if "lr" in r]
+        return [r["step"] for r in read_jsonl(out / "train" / "large" / "log.jsonl") if r["kind"] == "train"]
 
     lines, steps_logged = (out / "sweep" / "results.jsonl").read_text(), trained_steps()
     analysis = (out / "analysis" / "per_step.json").read_text()
@@ -89,11 +91,17 @@ def test_quickstart_pipeline_end_to_end_then_resume(tmp_path, shared_data, capsy
     ({"judge": ["model=tiny"]}, "expected gpt2"),
     ({"fraction_curve": {"among": "nothing"}}, "fraction_curve.among"),
     ({"fraction_curve": {"fractions": [1.0]}}, "must lie in (0, 1)"),
+    # The analysis settings and every schedule are checked against the configured models before training:
+    ({"analysis": {"grid": 0}}, "grid=0 must be in [1, steps=100]"),
+    ({"analysis": {"trajectory_samples": -1}}, "trajectory_samples=-1 must be >= 0"),
+    ({"analysis": {"shade": ["sandwitch"]}}, "'sandwitch' is not a preset"),
+    ({"sweep": {"groups": {"placements": {"schedules": ["L50,X50"]}}}}, "'X' names no model"),
+    ({"sweep": {"groups": {"placements": {"schedules": ["L50,H40"]}}}}, "add up to 90 steps but steps=100"),
 ])
 def test_experiment_errors_come_before_any_work(tmp_path, shared_data, extra, message) -> None:
     overlay = tmp_path / "overlay.yaml"  # a file's mapping replaces the one before it (models: a single one)
     OmegaConf.save(OmegaConf.create(extra), overlay)
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(UserError, match=re.escape(message)):
         load_experiment([str(QUICKSTART), str(overlay), f"data_root={shared_data}", f"out_dir={tmp_path / 'out'}"])
     assert not (tmp_path / "out").exists()
 

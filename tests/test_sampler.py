@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from mdlm_sched.checkpoint import check_compatible
-from mdlm_sched.diffusion import time_grid, unmask_probability
+from mdlm_sched.diffusion import unmask_probability
 from mdlm_sched.errors import CheckpointError, SamplingError
 from mdlm_sched.flops import forward_flops, trace_flops
 from mdlm_sched.models.denoiser import DenoiserConfig, MDLMDenoiser
+from mdlm_sched.modelset import check_compatible
 from mdlm_sched.noise import LogLinearNoise
-from mdlm_sched.sampler import SamplerSettings, draw_tokens, sample
-from mdlm_sched.schedule import parse_schedule
+from mdlm_sched.sampler import draw_tokens, sample
+from mdlm_sched.sampling_config import SamplerSettings
+from mdlm_sched.schedule import parse_schedule, time_grid
 
 NOISE = LogLinearNoise(1e-3)
 
@@ -78,8 +80,8 @@ def run(models, spec="sandwich", steps=40, batch=6, seed=0, prompts=None, **sett
     names = sorted(models, key=lambda n: models[n].config.num_hidden_layers)
     schedule = parse_schedule(spec, steps, names)
     seq_len = settings.pop("seq_len", 32)
-    result = sample(models, schedule, NOISE, SamplerSettings(batch_size=batch, seq_len=seq_len, **settings),
-                    torch.Generator().manual_seed(seed), prompts)
+    result = sample(models, schedule, NOISE, SamplerSettings(**settings), torch.Generator().manual_seed(seed),
+                    batch, seq_len, prompts)
     return result, schedule
 
 
@@ -147,7 +149,7 @@ def test_calls_and_flops_in_the_trace_are_exact(tiny_pair):
         assert m.calls == len(steps)
         assert m.rows == sum(r.run for r in steps)
         assert m.head_rows == sum(r.unmasked for r in steps)
-    assert [r.model for r in trace[:40]] == list(schedule.steps)
+    assert [r.model for r in trace[:40]] == list(schedule.names)
     assert sum(r.unmasked for r in trace) == 5 * 32  # every position decided exactly once
     configs = {name: m.config for name, m in models.items()}
     total = trace_flops(trace, configs, 32)
@@ -243,7 +245,7 @@ def test_draw_tokens_is_an_exact_inverse_cdf():
 
 def test_unmask_probability_matches_the_ancestral_update():
     grid = time_grid(10)
-    assert grid[0] == 1.0 and grid[-1] == pytest.approx(1e-5) and grid.dtype == torch.float64
+    assert grid[0] == 1.0 and grid[-1] == pytest.approx(1e-5) and grid.dtype == np.float64
     t, s = 0.6, 0.5
     expected = (NOISE.alpha(torch.tensor(s)) - NOISE.alpha(torch.tensor(t))) / (1 - NOISE.alpha(torch.tensor(t)))
     assert unmask_probability(NOISE, t, s) == pytest.approx(float(expected))
@@ -269,7 +271,7 @@ def test_bad_sampler_input(tiny_pair, kwargs, prompts, fragment):
 def test_schedule_naming_a_missing_model_is_refused(tiny_pair):
     schedule = parse_schedule("a:5,b:5", 10, ["a", "b"])
     with pytest.raises(SamplingError, match="uses model 'a'"):
-        sample(tiny_pair, schedule, NOISE, SamplerSettings(2, 32), torch.Generator())
+        sample(tiny_pair, schedule, NOISE, SamplerSettings(), torch.Generator(), 2, 32)
 
 
 @pytest.mark.parametrize("field, value", [

@@ -43,11 +43,11 @@ def test_preset_fraction_and_rounding():
 
 
 def test_alternating_spreads_light_steps_evenly():
-    half = parse_schedule("alternating@0.5", 8, PAIR).steps
+    half = parse_schedule("alternating@0.5", 8, PAIR).names
     assert half == ("large", "small") * 4
     quarter = parse_schedule("alternating", 1000, PAIR)
     assert quarter.counts() == {"small": 250, "large": 750}
-    light = [i for i, name in enumerate(quarter.steps) if name == "small"]
+    light = [i for i, name in enumerate(quarter.names) if name == "small"]
     assert {b - a for a, b in zip(light, light[1:])} == {4}
 
 

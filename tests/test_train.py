@@ -53,11 +53,11 @@ def test_cli_trains_tiny_mdlm_loss_falls_and_writes_hf_checkpoint(tmp_path, cach
     assert "val/owt_heldout perplexity bound" in stdout
     assert "perplexity bound" in stderr  # the periodic validation is logged during training too
 
-    records = [r for r in read_log(out) if "lr" in r]
+    records = [r for r in read_log(out) if r["kind"] == "train"]
     losses = [r["loss"] for r in records]
     assert len(losses) == 12
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 1.0, losses  # from ~10.8 (uniform) downwards
-    vals = [r for r in read_log(out) if r.get("split") == "val/owt_heldout"]
+    vals = [r for r in read_log(out) if r["kind"] == "val" and r["source"] == "owt_heldout"]
     assert [v["step"] for v in vals] == [30, 60] and vals[1]["loss"] < vals[0]["loss"]
 
     model_dir = out / "model"
@@ -99,8 +99,8 @@ def test_sigkill_midway_then_resume_matches_uninterrupted_run(tmp_path, cache_di
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), (stem, key)
-    loss = {r["step"]: r["loss"] for r in read_log(straight) if "lr" in r}
-    resumed = {r["step"]: r["loss"] for r in read_log(killed) if "lr" in r}
+    loss = {r["step"]: r["loss"] for r in read_log(straight) if r["kind"] == "train"}
+    resumed = {r["step"]: r["loss"] for r in read_log(killed) if r["kind"] == "train"}
     assert resumed == loss  # every logged training loss, before and after the kill
 
 
@@ -109,7 +109,7 @@ def test_judge_gpt2_trains_and_loads_with_auto_classes(tmp_path, cache_dir) -> N
     cfg = load(tiny_args(out, cache_dir, "model=judge_tiny", "train.steps=30", "train.val_every=30",
                          "train.ckpt_every=30"))
     result = train(cfg, progress=False)
-    losses = [r["loss"] for r in read_log(out) if "lr" in r]
+    losses = [r["loss"] for r in read_log(out) if r["kind"] == "train"]
     assert losses[-1] < losses[0] - 1.0, losses
     assert set(result.val) == {"owt_heldout"} and result.val["owt_heldout"] < 50257
     judge = AutoModelForCausalLM.from_pretrained(result.model_dir).eval()

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import fields
+
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
-from mdlm_sched.config import RunConfig
+from mdlm_sched.config import ModelConfig, RunConfig
 from mdlm_sched.errors import ConfigError
 from mdlm_sched.models.denoiser import DenoiserConfig, MDLMDenoiser
 
-
-# ModelConfig fields that DenoiserConfig takes under the same name.
-_SHARED_MDLM_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
-                       "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "dropout", "time_conditioning",
-                       "cond_dim", "vocab_pad_multiple")
+# ModelConfig fields that DenoiserConfig takes under the same name (derived, so a new field of both is passed on).
+_SHARED_MDLM_FIELDS = tuple(f.name for f in fields(ModelConfig)
+                            if f.name in inspect.signature(DenoiserConfig.__init__).parameters)
 
 
 def model_vocab_size(cfg: RunConfig, tokenizer_len: int) -> int:
@@ -26,28 +27,32 @@ def model_vocab_size(cfg: RunConfig, tokenizer_len: int) -> int:
     return needed
 
 
+def denoiser_config(cfg: RunConfig, tokenizer_len: int, eos_id: int, tok_hash: str) -> DenoiserConfig:
+    """The DenoiserConfig of an mdlm run (its [MASK] appended after the tokenizer's vocabulary)."""
+    m = cfg.model
+    return DenoiserConfig(**{
+        **{name: getattr(m, name) for name in _SHARED_MDLM_FIELDS},
+        "vocab_size": model_vocab_size(cfg, tokenizer_len),  # from the tokenizer (model.vocab_size may be null)
+        "mask_token_id": tokenizer_len,
+        "max_position_embeddings": m.max_seq_len,
+        "tokenizer_hash": tok_hash,
+        "intermediate_size": m.mlp_ratio * m.hidden_size,
+        "noise_schedule": cfg.noise.schedule,
+        "noise_eps": cfg.noise.eps,
+        "bos_token_id": eos_id,
+        "eos_token_id": eos_id,
+    })
+
+
 def build_model(cfg: RunConfig, tokenizer_len: int, eos_id: int, tok_hash: str) -> PreTrainedModel:
     """A freshly initialised model for cfg.model (float32 weights)."""
     m = cfg.model
-    vocab = model_vocab_size(cfg, tokenizer_len)
     if m.arch == "gpt2":
         config = GPT2Config(
-            vocab_size=vocab, n_positions=m.max_seq_len, n_embd=m.hidden_size, n_layer=m.num_hidden_layers,
-            n_head=m.num_attention_heads, n_inner=m.mlp_ratio * m.hidden_size, resid_pdrop=m.dropout,
-            embd_pdrop=m.dropout, attn_pdrop=m.dropout, bos_token_id=eos_id, eos_token_id=eos_id,
-            tokenizer_hash=tok_hash,
+            vocab_size=model_vocab_size(cfg, tokenizer_len), n_positions=m.max_seq_len, n_embd=m.hidden_size,
+            n_layer=m.num_hidden_layers, n_head=m.num_attention_heads, n_inner=m.mlp_ratio * m.hidden_size,
+            resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout, bos_token_id=eos_id,
+            eos_token_id=eos_id, tokenizer_hash=tok_hash,
         )
         return GPT2LMHeadModel._from_config(config, attn_implementation="sdpa")
-    config = DenoiserConfig(
-        **{name: getattr(m, name) for name in _SHARED_MDLM_FIELDS},
-        vocab_size=vocab,
-        mask_token_id=tokenizer_len,  # [MASK] is appended after the tokenizer's vocabulary
-        max_position_embeddings=m.max_seq_len,
-        tokenizer_hash=tok_hash,
-        intermediate_size=m.mlp_ratio * m.hidden_size,
-        noise_schedule=cfg.noise.schedule,
-        noise_eps=cfg.noise.eps,
-        bos_token_id=eos_id,
-        eos_token_id=eos_id,
-    )
-    return MDLMDenoiser(config)
+    return MDLMDenoiser(denoiser_config(cfg, tokenizer_len, eos_id, tok_hash))

@@ -12,6 +12,7 @@ p(x_0 | x_t); the SUBS parameterisation (no [MASK] predictions, carry-over) live
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,24 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrained
 from transformers import initialization as init
 
 from mdlm_sched.models.mla import MLADims, MultiHeadLatentAttention, rotary_cos_sin
+
+
+@dataclass(frozen=True)
+class Interface:
+    """What denoisers sharing a sampling schedule must agree on: one field per requirement.
+
+    The same tokenizer (hash of its vocabulary), vocabulary and [MASK] id, so that tokens mean the same;
+    the same length; the same forward process; and the same time conditioning, so that a cached
+    prediction is valid for every model or for none.
+    """
+
+    tokenizer_hash: str
+    vocab_size: int
+    mask_token_id: int
+    max_position_embeddings: int
+    noise_schedule: str
+    noise_eps: float
+    time_conditioning: bool
 
 
 class DenoiserConfig(PreTrainedConfig):
@@ -111,6 +130,11 @@ class DenoiserConfig(PreTrainedConfig):
             qk_rope_head_dim=self.qk_rope_head_dim,
             v_head_dim=self.v_head_dim,
         )
+
+    @property
+    def interface(self) -> Interface:
+        """The fields a schedule's models must share (modelset.check_compatible compares them)."""
+        return Interface(**{f.name: getattr(self, f.name) for f in fields(Interface)})
 
     @property
     def padded_vocab_size(self) -> int:

@@ -16,67 +16,40 @@ t_i, the time its model sees. Two kinds of states x_t:
 Log-softmax and the KL sums are float64 (from a float32 head). Every metric comes with a 95%
 confidence band over batches: the estimate is sum / count over all batches, the band
 +-1.96 sd / sqrt(batches) of the per-batch values. Results go to per_step.csv (long format) and
-per_step.json (settings, the schedules to shade, the peaks, provenance); figures are drawn from
-those files alone (analysis.plots).
+per_step.json (settings, the schedules to shade, the peaks, provenance); the figures and the report
+(the analysis package) are drawn from those files alone.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mdlm_sched.checkpoint import atomic_write_text
+from mdlm_sched.artifacts import AnalysisDir
 from mdlm_sched.config import RuntimeConfig, validate_runtime
 from mdlm_sched.data import load_sources
-from mdlm_sched.diffusion import DEFAULT_T_MIN, corrupt, forbid_mask, time_grid
+from mdlm_sched.diffusion import corrupt, forbid_mask
 from mdlm_sched.errors import ConfigError
-from mdlm_sched.generate import ModelSet, load_models
+from mdlm_sched.modelset import ModelSet, open_models
 from mdlm_sched.provenance import provenance
-from mdlm_sched.runtime import (STREAM_ANALYSIS_MASK, STREAM_ANALYSIS_TRAJECTORY, autocast_dtype, configure_backends,
-                                resolve_device, step_generator)
-from mdlm_sched.sampler import SamplerSettings, sample
+from mdlm_sched.runtime import STREAM_ANALYSIS_MASK, STREAM_ANALYSIS_TRAJECTORY, step_generator
+from mdlm_sched.schedule import grid_steps, time_grid
+from mdlm_sched.sampler import sample
+from mdlm_sched.sampling_config import AnalysisConfig, SamplerSettings, validate_analysis
 
 log = logging.getLogger(__name__)
-
-CSV_HEADER = "source,step,t,metric,model,mean,ci_low,ci_high,batches,tokens"
-DEFAULT_SHADE = ("early-small", "late-small", "sandwich", "small-in-the-middle")
 # Elements of one float64 [rows, V] tensor of the KL computation: a few such tensors live at once, and
 # on a CPU smaller chunks avoid page-faulting through GBs of fresh memory.
 _CHUNK_ELEMENTS = {"cuda": 2**28, "cpu": 2**22}
-
-
-@dataclass
-class PerStepSettings:
-    """What `mdlm-sched analyze` evaluates."""
-
-    steps: int = 1000  # T of the sampler whose grid is analysed
-    grid: int = 50  # steps evaluated, evenly spaced over 0..T-1 (<= T)
-    t_min: float = DEFAULT_T_MIN
-    data: str = "../shared/data/owt_val.jsonl.xz"  # validation source of the masked states
-    num_blocks: int = 64  # validation blocks (masked states per grid step)
-    trajectory_samples: int = 32  # all-heavy samples whose states are analysed (0 = none)
-    batch_size: int = 16
-    seed: int = 0
-    shade: list[str] = field(default_factory=lambda: list(DEFAULT_SHADE))  # schedules drawn on the figures
-    cache_dir: str = ".cache/mdlm_sched"
-
-
-def grid_steps(steps: int, grid: int) -> list[int]:
-    """grid step indices evenly spaced over 0..steps-1, both ends included."""
-    if not 1 <= grid <= steps:
-        raise ConfigError(f"grid={grid} must be in [1, steps={steps}]; evaluate at most every step")
-    return sorted({int(round(x)) for x in np.linspace(0, steps - 1, grid)})
 
 
 class _Sums:
@@ -158,7 +131,7 @@ def _evaluate_states(model_set: ModelSet, x_t: torch.Tensor, targets: torch.Tens
         sums.add((source, step, "kl", f"{a}||{b}"), float(total), k)
 
 
-def _masked_states(model_set: ModelSet, settings: PerStepSettings, steps: list[int], times: list[float],
+def _masked_states(model_set: ModelSet, settings: AnalysisConfig, steps: list[int], times: list[float],
                    sums: _Sums, progress: bool) -> int:
     blocks = load_sources([settings.data], model_set.tokenizer, model_set.seq_len, settings.cache_dir)
     blocks = blocks[: settings.num_blocks]
@@ -179,7 +152,7 @@ def _masked_states(model_set: ModelSet, settings: PerStepSettings, steps: list[i
     return len(blocks)
 
 
-def _trajectory_states(model_set: ModelSet, settings: PerStepSettings, steps: list[int], times: list[float],
+def _trajectory_states(model_set: ModelSet, settings: AnalysisConfig, steps: list[int], times: list[float],
                        sums: _Sums, progress: bool) -> None:
     schedule = model_set.schedule("all-large", settings.steps, settings.t_min)  # the heaviest model throughout
     wanted = set(steps)
@@ -195,9 +168,9 @@ def _trajectory_states(model_set: ModelSet, settings: PerStepSettings, steps: li
             if i in wanted:
                 states[i] = x.clone()
 
-        run = SamplerSettings(batch_size=size, seq_len=model_set.seq_len, t_min=settings.t_min)
-        final = sample(model_set.models, schedule, model_set.noise, run,
-                       step_generator(settings.seed, b, STREAM_ANALYSIS_TRAJECTORY, device), on_state=keep).tokens
+        final = sample(model_set.models, schedule, model_set.noise, SamplerSettings(t_min=settings.t_min),
+                       step_generator(settings.seed, b, STREAM_ANALYSIS_TRAJECTORY, device), size, model_set.seq_len,
+                       on_state=keep).tokens
         for step in steps:
             _evaluate_states(model_set, states[step], final, times[step], "trajectory", step, sums)
         bar.update(1)
@@ -233,39 +206,14 @@ def peaks(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
              "ci_low": r["ci_low"], "ci_high": r["ci_high"]} for (s, m, n), r in sorted(best.items())]
 
 
-def write_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    """per_step.csv (atomic)."""
-    lines = [CSV_HEADER] + [
-        f"{r['source']},{r['step']},{r['t']:.8g},{r['metric']},{r['model']},{r['mean']:.10g},{r['ci_low']:.10g},"
-        f"{r['ci_high']:.10g},{r['batches']},{r['tokens']}" for r in rows]
-    atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """per_step.csv back as dicts with numbers."""
-    lines = path.read_text().splitlines()
-    header = lines[0].split(",")
-    out = []
-    for line in lines[1:]:
-        row: dict[str, Any] = dict(zip(header, line.split(",")))
-        for key in ("step", "batches", "tokens"):
-            row[key] = int(row[key])
-        for key in ("t", "mean", "ci_low", "ci_high"):
-            row[key] = float(row[key])
-        out.append(row)
-    return out
-
-
-def analyze(model_set: ModelSet, settings: PerStepSettings, out_dir: Path, provenance: dict[str, Any],
+def analyze(model_set: ModelSet, settings: AnalysisConfig, out: AnalysisDir, provenance: dict[str, Any],
             progress: bool = True) -> dict[str, Any]:
-    """Run the per-step analysis; write per_step.csv and per_step.json to out_dir; return the JSON record."""
+    """Run the per-step analysis; write per_step.csv and per_step.json to out; return the JSON record.
+
+    settings must have passed validate_analysis (analyze_models does that before loading the models).
+    """
     if len(model_set.models) < 2:
         raise ConfigError("the per-step analysis compares models: give at least two (e.g. small and large)")
-    for name in ("num_blocks", "batch_size"):
-        if getattr(settings, name) < 1:
-            raise ConfigError(f"{name}={getattr(settings, name)} must be >= 1")
-    if settings.trajectory_samples < 0:
-        raise ConfigError(f"trajectory_samples={settings.trajectory_samples} must be >= 0")
     steps = grid_steps(settings.steps, settings.grid)
     shade = shade_ranges(model_set, settings.shade, settings.steps, settings.t_min)  # bad specs fail before work
     times = time_grid(settings.steps, settings.t_min).tolist()
@@ -280,8 +228,6 @@ def analyze(model_set: ModelSet, settings: PerStepSettings, out_dir: Path, prove
             _trajectory_states(model_set, settings, steps, times, sums, progress)
             wall["trajectory_s"] = time.perf_counter() - start
     rows = sums.rows(times)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_rows(out_dir / "per_step.csv", rows)
     record = {
         "settings": asdict(settings),
         "grid_steps": steps,
@@ -298,20 +244,19 @@ def analyze(model_set: ModelSet, settings: PerStepSettings, out_dir: Path, prove
                        "log-softmax of a float32 head; band = 95% over batches",
         "provenance": provenance,
     }
-    atomic_write_text(out_dir / "per_step.json", json.dumps(record, indent=1) + "\n")
+    out.write(rows, record)
     log.info("per-step analysis: %d grid steps x %d blocks (+%d trajectories) in %s -> %s", len(steps), blocks,
-             settings.trajectory_samples, ", ".join(f"{k} {v:.1f}" for k, v in wall.items()), out_dir)
+             settings.trajectory_samples, ", ".join(f"{k} {v:.1f}" for k, v in wall.items()), out.root)
     return record
 
 
-def analyze_models(models: Mapping[str, str], settings: PerStepSettings, runtime: RuntimeConfig, out_dir: Path,
+def analyze_models(models: Mapping[str, str], settings: AnalysisConfig, runtime: RuntimeConfig, out: AnalysisDir,
                    seq_len: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Load the named models (folders or training run folders) on runtime's device and run `analyze`."""
+    """Check the settings, load the named models (folders or training run folders) and run `analyze`."""
     if len(models) < 2:
         raise ConfigError("the per-step analysis compares models: give at least two, e.g. --model small=... "
                           "--model large=...")
+    validate_analysis(settings)
     validate_runtime(runtime)
-    device = resolve_device(runtime)
-    configure_backends(device)
-    model_set = load_models(models, device, autocast_dtype(runtime, device), runtime.compile, seq_len)
-    return analyze(model_set, settings, out_dir, provenance(device), progress)
+    model_set = open_models(models, runtime, seq_len)
+    return analyze(model_set, settings, out, provenance(model_set.device), progress)

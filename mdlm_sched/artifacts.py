@@ -1,0 +1,406 @@
+"""Every file a stage writes or reads: its name, its durable writer and its typed reader.
+
+No other module spells a file name. Each kind of folder has a small class that names its files:
+
+    TrainRun(out_dir)      config.yaml, log.jsonl, checkpoints/step-NNNNNNNN/, checkpoints/latest, model/
+    Checkpoint(folder)     {model,ema}.safetensors, optimizer.pt, state.json
+    SampleRun(out)         samples.jsonl, trace.csv, record.json
+    AnalysisDir(out)       per_step.csv, per_step.json
+    SweepDir(out)          results.jsonl, failures.jsonl, sweep.json, samples/<point>.jsonl
+    OptimiseDir(out)       optimise.json
+    PipelineDir(out_dir)   pipeline.json, train/<name>/, analysis/, optimise/, sweep/, report/
+    ReportDir(out)         report.md, experiment.json, summary_<name>.json, figures <stem>.{png,pdf}
+
+Writers never leave a file half-written: whole files are written under a temporary name in the
+same folder, flushed to disk, then renamed into place (`atomic_file`, `atomic_dir`); results and
+logs are appended one JSON line at a time, flushed and fsynced (`append_jsonl`), so a crash loses
+at most the line being written, and a torn last line is ignored when reading and cut off before
+the next append.
+
+This module imports no torch: the analysis package reads results through it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from mdlm_sched.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------- writers
+
+
+def _umask() -> int:
+    """The process umask (read by setting and restoring it: the only portable way)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in [path, *path.rglob("*")]:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextmanager
+def atomic_file(path: Path, mode: str = "w") -> Iterator[IO]:
+    """Yield a file open in `mode` that replaces `path` only once it is complete and on disk.
+
+    The file gets the permissions a plain open() would give it (0666 less the umask), not the
+    0600 of a temporary file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file atomically."""
+    with atomic_file(path) as f:
+        f.write(text)
+
+
+def atomic_write_json(path: Path, record: Any) -> None:
+    """Write a JSON file (indent 1, trailing newline) atomically."""
+    atomic_write_text(path, json.dumps(record, indent=1) + "\n")
+
+
+@contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary folder; on success it replaces `path` whole, on error it is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        tmp.chmod(0o777 & ~_umask())  # a plain mkdir's permissions, not mkdtemp's 0700
+        yield tmp
+        _fsync_tree(tmp)
+        if path.exists():  # a folder cannot be renamed over a non-empty one: move the old aside first
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
+    """Append one record as a line, durably (flush + fsync); a torn last line is cut off first."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file() and path.stat().st_size:
+        data = path.read_bytes()
+        if not data.endswith(b"\n"):
+            with path.open("r+b") as fh:
+                fh.truncate(data.rfind(b"\n") + 1)
+    with path.open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+# ----------------------------------------------------------------------------------- readers
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Every complete line of a JSON-lines file ([] if there is no file); a torn last line is skipped."""
+    if not path.is_file():
+        return []
+    out = []
+    lines = path.read_text().split("\n")
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            if n == len(lines) - 1:  # no newline after it: the write was cut short
+                log.warning("%s: ignoring a torn last line (an interrupted write)", path)
+                continue
+            raise DataError(f"{path}:{n + 1} is not a JSON line (edited by hand?); repair or delete that line") \
+                from None
+    return out
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file, or DataError naming it (`what` says which file it should be)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist; give {what}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataError(f"{path} cannot be read as JSON ({' '.join(str(exc).split())[:200]}); give {what}") \
+            from None
+
+
+# ------------------------------------------------------------------------------ training runs
+
+
+def _file(name: str) -> property:
+    """A property: the file or folder `name` inside the instance's root folder."""
+    return property(lambda self: self.root / name, doc=f"root / {name!r}")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One resumable training state: checkpoints/step-NNNNNNNN/."""
+
+    root: Path
+    optimizer = _file("optimizer.pt")
+    state = _file("state.json")
+
+    def weights(self, stem: str) -> Path:
+        """The safetensors file of one state dict ("model", "ema")."""
+        return self.root / f"{stem}.safetensors"
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """A training run folder (train.out_dir)."""
+
+    root: Path
+    config = _file("config.yaml")
+    log = _file("log.jsonl")
+    checkpoints = _file("checkpoints")
+    model = _file("model")  # the Hugging Face export of the EMA weights
+
+    @property
+    def latest(self) -> Path:
+        """A one-line file naming the newest complete checkpoint folder."""
+        return self.checkpoints / "latest"
+
+    def checkpoint(self, step: int) -> Checkpoint:
+        return Checkpoint(self.checkpoints / f"step-{step:08d}")
+
+    def checkpoint_folders(self) -> list[Path]:
+        """Every checkpoint folder, oldest first."""
+        return sorted(self.checkpoints.glob("step-*"))
+
+
+def model_folder(path: str | Path) -> Path:
+    """The Hugging Face folder of a model: `path` itself, or `path/model` for a training run folder."""
+    path = Path(path)
+    exported = TrainRun(path).model
+    if not (path / "config.json").is_file() and (exported / "config.json").is_file():
+        return exported
+    return path
+
+
+# Record kinds of a training log (the "kind" field of every line of log.jsonl).
+LOG_START, LOG_RESUME, LOG_TRAIN, LOG_VAL = "start", "resume", "train", "val"
+
+
+@dataclass
+class TrainingLog:
+    """log.jsonl of a training run, by record kind."""
+
+    starts: list[dict[str, Any]] = field(default_factory=list)  # "start" and "resume" records, in order
+    train: list[dict[str, Any]] = field(default_factory=list)  # one per train.log_every steps
+    val: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # validation source -> its records
+
+    @classmethod
+    def read(cls, path: Path) -> TrainingLog:
+        out = cls()
+        for record in read_jsonl(path):
+            kind = record.get("kind")
+            if kind in (LOG_START, LOG_RESUME):
+                out.starts.append(record)
+            elif kind == LOG_TRAIN:
+                out.train.append(record)
+            elif kind == LOG_VAL:
+                out.val.setdefault(record["source"], []).append(record)
+            else:
+                raise DataError(f"{path}: a record without a known kind ({record!r:.80}); the log was not written "
+                                f"by this version of mdlm-sched")
+        return out
+
+
+# ------------------------------------------------------------------------------ sampling runs
+
+
+@dataclass(frozen=True)
+class SampleRun:
+    """The output folder of `mdlm-sched sample`."""
+
+    root: Path
+    samples = _file("samples.jsonl")
+    trace = _file("trace.csv")
+    record = _file("record.json")
+
+
+# ------------------------------------------------------------------------------ per-step analysis
+
+
+PER_STEP_FIELDS = ("source", "step", "t", "metric", "model", "mean", "ci_low", "ci_high", "batches", "tokens")
+_PER_STEP_INTS = ("step", "batches", "tokens")
+_PER_STEP_FLOATS = ("t", "mean", "ci_low", "ci_high")
+
+
+@dataclass(frozen=True)
+class AnalysisDir:
+    """The output folder of the per-step analysis."""
+
+    root: Path
+    csv = _file("per_step.csv")
+    json = _file("per_step.json")
+
+    def exists(self) -> bool:
+        return self.csv.is_file() and self.json.is_file()
+
+    def write(self, rows: Sequence[Mapping[str, Any]], record: Mapping[str, Any]) -> None:
+        """per_step.csv (long format, one row per source, step, metric and model) and per_step.json."""
+        lines = [",".join(PER_STEP_FIELDS)] + [
+            f"{r['source']},{r['step']},{r['t']:.8g},{r['metric']},{r['model']},{r['mean']:.10g},{r['ci_low']:.10g},"
+            f"{r['ci_high']:.10g},{r['batches']},{r['tokens']}" for r in rows]
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.csv, "\n".join(lines) + "\n")
+        atomic_write_json(self.json, record)
+
+    def read(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """(per_step.csv rows with numbers, per_step.json record)."""
+        rows = []
+        for row in csv.DictReader(io.StringIO(self.csv.read_text())):
+            typed: dict[str, Any] = dict(row)
+            typed.update({k: int(row[k]) for k in _PER_STEP_INTS})
+            typed.update({k: float(row[k]) for k in _PER_STEP_FLOATS})
+            rows.append(typed)
+        return rows, read_json(self.json, "the per_step.json of a per-step analysis")
+
+
+# ---------------------------------------------------------------------------------- sweeps
+
+
+# Record kinds of results.jsonl: a sampled, judged schedule, or a real-text reference row.
+POINT, REFERENCE = "point", "reference"
+
+
+@dataclass
+class SweepResults:
+    """What a sweep folder holds."""
+
+    points: list[dict[str, Any]]
+    references: list[dict[str, Any]]
+    failures: list[dict[str, Any]]  # points that failed and have not been rerun successfully since
+    settings: dict[str, Any]  # sweep.json's "shared" settings ({} if absent)
+
+
+@dataclass(frozen=True)
+class SweepDir:
+    """The output folder of a sweep."""
+
+    root: Path
+    results = _file("results.jsonl")
+    failures = _file("failures.jsonl")
+    settings = _file("sweep.json")
+
+    def sample_file(self, slug: str) -> Path:
+        """samples/<point>.jsonl: the texts and per-sample values of one point."""
+        return self.root / "samples" / f"{slug}.jsonl"
+
+    def finished_keys(self) -> set[str]:
+        return {r["key"] for r in read_jsonl(self.results)}
+
+    def read(self) -> SweepResults:
+        records = read_jsonl(self.results)
+        points = [r for r in records if r["kind"] == POINT]
+        done = {p["key"] for p in points}
+        settings = read_json(self.settings, "the sweep.json of a sweep")["shared"] if self.settings.is_file() else {}
+        return SweepResults(points=points, references=[r for r in records if r["kind"] == REFERENCE],
+                            failures=[f for f in read_jsonl(self.failures) if f["key"] not in done],
+                            settings=settings)
+
+
+# ------------------------------------------------------------------------------- optimiser
+
+
+@dataclass(frozen=True)
+class OptimiseDir:
+    """The output folder of `mdlm-sched optimise`."""
+
+    root: Path
+    record = _file("optimise.json")
+
+
+# ------------------------------------------------------------------------------ pipeline
+
+
+@dataclass(frozen=True)
+class PipelineDir:
+    """The out_dir of `mdlm-sched pipeline`: one folder per stage and the pipeline's own record."""
+
+    root: Path
+    state = _file("pipeline.json")
+    report = _file("report")  # the default report folder
+
+    def train(self, name: str) -> TrainRun:
+        return TrainRun(self.root / "train" / name)
+
+    @property
+    def analysis(self) -> AnalysisDir:
+        return AnalysisDir(self.root / "analysis")
+
+    @property
+    def optimise(self) -> OptimiseDir:
+        return OptimiseDir(self.root / "optimise")
+
+    @property
+    def sweep(self) -> SweepDir:
+        return SweepDir(self.root / "sweep")
+
+
+# ------------------------------------------------------------------------------ reports
+
+
+@dataclass(frozen=True)
+class ReportDir:
+    """The output folder of `mdlm-sched report`."""
+
+    root: Path
+    report = _file("report.md")
+    experiment = _file("experiment.json")  # a copy of the pipeline's record beside the report it belongs to
+
+    def summary(self, name: str) -> Path:
+        """summary_<name>.json: the rows a sweep's tables were made from."""
+        return self.root / f"summary_{name}.json"
+
+    def figure(self, *parts: str) -> Path:
+        """A figure's path without suffix (saved with each of FIGURE_SUFFIXES): figure("sweep", name) is
+        sweep_<name>; the kinds are "sweep", "fraction" and ("per_step", name, axis)."""
+        return self.root / "_".join(parts)
+
+
+FIGURE_SUFFIXES = (".png", ".pdf")
+
+
+# ------------------------------------------------------------------------------ data cache
+
+
+def data_cache_file(cache_dir: str | Path, stem: str, seq_len: int, digest: str) -> Path:
+    """The .npy file of one source's tokenised, wrapped blocks."""
+    return Path(cache_dir) / f"{stem}-L{seq_len}-{digest}.npy"

@@ -1,0 +1,135 @@
+"""The one way a command gets its denoisers: `open_models` loads named models, checks that they can
+share a schedule, and prepares them for sampling on the runtime's device and precision.
+
+Every stage that samples or evaluates denoisers (sample, analyze, sweep, the pipeline) goes
+through here, so device choice, precision, backends, compilation and the compatibility check are
+set up in one place.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mdlm_sched.artifacts import model_folder
+from mdlm_sched.config import RuntimeConfig
+from mdlm_sched.data import load_tokenizer
+
+from mdlm_sched.errors import CheckpointError
+from mdlm_sched.flops import names_light_to_heavy
+from mdlm_sched.models.denoiser import DenoiserConfig, Interface, MDLMDenoiser
+from mdlm_sched.noise import LogLinearNoise, make_noise
+from mdlm_sched.runtime import autocast, autocast_dtype, configure_backends, resolve_device
+from mdlm_sched.sampler import check_length
+from mdlm_sched.schedule import DEFAULT_T_MIN, ModelSchedule, parse_schedule
+
+
+def load_denoiser(path: str | Path, device: torch.device | str = "cpu") -> MDLMDenoiser:
+    """Load a denoiser saved by training (a model folder or a training run folder), eval mode, float32 weights."""
+    folder = model_folder(path)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"no model at {path} (no config.json); give a trained model folder or a training "
+                              f"run folder (train.out_dir, which holds model/)")
+    try:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+    except ValueError as exc:
+        raise CheckpointError(f"{folder / 'config.json'} is not valid JSON ({exc}); re-export the model") from exc
+    if model_type != DenoiserConfig.model_type:
+        raise CheckpointError(f"{folder} holds a {model_type!r} model, not an MLA denoiser "
+                              f"({DenoiserConfig.model_type!r}); give the folder of a trained MDLM")
+    try:
+        model = MDLMDenoiser.from_pretrained(folder)
+    except Exception as exc:  # truncated or mismatched safetensors, missing weights file, ...
+        raise CheckpointError(f"model {folder} cannot be loaded ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200]}); re-export or retrain it") from exc
+    return model.to(device).eval()
+
+
+def check_compatible(configs: Mapping[str, DenoiserConfig]) -> None:
+    """Raise CheckpointError if named denoiser configs differ in a field of their Interface."""
+    (first, ref), *others = configs.items()
+    for name, config in others:
+        for f in fields(Interface):
+            a, b = getattr(ref.interface, f.name), getattr(config.interface, f.name)
+            if a != b:
+                raise CheckpointError(f"models {first!r} and {name!r} differ in {f.name} ({a!r} vs {b!r}); "
+                                      f"a schedule can only mix models trained with the same {f.name}")
+
+
+class PreparedDenoiser:
+    """A denoiser set up to sample: eval mode, autocast dtype, optionally a compiled backbone."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None, compile: bool = False) -> None:
+        self.model = model.eval()
+        self.config = model.config
+        self.device = model.device
+        self.dtype = dtype
+        # dynamic=True: the number of sequences run changes at every step.
+        self._hidden = torch.compile(model.hidden, dynamic=True) if compile else model.hidden
+
+    def hidden(self, input_ids: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
+        # Always without autograd: a compiled graph is specialised on grad mode, so mixing modes recompiles.
+        with torch.no_grad(), autocast(input_ids.device, self.dtype):
+            return self._hidden(input_ids, sigma)
+
+    def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.logits_from_hidden(hidden)
+
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+@dataclass
+class ModelSet:
+    """Named denoisers ready to sample, with what every run needs to know about them."""
+
+    models: dict[str, PreparedDenoiser]
+    light_to_heavy: list[str]  # names by FLOPs per forward; the last is the all-heavy baseline
+    noise: LogLinearNoise
+    tokenizer: Any
+    seq_len: int
+    device: torch.device
+
+    @property
+    def config(self) -> DenoiserConfig:
+        """The heaviest model's config (compatible with the others' in every field a schedule needs)."""
+        return self.models[self.light_to_heavy[-1]].config
+
+    @property
+    def configs(self) -> dict[str, DenoiserConfig]:
+        return {name: m.config for name, m in self.models.items()}
+
+    def schedule(self, spec: str, steps: int, t_min: float = DEFAULT_T_MIN) -> ModelSchedule:
+        """parse_schedule for these models."""
+        return parse_schedule(spec, steps, self.light_to_heavy, t_min)
+
+
+def open_models(paths: Mapping[str, str], runtime: RuntimeConfig, seq_len: int | None = None,
+                device: torch.device | None = None) -> ModelSet:
+    """Load denoisers by name on the runtime's device (or `device`), refuse an incompatible set, prepare them.
+
+    seq_len: the sampling length (default: the models' max_position_embeddings; at most that).
+    """
+    device = device if device is not None else resolve_device(runtime)
+    configure_backends(device)
+    raw = {name: load_denoiser(path, device) for name, path in paths.items()}
+    configs = {name: model.config for name, model in raw.items()}
+    check_compatible(configs)
+    first_name, config = next(iter(configs.items()))
+    length = seq_len or config.max_position_embeddings
+    check_length(length, config)
+    dtype = autocast_dtype(runtime, device)
+    return ModelSet(
+        models={name: PreparedDenoiser(model, dtype, runtime.compile) for name, model in raw.items()},
+        light_to_heavy=names_light_to_heavy(configs, length),
+        noise=make_noise(config.noise_schedule, config.noise_eps),
+        tokenizer=load_tokenizer(str(model_folder(paths[first_name]))),
+        seq_len=length,
+        device=device,
+    )

@@ -1,0 +1,84 @@
+"""Objectives: what a batch of clean blocks x0 [B, L] costs a model, in training and in validation.
+
+The masked diffusion model's continuous-time NELBO (exp of its mean bounds the perplexity) and the
+autoregressive judge's next-token cross-entropy share one protocol, so that one training loop serves both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mdlm_sched.config import RunConfig
+from mdlm_sched.diffusion import corrupt, nelbo_terms, sample_times
+from mdlm_sched.noise import LogLinearNoise, make_noise
+from mdlm_sched.runtime import autocast
+
+
+class Objective(Protocol):
+    def prepare(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """Random inputs for one optimizer step's sequences (all tensors have batch dim first)."""
+
+    def loss(self, model: torch.nn.Module, *inputs: torch.Tensor, training: bool) -> torch.Tensor:
+        """Mean loss per token of one micro-batch (float32 scalar)."""
+
+
+@dataclass(frozen=True)
+class MDLMObjective:
+    """Continuous-time NELBO of the masked diffusion model; exp(mean) bounds the perplexity."""
+
+    noise: LogLinearNoise
+    mask_id: int
+    sampling_eps: float
+
+    def prepare(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        # One low-discrepancy set of times over the whole step's batch, then masks at those times.
+        t = sample_times(x0.shape[0], generator, self.sampling_eps, device=x0.device)
+        return x0, corrupt(x0, t, self.noise, self.mask_id, generator), t
+
+    def loss(self, model: torch.nn.Module, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *,
+             training: bool) -> torch.Tensor:
+        # Training keeps the output head in the autocast dtype for speed; evaluation uses float32.
+        logits = model(x_t, sigma=self.noise.sigma(t), head_fp32=not training)
+        return nelbo_terms(logits, x0, x_t, t, self.noise, self.mask_id).mean()
+
+
+@dataclass(frozen=True)
+class AutoregressiveObjective:
+    """Next-token cross-entropy of a causal LM (the judge); exp(mean) is its perplexity."""
+
+    def prepare(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return (x0,)
+
+    def loss(self, model: torch.nn.Module, x0: torch.Tensor, *, training: bool) -> torch.Tensor:
+        logits = model(input_ids=x0).logits  # [B, L, V]
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x0[:, 1:].flatten())
+
+
+def make_objective(cfg: RunConfig, mask_id: int) -> Objective:
+    """The objective for cfg.model.arch."""
+    if cfg.model.arch == "gpt2":
+        return AutoregressiveObjective()
+    return MDLMObjective(make_noise(cfg.noise.schedule, cfg.noise.eps), mask_id, cfg.noise.sampling_eps)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, objective: Objective, blocks: np.ndarray, micro_batch_size: int,
+             device: torch.device, amp: torch.dtype | None, seed: int) -> float:
+    """Mean loss per token over blocks [N, L] (the same noise draws at every call for a given seed)."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator(device=device).manual_seed(seed)
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), micro_batch_size):
+        x0 = torch.from_numpy(blocks[start:start + micro_batch_size].astype(np.int64)).to(device)
+        with autocast(device, amp):
+            loss = objective.loss(model, *objective.prepare(x0, generator), training=False)
+        total += float(loss) * len(x0)  # every block has the same length, so weight by blocks
+        count += len(x0)
+    model.train(was_training)
+    return total / count

@@ -1,0 +1,208 @@
+"""Typed settings of the commands that sample trained denoisers: sample, analyze, sweep.
+
+`SamplingConfig` is the one section every sampling command shares (models, length, the sampler's
+own settings, runtime); `SampleConfig` and `SweepConfig` extend it, so that a YAML file or a
+command line spells a setting the same way in both. `SamplerSettings` is what the denoising loop
+itself takes; it checks its values when it is made, which happens once, at the config boundary
+(`SamplingConfig.sampler_settings`), before any model is loaded.
+
+Fields whose metadata carries SHARED are the settings every point of one sweep results folder
+must share (`shared_settings`); a rerun with other values is refused rather than mixed in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from omegaconf import OmegaConf
+
+from mdlm_sched.config import RuntimeConfig, load_structured, require, validate_runtime
+from mdlm_sched.data import check_source
+from mdlm_sched.schedule import DEFAULT_T_MIN, PAPER_PLACEMENTS, grid_steps
+from mdlm_sched.errors import ConfigError, DataError, SamplingError
+
+SHARED = {"shared": True}
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """How the denoising loop samples (sampler.sample); checked when made."""
+
+    top_p: float = 1.0  # nucleus sampling; 1 = the full distribution
+    cache: bool = True  # run the network only on sequences that unmask a token at the step
+    noise_removal: bool = True  # argmax-fill the masks left after the last step
+    t_min: float = DEFAULT_T_MIN  # the last step ends at t_min (0 = unmask everything by then)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.top_p <= 1.0:
+            raise SamplingError(f"top_p={self.top_p} must be in (0, 1]; use 1 for the full distribution")
+        if not 0.0 <= self.t_min < 1.0:
+            raise SamplingError(f"t_min={self.t_min} must be in [0, 1)")
+
+
+@dataclass
+class SamplingConfig:
+    """What every command that loads denoisers and samples them shares."""
+
+    models: dict[str, str] = field(default_factory=dict, metadata=SHARED)  # name -> model folder or run folder
+    seq_len: int | None = field(default=None, metadata=SHARED)  # None = the models' max_position_embeddings
+    batch_size: int = field(default=16, metadata=SHARED)  # sequences per sampler call; batch k draws from (seed, k)
+    top_p: float = field(default=1.0, metadata=SHARED)
+    cache: bool = field(default=True, metadata=SHARED)
+    noise_removal: bool = field(default=True, metadata=SHARED)
+    t_min: float = field(default=DEFAULT_T_MIN, metadata=SHARED)  # the last step ends at t_min
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def sampler_settings(self) -> SamplerSettings:
+        """The sampler's settings (checked: bad values raise SamplingError)."""
+        return SamplerSettings(top_p=self.top_p, cache=self.cache, noise_removal=self.noise_removal,
+                               t_min=self.t_min)
+
+
+@dataclass
+class SampleConfig(SamplingConfig):
+    """A sampling run (`mdlm-sched sample`): models by name, a schedule, how many samples, where to."""
+
+    schedule: str = "all-large"  # preset[@fraction] | segments (L125,H750,L125) | t:thresholds
+    steps: int = 1000  # T, the denoising steps
+    num_samples: int = 16
+    seed: int = 0
+    prompts: list[str] = field(default_factory=list)  # texts, cycled over the samples; [BOS] is put first
+    prompt_token_ids: list[list[int]] = field(default_factory=list)  # raw token ids, cycled likewise
+    out_dir: str = "runs/samples"
+
+
+@dataclass
+class AnalysisConfig:
+    """What the per-step analysis evaluates (`mdlm-sched analyze`, and the pipeline's analysis stage)."""
+
+    steps: int = 1000  # T of the sampler whose grid is analysed
+    grid: int = 50  # steps evaluated, evenly spaced over 0..T-1 (<= T)
+    t_min: float = DEFAULT_T_MIN
+    data: str = "../shared/data/owt_val.jsonl.xz"  # validation source of the masked states
+    num_blocks: int = 64  # validation blocks (masked states per grid step)
+    trajectory_samples: int = 32  # all-heavy samples whose states are analysed (0 = none)
+    batch_size: int = 16
+    seed: int = 0
+    shade: list[str] = field(default_factory=lambda: list(PAPER_PLACEMENTS))  # schedules drawn on the figures
+    cache_dir: str = ".cache/mdlm_sched"
+
+
+@dataclass
+class SweepGroup:
+    """Points of a sweep that belong together in the report (e.g. placements, a fraction curve).
+
+    A group's schedules are `schedules`, plus placement@fraction for every placement and fraction,
+    plus the 2^segments coarse-segment schedules of the seed paper's exhaustive search (segments > 0).
+    step_counts, seeds and num_samples default to the sweep's.
+    """
+
+    schedules: list[str] = field(default_factory=list)
+    placements: list[str] = field(default_factory=list)  # presets, e.g. sandwich
+    fractions: list[float] = field(default_factory=list)  # light-step fractions for each placement
+    segments: int = 0  # k > 0: every assignment of L or H to k equal segments (2^k schedules)
+    step_counts: list[int] | None = None  # values of T
+    seeds: list[int] | None = None
+    num_samples: int | None = None
+
+
+@dataclass
+class ReferenceConfig:
+    """The real-text reference rows: validation blocks scored exactly as samples are."""
+
+    # name -> validation source, one row each (the first is the headline row of tables and figures); {} = none
+    sources: dict[str, str] = field(default_factory=lambda: {"owt": "../shared/data/owt_val.jsonl.xz"})
+    num_samples: int = 256
+
+
+@dataclass
+class SweepConfig(SamplingConfig):
+    """`mdlm-sched sweep`: schedules x step counts x seeds, each point sampled, timed and judged."""
+
+    batch_size: int = field(default=64, metadata=SHARED)
+    judge: str = field(default="", metadata=SHARED)  # a causal LM folder (or run folder) or a hub name
+    judge_batch_size: int = 16  # chunks per judge forward
+    judge_context: int | None = field(default=None, metadata=SHARED)  # None = min(1024, the judge's positions)
+    groups: dict[str, SweepGroup] = field(default_factory=dict)
+    step_counts: list[int] = field(default_factory=lambda: [1000])  # values of T
+    seeds: list[int] = field(default_factory=lambda: [0])
+    num_samples: int = 256
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig, metadata=SHARED)
+    save_samples: bool = True  # samples/<point>.jsonl beside the results
+    cache_dir: str = ".cache/mdlm_sched"  # tokenised reference blocks
+    out_dir: str = "runs/sweep"
+
+
+def shared_settings(cfg: SweepConfig) -> dict:
+    """The SHARED fields of a sweep config, resolved to plain values (sweep.json's "shared")."""
+    resolved = OmegaConf.to_container(OmegaConf.structured(cfg))
+    return {f.name: resolved[f.name] for f in fields(SweepConfig) if f.metadata.get("shared")}
+
+
+def validate_sampling(cfg: SamplingConfig) -> SamplerSettings:
+    """Check the shared sampling section; return the sampler's settings (built, so checked, here)."""
+    require(len(cfg.models) > 0, "no models given; name at least one, e.g. --model large=runs/large")
+    require(cfg.batch_size >= 1, f"batch_size={cfg.batch_size} must be >= 1")
+    require(cfg.seq_len is None or cfg.seq_len >= 1, f"seq_len={cfg.seq_len} must be >= 1 or null")
+    validate_runtime(cfg.runtime)
+    return cfg.sampler_settings()
+
+
+def validate_sample(cfg: SampleConfig) -> SamplerSettings:
+    """Check a SampleConfig; return the sampler's settings."""
+    settings = validate_sampling(cfg)
+    require(cfg.steps >= 1, f"steps={cfg.steps} must be >= 1")
+    require(cfg.num_samples >= 1, f"num_samples={cfg.num_samples} must be >= 1")
+    require(not (cfg.prompts and cfg.prompt_token_ids), "give prompts as texts or as token ids, not both")
+    return settings
+
+
+def validate_analysis(cfg: AnalysisConfig) -> None:
+    """Check an AnalysisConfig's values (its schedules to shade are parsed once the models are known)."""
+    require(cfg.steps >= 1, f"analysis steps={cfg.steps} must be >= 1")
+    grid_steps(cfg.steps, cfg.grid)
+    require(0.0 <= cfg.t_min < 1.0, f"t_min={cfg.t_min} must be in [0, 1)")
+    for name in ("num_blocks", "batch_size"):
+        require(getattr(cfg, name) >= 1, f"{name}={getattr(cfg, name)} must be >= 1")
+    require(cfg.trajectory_samples >= 0, f"trajectory_samples={cfg.trajectory_samples} must be >= 0")
+    try:
+        check_source(cfg.data)
+    except DataError as exc:
+        raise ConfigError(f"analysis data: {exc}") from exc
+
+
+def validate_sweep(cfg: SweepConfig) -> SamplerSettings:
+    """Check a SweepConfig's values (schedules are parsed when the models are known); return the sampler's settings."""
+    settings = validate_sampling(cfg)
+    require(bool(cfg.judge), "sweep: no judge; set judge: to a causal LM folder or a hub name such as gpt2-large")
+    require(len(cfg.groups) > 0, "sweep: no groups; list at least one under groups: with schedules: [...]")
+    for name, group in cfg.groups.items():
+        require(bool(group.schedules or (group.placements and group.fractions) or group.segments),
+                f"groups.{name} has no schedules; give schedules, placements with fractions, or segments")
+        require(bool(group.placements) == bool(group.fractions),
+                f"groups.{name}: placements and fractions go together; give both or neither")
+        require(group.segments >= 0, f"groups.{name}.segments={group.segments} must be >= 0")
+        require(group.num_samples is None or group.num_samples >= 1,
+                f"groups.{name}.num_samples={group.num_samples} must be >= 1")
+        require(group.step_counts is None or (len(group.step_counts) > 0 and min(group.step_counts) >= 1),
+                f"groups.{name}.step_counts={group.step_counts} must list step counts >= 1")
+        require(group.seeds is None or len(group.seeds) > 0, f"groups.{name}.seeds is empty; list at least one")
+    require(len(cfg.step_counts) > 0 and min(cfg.step_counts) >= 1,
+            f"step_counts={cfg.step_counts} must list step counts >= 1")
+    require(len(cfg.seeds) > 0, "seeds is empty; list at least one seed")
+    for name in ("num_samples", "judge_batch_size"):
+        require(getattr(cfg, name) >= 1, f"{name}={getattr(cfg, name)} must be >= 1")
+    require(cfg.reference.num_samples >= 1, f"reference.num_samples={cfg.reference.num_samples} must be >= 1")
+    for name, source in cfg.reference.sources.items():
+        try:
+            check_source(source)
+        except DataError as exc:
+            raise ConfigError(f"reference.sources.{name}: {exc}") from exc
+    return settings
+
+
+def load_sweep(args: list[str] | tuple[str, ...]) -> SweepConfig:
+    """Build a validated SweepConfig from YAML files and key=value overrides (in order)."""
+    sweep = load_structured(SweepConfig, args, "sweep file")
+    validate_sweep(sweep)
+    return sweep
