@@ -2,14 +2,17 @@
 
 - per-step figure: masked-token CE per model, CE gap and KL in both directions against step index
   or t, with 95% bands, and a strip showing each schedule's light-model steps;
-- sweep figure: gen PPL against FLOPs (error bars over seeds, Pareto frontier, real-text reference)
-  beside an entropy panel; exhaustive-search schedules (labels such as LHHL) are small unlabelled
-  markers unless they are on the frontier;
-- fraction figure: gen PPL and entropy against the share of light steps of one placement.
+- sweep figure: gen PPL (a ratio to all-heavy) against FLOPs, with paired 95% intervals, the Pareto
+  frontier and the real-text reference, beside an entropy panel (a difference to all-heavy);
+  exhaustive-search schedules (labels such as LHHL) are small unlabelled markers unless they are on
+  the frontier;
+- fraction figure: the same two quantities against the share of light steps of one placement;
+- optimiser figure: each measured schedule's gen PPL ratio against the cost model's prediction of it.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -19,6 +22,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.transforms import Bbox  # noqa: E402
 
 from mdlm_sched.artifacts import FIGURE_SUFFIXES  # noqa: E402
 
@@ -116,54 +120,160 @@ def per_step_figure(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], 
         return save(fig, stem)
 
 
+# Offsets (points) tried in turn for a point's label: beside the point first, then further up or down on either
+# side (with a leader line from the point), so that labels of points close together do not overlap.
+_LABEL_OFFSETS = tuple((dx, dy, "left" if dx > 0 else "right", "bottom" if dy >= 0 else "top")
+                       for dy in (3, -3, 11, -11, 19, -19, 27, -27) for dx in (5, -5))
+
+
+def place_labels(ax: plt.Axes, points: Sequence[tuple[float, float, str]]) -> None:
+    """Label each (x, y, text) at the first offset where the label overlaps no other label or point and stays inside
+    the axes; a label with no such offset takes the one that overlaps least. Call it last: it fixes the axis limits."""
+    fig = ax.figure
+    fig.canvas.draw()  # the final limits and layout: the labels move with the points, so place them on those
+    ax.set_xlim(ax.get_xlim())
+    ax.set_ylim(ax.get_ylim())
+    renderer = fig.canvas.get_renderer()
+    inside = ax.get_window_extent(renderer)
+    # Obstacles: a small box around every point, then every label placed.
+    placed: list[Any] = [Bbox.from_extents(px - 4, py - 4, px + 4, py + 4)
+                         for px, py in ax.transData.transform([(x, y) for x, y, _ in points])] if points else []
+
+    def cost(box: Any) -> float:
+        overlap = sum(max(0.0, min(box.x1, o.x1) - max(box.x0, o.x0)) * max(0.0, min(box.y1, o.y1) - max(box.y0, o.y0))
+                      for o in placed)
+        outside = box.width * box.height - max(0.0, min(box.x1, inside.x1) - max(box.x0, inside.x0)) * \
+            max(0.0, min(box.y1, inside.y1) - max(box.y0, inside.y0))
+        return overlap + 10 * outside  # a label cut off at the edge is worse than one touching another
+
+    for x, y, text in sorted(points):
+        best = None
+        for offset in _LABEL_OFFSETS:  # measured without a leader line, whose extent would reach the point
+            dx, dy, ha, va = offset
+            label = ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va, fontsize=6.5)
+            box = label.get_window_extent(renderer)
+            label.remove()
+            score = cost(box)
+            if best is None or score < best[0]:
+                best = (score, offset, box)
+            if score == 0:
+                break
+        dx, dy, ha, va = best[1]
+        ax.annotate(text, (x, y), xytext=(dx, dy), textcoords="offset points", ha=ha, va=va, fontsize=6.5,
+                    arrowprops={"arrowstyle": "-", "linewidth": 0.4, "color": "0.5"} if abs(dy) > 5 else None)
+        placed.append(best[2])
+
+
+def _paired(r: Mapping[str, Any], metric: str) -> tuple[float, float, float]:
+    """(value, lower error, upper error) of a row against its baseline: gen PPL ratio or entropy difference."""
+    if r["all_heavy"]:
+        return (1.0, 0.0, 0.0) if metric == "ppl_ratio" else (0.0, 0.0, 0.0)
+    value, low, high = r[metric], r[f"{metric}_low"], r[f"{metric}_high"]
+    return value, value - low, high - value
+
+
+# The two panels of the sweep and fraction figures: the paired quantity, its axis label, its reference value.
+PANELS = (("ppl_ratio", "gen PPL / all-heavy's", lambda ref, base: ref["gen_ppl"] / base["gen_ppl"]),
+          ("entropy_diff", "entropy − all-heavy's (nats)", lambda ref, base: ref["entropy"] - base["entropy"]))
+
+
 def sweep_figure(rows: Sequence[Mapping[str, Any]], reference: Mapping[str, Any] | None, pareto: Sequence[str],
                  stem: Path, baseline: str) -> list[Path]:
-    """Gen PPL and entropy against FLOPs relative to all-`baseline`; rows are report.summarize rows."""
+    """Gen PPL (as a ratio) and entropy (as a difference) against all-`baseline`, with paired 95% intervals,
+    against FLOPs relative to all-`baseline`; rows are summary.summarize rows of one T."""
+    rows = [r for r in rows if r["all_heavy"] or r["pairs"]]  # rows without a baseline have no paired value
+    base = next((r for r in rows if r["all_heavy"]), None)
     with plt.rc_context(STYLE):
-        fig, (ax_ppl, ax_ent) = plt.subplots(1, 2, figsize=(9.6, 3.9))
-        for ax, metric, title in ((ax_ppl, "gen_ppl", "Generative perplexity (lower is better)"),
-                                  (ax_ent, "entropy", "Unigram entropy per sample (nats)")):
+        fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.9))
+        for ax, (metric, label, ref_value) in zip(axes, PANELS):
             for r in rows:
                 on_front = r["name"] in pareto
                 searched = re.fullmatch("[LH]+", r["label"]) is not None  # an exhaustive-search pattern
-                ax.errorbar(r["flops_ratio"], r[f"{metric}_mean"], yerr=r[f"{metric}_sd"] if r["seeds"] > 1 else None,
-                            fmt="o" if on_front else "s", color=HEAVY if on_front else "0.45",
-                            markersize=2.5 if searched and not on_front else 4, capsize=2, linewidth=0.9)
-                if on_front or not searched:  # searched schedules off the frontier stay unlabelled
-                    ax.annotate(r["label"], (r["flops_ratio"], r[f"{metric}_mean"]), fontsize=6.5,
-                                xytext=(3, 3), textcoords="offset points")
-            if reference is not None:
-                ax.axhline(reference[metric], color="#117a65", linestyle=":", linewidth=1.1,
+                value, below, above = _paired(r, metric)
+                ax.errorbar(r["flops_ratio"], value, yerr=[[below], [above]], fmt="o" if on_front else "s",
+                            color=HEAVY if on_front else "0.45", markersize=2.5 if searched and not on_front else 4,
+                            capsize=2, linewidth=0.9)
+            ax.axhline(_paired(base, metric)[0] if base else 1.0, color="0.6", linewidth=0.8)
+            ax.margins(x=0.12, y=0.12)  # room for the labels at the edges
+            if reference is not None and base is not None:
+                ax.axhline(ref_value(reference, base), color="#117a65", linestyle=":", linewidth=1.1,
                            label=f"real text, {reference['name']} ({reference['num_samples']} blocks)")
             ax.set_xlabel(f"FLOPs relative to all-{baseline} (blocks only)")
-            ax.set_title(title)
+            ax.set_ylabel(label)
         front = sorted((r for r in rows if r["name"] in pareto), key=lambda r: r["flops_ratio"])
-        ax_ppl.plot([r["flops_ratio"] for r in front], [r["gen_ppl_mean"] for r in front], color=HEAVY,
-                    linewidth=1.0, alpha=0.7, label="Pareto frontier")
-        ax_ppl.set_ylabel("gen PPL")
-        ax_ent.set_ylabel("entropy (nats)")
-        ax_ppl.legend(loc="best", frameon=False)
-        ax_ent.legend(loc="best", frameon=False)
-        fig.suptitle("Error bars: +-1 s.d. over seeds", fontsize=7.5, y=0.01)
+        axes[0].plot([r["flops_ratio"] for r in front], [_paired(r, "ppl_ratio")[0] for r in front], color=HEAVY,
+                     linewidth=1.0, alpha=0.7, label="Pareto frontier")
+        axes[0].set_title("Generative perplexity (lower is better)")
+        axes[1].set_title("Unigram entropy per sample")
+        axes[0].plot([], [], "o", color=HEAVY, markersize=4, label="schedule on the Pareto frontier")
+        axes[0].plot([], [], "s", color="0.45", markersize=4, label="schedule off the frontier")
+        for ax, (metric, _, _) in zip(axes, PANELS):  # searched schedules off the frontier stay unlabelled
+            place_labels(ax, [(r["flops_ratio"], _paired(r, metric)[0], r["label"]) for r in rows
+                              if r["name"] in pareto or re.fullmatch("[LH]+", r["label"]) is None])
+        # One legend for both panels, under them, where it hides no point.
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, frameon=False,
+                   bbox_to_anchor=(0.5, -0.06))
+        fig.suptitle(f"Error bars: paired bootstrap 95% CIs against all-{baseline} (same seeds)", fontsize=7.5,
+                     y=-0.1)
         return save(fig, stem)
 
 
 def fraction_figure(rows: Sequence[Mapping[str, Any]], placement: str, reference: Mapping[str, Any] | None,
                     stem: Path) -> list[Path]:
-    """Gen PPL and entropy against the share of light steps, for one placement (rows sorted by share)."""
+    """Gen PPL (as a ratio) and entropy (as a difference) against all-heavy, with paired 95% intervals, against
+    the share of light steps, for one placement (rows sorted by share). Rows with no all-heavy run of their seeds
+    and sample count are drawn hollow, as a plain ratio (difference) of pooled values, without an interval."""
+    base = next((r for r in rows if r["all_heavy"]), None)
     with plt.rc_context(STYLE):
-        fig, (ax_ppl, ax_ent) = plt.subplots(1, 2, figsize=(9.6, 3.4))
-        x = [r["light_fraction"] for r in rows]
-        for ax, metric, label in ((ax_ppl, "gen_ppl", "gen PPL"), (ax_ent, "entropy", "entropy (nats)")):
-            ax.errorbar(x, [r[f"{metric}_mean"] for r in rows],
-                        yerr=[r[f"{metric}_sd"] if r["seeds"] > 1 else 0.0 for r in rows],
-                        fmt="o-", color=LIGHT, markersize=4, capsize=2)
-            if reference is not None:
-                ax.axhline(reference[metric], color="#117a65", linestyle=":", linewidth=1.1,
+        fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.4))
+        paired_rows = [r for r in rows if r["all_heavy"] or r["pairs"]]
+        unpaired = [r for r in rows if not (r["all_heavy"] or r["pairs"])] if base is not None else []
+        for ax, (metric, label, ref_value) in zip(axes, PANELS):
+            values = [_paired(r, metric) for r in paired_rows]
+            ax.errorbar([r["light_fraction"] for r in paired_rows], [v[0] for v in values],
+                        yerr=[[v[1] for v in values], [v[2] for v in values]], fmt="o-", color=LIGHT, markersize=4,
+                        capsize=2, label="paired with all-heavy (95% CI)")
+            if unpaired:
+                plain = {"ppl_ratio": lambda r: r["gen_ppl"] / base["gen_ppl"],
+                         "entropy_diff": lambda r: r["entropy"] - base["entropy"]}[metric]
+                ax.plot([r["light_fraction"] for r in unpaired], [plain(r) for r in unpaired], "o", color=LIGHT,
+                        markerfacecolor="white", markersize=4, label="other seeds or samples than all-heavy (no CI)")
+            if reference is not None and base is not None:
+                ax.axhline(ref_value(reference, base), color="#117a65", linestyle=":", linewidth=1.1,
                            label=f"real text, {reference['name']}")
-                ax.legend(loc="best", frameon=False)
             ax.set_xlabel("share of steps given to the light model")
             ax.set_ylabel(label)
-        ax_ppl.set_title(f"{placement}: gen PPL against the light share")
-        ax_ent.set_title(f"{placement}: entropy against the light share")
+        axes[0].set_title(f"{placement}: gen PPL against the light share")
+        axes[1].set_title(f"{placement}: entropy against the light share")
+        fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, frameon=False,
+                   bbox_to_anchor=(0.5, -0.07))
+        fig.suptitle("Error bars: paired bootstrap 95% CIs against all-heavy (same seeds)", fontsize=7.5, y=-0.12)
+        return save(fig, stem)
+
+
+def optimise_figure(measured: Sequence[Mapping[str, Any]], stem: Path) -> list[Path]:
+    """Each measured schedule's gen PPL ratio to all-heavy (paired 95% CI) against the cost model's leave-one-out
+    prediction of it, with the identity line; entries are optimise.json's "measured" with a "hand" flag."""
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(4.8, 4.2))
+        for hand, color, marker, name in ((True, "0.45", "s", "hand preset"),
+                                          (False, HEAVY, "o", "optimised or other schedule")):
+            chosen = [m for m in measured if m["hand"] == hand]
+            if not chosen:
+                continue
+            y = [math.exp(m["measured"]) for m in chosen]
+            ax.errorbar([math.exp(m["loo_predicted"]) for m in chosen], y, fmt=marker, color=color, markersize=4,
+                        capsize=2, linewidth=0.9, label=name,
+                        yerr=[[v - math.exp(m["measured_low"]) for v, m in zip(y, chosen)],
+                              [math.exp(m["measured_high"]) - v for v, m in zip(y, chosen)]])
+        ends = [math.exp(v) for m in measured for v in (m["loo_predicted"], m["measured_low"], m["measured_high"])]
+        lo, hi = min(ends + [1.0]), max(ends + [1.0])
+        pad = 0.05 * (hi - lo or 1.0)
+        ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="0.6", linewidth=0.8, label="identity")
+        ax.set_xlabel("predicted gen PPL / all-heavy's (leave-one-out)")
+        ax.set_ylabel("measured gen PPL / all-heavy's")
+        ax.set_title("Cost model against measurement")
+        ax.legend(loc="upper left", frameon=False)
+        place_labels(ax, [(math.exp(m["loo_predicted"]), math.exp(m["measured"]), m["label"]) for m in measured])
+        fig.suptitle("Error bars: paired bootstrap 95% CIs against all-heavy (same seeds)", fontsize=7.5, y=-0.02)
         return save(fig, stem)

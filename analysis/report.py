@@ -1,125 +1,26 @@
 """`mdlm-sched report`: figures, tables and a Markdown report from results folders alone.
 
-A folder holding results.jsonl (a sweep) gives the FLOPs-vs-gen-PPL figure with its entropy
-panel, the per-group tables, the fraction curve and the exhaustive-search ranking; a folder holding
-per_step.csv (the per-step analysis) gives the per-step figures and the peaks table. Points of a
-schedule are aggregated over seeds: mean and sample standard deviation (error bars are +-1 s.d.).
+A folder holding results.jsonl (a sweep) gives its section (analysis.sweep_section); a folder holding
+per_step.csv and per_step.json (the per-step analysis) gives the per-step figures and the peaks table; a
+folder holding optimise.json gives the optimiser's section (analysis.optimise_section);
+a pipeline record adds the experiment (command, device, stages, training). The last section sets each
+of the seed paper's claims against these numbers, with their intervals.
 """
 
 from __future__ import annotations
 
-import json
-import math
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from analysis import plots
-from mdlm_sched.artifacts import AnalysisDir, ReportDir, SweepDir, atomic_write_text
+from analysis.optimise_section import optimise_section
+from analysis.sweep_section import SweepView, ratio_text, sweep_section, verdict, wall_text
+from mdlm_sched.artifacts import AnalysisDir, OptimiseDir, ReportDir, SweepDir, atomic_write_text, check_writable
 from mdlm_sched.errors import ConfigError
 from mdlm_sched.schedule import PAPER_PLACEMENTS
-from mdlm_sched.summary import (all_heavy, fraction_rows, gap_and_spread, light_against_heavy, main_steps,
-                                pareto_front, placement_of, summarize)
-
-
-def _fmt(mean: float, sd: float, digits: int = 2) -> str:
-    return f"{mean:.{digits}f}" if math.isnan(sd) else f"{mean:.{digits}f} ± {sd:.{digits}f}"
-
-
-def _schedule_table(rows: Sequence[Mapping[str, Any]], front: set[str]) -> list[str]:
-    lines = ["| schedule | segments | light share | FLOPs saved (blocks only) | FLOPs saved (full) | calls per model "
-             "| wall-clock s | wall-clock saved | gen PPL | entropy | seeds x samples | Pareto |",
-             "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|:-:|"]
-    for r in rows:
-        calls = ", ".join(f"{k} {v:.0f}" for k, v in r["calls"].items())
-        wall_saving = "" if math.isnan(r["wall_saving"]) else f"{r['wall_saving']:.1%}"
-        lines.append(f"| {r['label']} | {r['segments']} | {r['light_fraction']:.3f} | {r['saving_blocks_only']:.2%} | "
-                     f"{r['saving_full']:.2%} | {calls} | {_fmt(r['wall_s_mean'], r['wall_s_sd'], 1)} | "
-                     f"{wall_saving} | {_fmt(r['gen_ppl_mean'], r['gen_ppl_sd'])} | "
-                     f"{_fmt(r['entropy_mean'], r['entropy_sd'], 3)} | {r['seeds']} x {r['num_samples']} | "
-                     f"{'yes' if r['name'] in front else ''} |")
-    return lines
-
-
-def _sweep_section(folder: Path, out: ReportDir) -> tuple[list[str], list[dict[str, Any]]]:
-    """The sweep's report lines and its rows (summarize)."""
-    results = SweepDir(folder).read()
-    points, refs, settings = results.points, results.references, results.settings
-    if not points:
-        return [f"## Sweep `{folder}`", "", "No finished points yet.", ""], []
-    rows = summarize(points)
-    heavy = rows[0]["baseline_model"]
-    main_t = main_steps(rows)
-    main = [r for r in rows if r["steps"] == main_t]
-    front = set(pareto_front((r["flops_ratio"], r["gen_ppl_mean"], r["name"]) for r in main))
-    reference = None
-    if refs:  # the first source of the config is the headline row (a rerun cannot change the sources)
-        ref = refs[0]
-        reference = {"gen_ppl": ref["gen_ppl"]["ppl"], "entropy": ref["entropy"]["mean"],
-                     "num_samples": ref["num_samples"], "name": ref["name"]}
-    stem = out.figure("sweep", folder.name)
-    plots.sweep_figure(main, reference, sorted(front), stem, heavy)
-    prov = points[0]["provenance"]
-    per_forward = points[0]["flops"]["per_forward_one_sequence"]
-    lines = [f"## Sweep `{folder}`", "",
-             f"Models: {', '.join(f'`{k}` = {v}' for k, v in settings.get('models', {}).items())}; judge: "
-             f"`{points[0]['gen_ppl']['judge']}`; sampler batch {settings.get('batch_size')}, top-p "
-             f"{settings.get('top_p')}, cache {settings.get('cache')}. Measured on "
-             f"{prov['hardware'].get('gpu', prov['hardware']['device'])}, git {prov['git']}.", "",
-             "FLOPs of one forward over one sequence: " + ", ".join(
-                 f"`{k}` {v['blocks_only']:.3e} (blocks only) / {v['full']:.3e} (full)" for k, v in per_forward.items())
-             + ". Sampling FLOPs count the calls actually made (cached steps cost nothing); \"full\" adds the "
-               "output head at the positions decoded and the time embedding.", "",
-             f"![FLOPs against gen PPL]({stem.name}.png)", "",
-             "Gen PPL: judge NLL summed in float64 over tokens up to and including each sample's first EOS, "
-             "chunks of the judge's context; entropy: unigram entropy of each sample's tokens (nats), mean over "
-             "samples. Mean ± s.d. over seeds.", ""]
-    if refs:
-        lines += ["Reference rows (real validation text, wrapped and scored exactly as samples; entropy ± s.d. "
-                  "over blocks):", "",
-                  "| reference | source | blocks | gen PPL (first-EOS protocol) | judge PPL, every token | entropy |",
-                  "|---|---|---:|---:|---:|---:|"]
-        lines += [f"| {ref['name']} | `{ref['source']}` | {ref['num_samples']} | {ref['gen_ppl']['ppl']:.2f} | "
-                  f"{ref['judge_ppl_every_token']['ppl']:.2f} | "
-                  f"{_fmt(ref['entropy']['mean'], ref['entropy']['sd'], 3)} |"
-                  for ref in refs]
-        lines.append("")
-    groups = list(dict.fromkeys(g for r in rows for g in r["groups"]))
-    for group in groups:
-        in_group = [r for r in rows if group in r["groups"]]
-        in_group.sort(key=lambda r: (r["steps"], -r["flops_ratio"], r["gen_ppl_mean"]))  # costliest first
-        lines += [f"### Group `{group}`", "", *_schedule_table(in_group, front), ""]
-    pair = light_against_heavy(rows)
-    if pair:
-        lr, base = pair
-        diff, spread = gap_and_spread(lr, base)
-        if math.isnan(spread):
-            verdict = "compared on one seed only: there is no seed-to-seed spread to judge the difference by"
-        elif diff > spread:
-            verdict = "measurably worse: the difference exceeds the seed-to-seed s.d."
-        else:
-            verdict = ("NOT measurably worse: the difference does not exceed the seed-to-seed s.d., so the "
-                       "schedule comparisons here are within noise")
-        lines += ["### All-light against all-heavy", "",
-                  f"At T = {main_t}: all-light gen PPL {_fmt(lr['gen_ppl_mean'], lr['gen_ppl_sd'])}, all-heavy "
-                  f"{_fmt(base['gen_ppl_mean'], base['gen_ppl_sd'])}: difference {diff:+.2f}, largest seed s.d. "
-                  f"{spread:.2f}. All-light is {verdict}.", ""]
-    placements = Counter(placement_of(r["label"]) for r in rows if placement_of(r["label"]))
-    if placements:
-        placement = placements.most_common(1)[0][0]
-        curve = fraction_rows(rows, placement)
-        fstem = out.figure("fraction", folder.name)
-        plots.fraction_figure(curve, placement, reference, fstem)
-        lines += [f"### Fraction curve: `{placement}`", "", f"![fraction curve]({fstem.name}.png)", "",
-                  *_schedule_table(curve, front), ""]
-    if results.failures:
-        lines += ["### Points that failed (not rerun successfully)", ""]
-        lines += [f"- `{f['label']}` ({f['key']}): {f['error']}" for f in results.failures] + [""]
-    atomic_write_text(out.summary(folder.name), json.dumps(
-        {"rows": rows, "pareto": sorted(front), "reference": refs}, indent=1,
-        default=lambda o: None) + "\n")
-    return lines, rows
+from mdlm_sched.stats import change_verdict
+from mdlm_sched.summary import all_heavy, band_text, light_against_heavy, main_steps, paired
 
 
 def _draw_per_step(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], name: str,
@@ -135,6 +36,13 @@ def per_step_figures(folder: Path, out: Path) -> list[Path]:
     return _draw_per_step(*AnalysisDir(folder).read(), folder.name, ReportDir(out))
 
 
+def _peak_steps(p: Mapping[str, Any]) -> str:
+    """A peak's step with the interval of where the resampled curves peak (absent in older analyses)."""
+    if "step_low" not in p:
+        return f"{p['step']}"
+    return f"{p['step']} [{p['step_low']}, {p['step_high']}]"
+
+
 def _per_step_section(folder: Path, out: ReportDir) -> tuple[list[str], list[dict[str, Any]], dict[str, Any]]:
     """The analysis's report lines, its rows and its record (per_step.csv and .json)."""
     rows, meta = AnalysisDir(folder).read()
@@ -145,12 +53,13 @@ def _per_step_section(folder: Path, out: ReportDir) -> tuple[list[str], list[dic
              f"blocks of {meta['seq_len']} tokens from `{s['data']}`, {s['trajectory_samples']} all-heavy "
              f"trajectories, seed {s['seed']}. {meta['conventions']}.", "",
              f"![per-step against step]({stems[0]}.png)", "", f"![per-step against t]({stems[1]}.png)", "",
-             "Where each gap peaks (grid step with the largest mean; 95% band over batches):", "",
+             "Where each gap peaks: the grid step with the largest estimate (with the 95% interval of the step "
+             "where resampled curves peak, where the analysis kept its units), its value and its 95% band:", "",
              "| states | metric | models | peak step | t | value | 95% band |", "|---|---|---|---:|---:|---:|---|"]
     for p in meta["peaks"]:
         models = f"KL({p['model'].replace('||', ' ‖ ')})" if p["metric"] == "kl" else p["model"]
-        lines.append(f"| {p['source']} | {p['metric']} | {models} | {p['step']} | {p['t']:.3f} | "
-                     f"{p['mean']:.4f} | [{p['ci_low']:.4f}, {p['ci_high']:.4f}] |")
+        lines.append(f"| {p['source']} | {p['metric']} | {models} | {_peak_steps(p)} | {p['t']:.3f} | "
+                     f"{p['mean']:.4f} | {band_text(p['ci_low'], p['ci_high'])} |")
     return lines + [""], rows, meta
 
 
@@ -208,73 +117,115 @@ def _experiment_section(exp: Mapping[str, Any]) -> list[str]:
                      f"the {head} validation {trend}.")
     curve = exp.get("fraction_curve")
     if curve:
-        lines += ["", f"The fraction curve follows `{curve['placement']}`, the placement with the lowest mean gen PPL "
-                      f"at T = {curve['steps']} (" + ", ".join(f"{k} {v:.2f}" for k, v in
-                                                           curve["gen_ppl_of_candidates"].items()) + ")."]
+        candidates = curve.get("gen_ppl", curve.get("gen_ppl_of_candidates", {}))
+        lines += ["", f"The fraction curve follows `{curve['placement']}`, chosen by the rule: "
+                      f"{curve.get('rule', 'the lowest mean gen PPL over seeds')} (T = {curve['steps']}; " +
+                  ", ".join(f"{k} {v:.2f}" for k, v in candidates.items()) + ")." + _separation(curve)]
     return lines + [""]
 
 
-def _verdict(agrees: bool) -> str:
-    return "**agrees**" if agrees else "**disagrees**"
+def _separation(curve: Mapping[str, Any]) -> str:
+    """Whether the chosen placement is separated from the runner-up (absent in records made before the rule)."""
+    if curve.get("runner_up") is None:
+        return ""
+    gap = (f"{curve['placement']} / {curve['runner_up']} = {curve['ratio_to_runner_up']:.3f} "
+           f"[{curve['ratio_low']:.3f}, {curve['ratio_high']:.3f}]")
+    return (f" It is separated from the runner-up ({gap})." if curve["separated"] else
+            f" It is **not** separated from the runner-up ({gap}): the curve could as well follow "
+            f"{curve['runner_up']}.")
+
+
+def _agreement(inside: bool | None) -> str:
+    return {True: "**agrees**", False: "**disagrees**", None: "**is undecided**"}[inside]
+
+
+def _peak_claims(meta: Mapping[str, Any], steps_rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The per-step half of the paper's claim: does the light model's deficit peak in the middle steps?"""
+    lines = []
+    T, (light, heavy) = meta["settings"]["steps"], (meta["light_to_heavy"][0], meta["light_to_heavy"][-1])
+    middle = (T / 4, 3 * T / 4)
+    for metric, model, what in (("kl", f"{heavy}||{light}", f"KL({heavy} ‖ {light})"),
+                                ("ce_gap", f"{light}-{heavy}", f"the CE gap {light} - {heavy}")):
+        for source in ("masked", "trajectory"):
+            peak = next((p for p in meta["peaks"] if (p["source"], p["metric"], p["model"]) ==
+                         (source, metric, model)), None)
+            series = sorted((r["step"], r["mean"]) for r in steps_rows
+                            if (r["source"], r["metric"], r["model"]) == (source, metric, model))
+            if peak is None or not series:
+                continue
+            low, high = peak.get("step_low", peak["step"]), peak.get("step_high", peak["step"])
+            # Agreement needs the whole interval of the peak's step inside the middle half, disagreement outside.
+            inside = True if middle[0] <= low and high < middle[1] else \
+                False if high < middle[0] or low >= middle[1] else None
+            lines.append(
+                f"- Per step, {what} on {plots.SOURCE_NAME[source]} states peaks at step {_peak_steps(peak)} of {T} "
+                f"(t = {peak['t']:.3f}): {peak['mean']:.4f} (95% band {band_text(peak['ci_low'], peak['ci_high'])}), "
+                f"against {series[0][1]:.4f} at the first grid step and {series[-1][1]:.4f} at the last. The paper "
+                f"finds the middle steps most sensitive; with the peak's step interval set against the middle half "
+                f"of the steps [{middle[0]:.0f}, {middle[1]:.0f}), this {_agreement(inside)}.")
+    return lines
+
+
+def _placement_claims(view: SweepView) -> list[str]:
+    """The sweep half: all-light worse, the middle placement worst, the best placement's cost and wall-clock."""
+    rows, lines = view.rows, []
+    steps = main_steps(rows)
+    light = light_against_heavy(rows)
+    if light is not None and not light["ppl_ratio_low"] > 1:
+        lines.append(f"**Caveat: all-light is not measurably worse than all-heavy here ({verdict(light)}), so no "
+                     f"schedule comparison below can confirm or refute the paper: the verdicts say only where these "
+                     f"numbers fall.**\n")
+    placed = {r["label"]: r for r in rows if r["steps"] == steps and r["label"] in PAPER_PLACEMENTS and r["pairs"]}
+    if len(placed) < 2:
+        return lines
+    ranked = sorted(placed.values(), key=lambda r: r["gen_ppl"])
+    lines.append(f"- Placements of {round(ranked[0]['light_fraction'] * steps)} light steps at T = {steps}, best to "
+                 f"worst, gen PPL / all-heavy [paired 95% CI]: " +
+                 ", ".join(f"{r['label']} {ratio_text(r)}" for r in ranked) + ".")
+    middle = placed.get("small-in-the-middle")
+    if middle is not None:
+        def of(row: Mapping[str, Any]) -> list[dict[str, Any]]:
+            return [p for p in view.points if (p["segments"], p["steps"], p["num_samples"]) ==
+                    (row["segments"], row["steps"], row["num_samples"])]
+
+        against = []
+        for other in (r for r in ranked if r is not middle):
+            vs = paired(of(middle), of(other), middle["token_rule"])
+            low, high = vs["ppl_ratio_low"], vs["ppl_ratio_high"]
+            against.append(f"{other['label']}: {vs['ppl_ratio']:.3f} [{low:.3f}, {high:.3f}], "
+                           f"{change_verdict(low - 1, high - 1)}")
+        lines.append("- The paper finds the middle steps the most sensitive, so small-in-the-middle the worst "
+                     "placement. Its gen PPL against each other placement (same seeds, paired): " +
+                     "; ".join(against) + ".")
+    best = ranked[0]
+    base = all_heavy(rows, best)
+    lines.append(
+        f"- The best placement, {best['label']}, saves {best['saving_blocks_only']:.1%} of the FLOPs (blocks only; "
+        f"{best['saving_full']:.1%} with the head at decoded positions, {best['saving_head_everywhere']:.1%} with "
+        f"the head everywhere; the paper: 16.7% for 250 of 1000 steps), for gen PPL {best['gen_ppl']:.2f} against "
+        f"all-heavy's {base['gen_ppl']:.2f}: {ratio_text(best)}, {verdict(best)} (the paper: a modest cost). Entropy "
+        f"{best['entropy']:.3f} against {base['entropy']:.3f}.")
+    wall = best["wall_saving"] - best["saving_blocks_only"]
+    if best["wall_spread"] != best["wall_spread"]:  # nan: the baseline was timed once
+        claim = "the baseline was timed once, so there is no spread to judge the wall-clock saving by"
+    elif abs(wall) > best["wall_spread"]:
+        claim = (f"the wall-clock saves {'more' if wall > 0 else 'less'} than the FLOPs, by more than the baseline's "
+                 f"timing spread (±{best['wall_spread']:.1%})")
+    else:
+        claim = (f"the difference from the FLOPs saving is within the baseline's timing spread "
+                 f"(±{best['wall_spread']:.1%})")
+    lines.append(f"- Its wall-clock saving against all-heavy is {wall_text(best)}; {claim}.")
+    return lines
 
 
 def _paper_section(meta: Mapping[str, Any] | None, steps_rows: Sequence[Mapping[str, Any]],
-                   rows: Sequence[Mapping[str, Any]]) -> list[str]:
+                   view: SweepView | None) -> list[str]:
     """Each of the paper's claims (REFERENCE.md section 1) set against these results, in plain words."""
     lines = ["## Against the paper (arXiv 2604.02340)", ""]
-    if meta is not None:
-        T, (light, heavy) = meta["settings"]["steps"], (meta["light_to_heavy"][0], meta["light_to_heavy"][-1])
-        for metric, model, what in (("kl", f"{heavy}||{light}", f"KL({heavy} ‖ {light})"),
-                                    ("ce_gap", f"{light}-{heavy}", f"the CE gap {light} - {heavy}")):
-            for source in ("masked", "trajectory"):
-                peak = next((p for p in meta["peaks"] if (p["source"], p["metric"], p["model"]) ==
-                             (source, metric, model)), None)
-                series = sorted((r["step"], r["mean"]) for r in steps_rows
-                                if (r["source"], r["metric"], r["model"]) == (source, metric, model))
-                if peak is None or not series:
-                    continue
-                middle = T / 4 <= peak["step"] < 3 * T / 4
-                lines.append(
-                    f"- Per step, {what} on {plots.SOURCE_NAME[source]} states peaks at step {peak['step']} of {T} "
-                    f"(t = {peak['t']:.3f}): {peak['mean']:.4f} [95% {peak['ci_low']:.4f}, {peak['ci_high']:.4f}], "
-                    f"against {series[0][1]:.4f} at the first grid step and {series[-1][1]:.4f} at the last. "
-                    f"The paper finds the middle steps most sensitive; a peak "
-                    f"{'inside' if middle else 'outside'} the middle half of the steps {_verdict(middle)}.")
-    if rows:
-        steps = main_steps(rows)
-        placed = {r["label"]: r for r in rows if r["steps"] == steps and r["label"] in PAPER_PLACEMENTS}
-        pair = light_against_heavy(rows)
-        if pair:
-            gap, spread = gap_and_spread(*pair)
-            light, base = pair
-            if not gap > spread:  # (a nan spread, one seed, measures nothing either)
-                lines.insert(2, f"**Caveat: all-light ({_fmt(light['gen_ppl_mean'], light['gen_ppl_sd'])}) is not "
-                                f"measurably worse than all-heavy ({_fmt(base['gen_ppl_mean'], base['gen_ppl_sd'])}) "
-                                f"here, so no schedule comparison below can confirm or refute the paper: the "
-                                f"verdicts say only where these numbers fall.**\n")
-        if len(placed) >= 2:
-            ranked = sorted(placed.values(), key=lambda r: r["gen_ppl_mean"])
-            worst, runner_up = ranked[-1], ranked[-2]
-            gap, spread = gap_and_spread(worst, runner_up)
-            measurable = "exceeds" if gap > spread else "does not exceed"
-            lines.append(
-                f"- Placements at T = {steps}, best to worst by gen PPL: " + ", ".join(
-                    f"{r['label']} {_fmt(r['gen_ppl_mean'], r['gen_ppl_sd'])}" for r in ranked) +
-                f". The paper puts the light model's steps at the ends and finds the middle worst; here the worst "
-                f"is {worst['label']} ({_verdict(worst['label'] == 'small-in-the-middle')}), {gap:.2f} above the "
-                f"next, which {measurable} the seed-to-seed s.d. ({spread:.2f}).")
-            best = ranked[0]
-            base = all_heavy(rows, best)
-            if base is not None:
-                cost = best["gen_ppl_mean"] / base["gen_ppl_mean"] - 1
-                lines.append(
-                    f"- The best placement, {best['label']}, saves {best['saving_blocks_only']:.1%} of the FLOPs "
-                    f"(blocks only; {best['saving_full']:.1%} full; the paper: 16.7% for 250 of 1000 steps) and "
-                    f"{best['wall_saving']:.1%} of the wall-clock, for gen PPL "
-                    f"{_fmt(best['gen_ppl_mean'], best['gen_ppl_sd'])} against all-heavy "
-                    f"{_fmt(base['gen_ppl_mean'], base['gen_ppl_sd'])} ({cost:+.1%}; the paper: "
-                    f"a modest cost). Entropy {_fmt(best['entropy_mean'], best['entropy_sd'], 3)} against "
-                    f"{_fmt(base['entropy_mean'], base['entropy_sd'], 3)}.")
+    claims = _placement_claims(view) if view is not None and view.rows else []
+    caveat = [c for c in claims if c.startswith("**")]
+    lines += caveat + (_peak_claims(meta, steps_rows) if meta is not None else []) + \
+        [c for c in claims if not c.startswith("**")]
     return lines + [""] if len(lines) > 2 else []
 
 
@@ -286,23 +237,29 @@ def build_report(folders: Sequence[Path], out: Path, title: str = "Model schedul
     """
     if not folders:
         raise ConfigError("no results folders given; pass sweep and/or analysis output folders")
+    check_writable(out, "--out")
     report = ReportDir(out)
     out.mkdir(parents=True, exist_ok=True)
     lines = [f"# {title}", ""]
     if experiment is not None:
         lines += _experiment_section(experiment)
-    meta, steps_rows, rows = None, [], []
+    meta, steps_rows, view, optimised = None, [], None, []
     for folder in folders:
-        sweep, analysis = SweepDir(folder), AnalysisDir(folder)
-        if not (sweep.results.is_file() or analysis.exists()):
-            raise ConfigError(f"{folder} holds neither {sweep.results.name} (a sweep) nor {analysis.csv.name} and "
-                              f"{analysis.json.name} (an analysis); give the out folder of mdlm-sched sweep or analyze")
+        sweep, analysis, optimise = SweepDir(folder), AnalysisDir(folder), OptimiseDir(folder)
+        if not (sweep.results.is_file() or analysis.exists() or optimise.record.is_file()):
+            raise ConfigError(f"{folder} holds none of {sweep.results.name} (a sweep), {analysis.csv.name} and "
+                              f"{analysis.json.name} (an analysis), {optimise.record.name} (the optimiser); give the "
+                              f"out folder of mdlm-sched sweep, analyze or optimise")
         if analysis.exists():
             section, steps_rows, meta = _per_step_section(folder, report)
             lines += section
         if sweep.results.is_file():
-            section, rows = _sweep_section(folder, report)
+            section, view = sweep_section(folder, report)
             lines += section
-    lines += _paper_section(meta, steps_rows, rows)
+        if optimise.record.is_file():
+            optimised.append(folder)
+    for folder in optimised:  # after the sweeps: the section compares the sweep's schedules
+        lines += optimise_section(folder, report, view)
+    lines += _paper_section(meta, steps_rows, view)
     atomic_write_text(report.report, "\n".join(lines) + "\n")
     return report.report

@@ -35,14 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from mdlm_sched.errors import DataError
+from mdlm_sched.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------- writers
-
-
 def _umask() -> int:
     """The process umask (read by setting and restoring it: the only portable way)."""
     mask = os.umask(0)
@@ -125,9 +123,26 @@ def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
+def check_writable(folder: str | Path, what: str) -> None:
+    """Raise ConfigError unless `folder` exists as a folder we can write into, or can be made: checked before any
+    work, so that nothing computed is lost for want of a place to put it. Nothing is left behind.
+
+    what: the setting that names the folder, for the message (e.g. "train.out_dir").
+    """
+    path = Path(folder).absolute()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{what}={folder} cannot be a folder: {probe} is a file; choose another place")
+    try:
+        tempfile.TemporaryFile(dir=probe).close()
+    except OSError as exc:
+        raise ConfigError(f"{what}={folder} cannot be written ({exc.strerror} in {probe}); choose a folder you can "
+                          f"write to") from None
+
+
 # ----------------------------------------------------------------------------------- readers
-
-
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """Every complete line of a JSON-lines file ([] if there is no file); a torn last line is skipped."""
     if not path.is_file():
@@ -160,11 +175,14 @@ def read_json(path: Path, what: str) -> Any:
 
 
 # ------------------------------------------------------------------------------ training runs
-
-
 def _file(name: str) -> property:
     """A property: the file or folder `name` inside the instance's root folder."""
     return property(lambda self: self.root / name, doc=f"root / {name!r}")
+
+
+def _folder(name: str, kind: type) -> property:
+    """A property: the sub-folder `name`, as a `kind` (AnalysisDir, SweepDir, ...)."""
+    return property(lambda self: kind(self.root / name), doc=f"{kind.__name__}(root / {name!r})")
 
 
 @dataclass(frozen=True)
@@ -198,16 +216,24 @@ class TrainRun:
     def checkpoint(self, step: int) -> Checkpoint:
         return Checkpoint(self.checkpoints / f"step-{step:08d}")
 
+    def latest_step(self) -> int | None:
+        """The step of the newest complete checkpoint (None if there is none)."""
+        return int(self.latest.read_text().strip().removeprefix("step-")) if self.latest.is_file() else None
+
     def checkpoint_folders(self) -> list[Path]:
         """Every checkpoint folder, oldest first."""
         return sorted(self.checkpoints.glob("step-*"))
+
+
+# A Hugging Face model folder: its config and its weights (save_pretrained's names).
+HF_CONFIG, HF_WEIGHTS = "config.json", "model.safetensors"
 
 
 def model_folder(path: str | Path) -> Path:
     """The Hugging Face folder of a model: `path` itself, or `path/model` for a training run folder."""
     path = Path(path)
     exported = TrainRun(path).model
-    if not (path / "config.json").is_file() and (exported / "config.json").is_file():
+    if not (path / HF_CONFIG).is_file() and (exported / HF_CONFIG).is_file():
         return exported
     return path
 
@@ -242,8 +268,6 @@ class TrainingLog:
 
 
 # ------------------------------------------------------------------------------ sampling runs
-
-
 @dataclass(frozen=True)
 class SampleRun:
     """The output folder of `mdlm-sched sample`."""
@@ -255,10 +279,8 @@ class SampleRun:
 
 
 # ------------------------------------------------------------------------------ per-step analysis
-
-
-PER_STEP_FIELDS = ("source", "step", "t", "metric", "model", "mean", "ci_low", "ci_high", "batches", "tokens")
-_PER_STEP_INTS = ("step", "batches", "tokens")
+PER_STEP_FIELDS = ("source", "step", "t", "metric", "model", "mean", "ci_low", "ci_high", "units", "tokens")
+_PER_STEP_INTS = ("step", "units", "tokens")
 _PER_STEP_FLOATS = ("t", "mean", "ci_low", "ci_high")
 
 
@@ -277,7 +299,7 @@ class AnalysisDir:
         """per_step.csv (long format, one row per source, step, metric and model) and per_step.json."""
         lines = [",".join(PER_STEP_FIELDS)] + [
             f"{r['source']},{r['step']},{r['t']:.8g},{r['metric']},{r['model']},{r['mean']:.10g},{r['ci_low']:.10g},"
-            f"{r['ci_high']:.10g},{r['batches']},{r['tokens']}" for r in rows]
+            f"{r['ci_high']:.10g},{r['units']},{r['tokens']}" for r in rows]
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.csv, "\n".join(lines) + "\n")
         atomic_write_json(self.json, record)
@@ -294,10 +316,9 @@ class AnalysisDir:
 
 
 # ---------------------------------------------------------------------------------- sweeps
-
-
-# Record kinds of results.jsonl: a sampled, judged schedule, or a real-text reference row.
-POINT, REFERENCE = "point", "reference"
+# Record kinds of results.jsonl: a sampled, judged schedule, a real-text reference row, and a repeated timing
+# of a baseline point's first batch (the wall-clock spread its savings are set against).
+POINT, REFERENCE, TIMING = "point", "reference", "timing"
 
 
 @dataclass
@@ -306,6 +327,7 @@ class SweepResults:
 
     points: list[dict[str, Any]]
     references: list[dict[str, Any]]
+    timings: list[dict[str, Any]]
     failures: list[dict[str, Any]]  # points that failed and have not been rerun successfully since
     settings: dict[str, Any]  # sweep.json's "shared" settings ({} if absent)
 
@@ -324,7 +346,8 @@ class SweepDir:
         return self.root / "samples" / f"{slug}.jsonl"
 
     def finished_keys(self) -> set[str]:
-        return {r["key"] for r in read_jsonl(self.results)}
+        """Keys of the finished points and reference rows."""
+        return {r["key"] for r in read_jsonl(self.results) if r["kind"] != TIMING}
 
     def read(self) -> SweepResults:
         records = read_jsonl(self.results)
@@ -332,13 +355,12 @@ class SweepDir:
         done = {p["key"] for p in points}
         settings = read_json(self.settings, "the sweep.json of a sweep")["shared"] if self.settings.is_file() else {}
         return SweepResults(points=points, references=[r for r in records if r["kind"] == REFERENCE],
+                            timings=[r for r in records if r["kind"] == TIMING],
                             failures=[f for f in read_jsonl(self.failures) if f["key"] not in done],
                             settings=settings)
 
 
 # ------------------------------------------------------------------------------- optimiser
-
-
 @dataclass(frozen=True)
 class OptimiseDir:
     """The output folder of `mdlm-sched optimise`."""
@@ -346,10 +368,11 @@ class OptimiseDir:
     root: Path
     record = _file("optimise.json")
 
+    def read(self) -> dict[str, Any]:
+        return read_json(self.record, "the optimise.json of mdlm-sched optimise")
+
 
 # ------------------------------------------------------------------------------ pipeline
-
-
 @dataclass(frozen=True)
 class PipelineDir:
     """The out_dir of `mdlm-sched pipeline`: one folder per stage and the pipeline's own record."""
@@ -357,26 +380,16 @@ class PipelineDir:
     root: Path
     state = _file("pipeline.json")
     report = _file("report")  # the default report folder
+    analysis = _folder("analysis", AnalysisDir)
+    optimise = _folder("optimise", OptimiseDir)  # the optimised schedules swept (cost model uncalibrated)
+    calibrated = _folder("calibrated", OptimiseDir)  # the cost model fitted on every schedule the sweep measured
+    sweep = _folder("sweep", SweepDir)
 
     def train(self, name: str) -> TrainRun:
         return TrainRun(self.root / "train" / name)
 
-    @property
-    def analysis(self) -> AnalysisDir:
-        return AnalysisDir(self.root / "analysis")
-
-    @property
-    def optimise(self) -> OptimiseDir:
-        return OptimiseDir(self.root / "optimise")
-
-    @property
-    def sweep(self) -> SweepDir:
-        return SweepDir(self.root / "sweep")
-
 
 # ------------------------------------------------------------------------------ reports
-
-
 @dataclass(frozen=True)
 class ReportDir:
     """The output folder of `mdlm-sched report`."""
@@ -399,8 +412,6 @@ FIGURE_SUFFIXES = (".png", ".pdf")
 
 
 # ------------------------------------------------------------------------------ data cache
-
-
 def data_cache_file(cache_dir: str | Path, stem: str, seq_len: int, digest: str) -> Path:
     """The .npy file of one source's tokenised, wrapped blocks."""
     return Path(cache_dir) / f"{stem}-L{seq_len}-{digest}.npy"

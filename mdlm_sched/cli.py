@@ -8,6 +8,7 @@ The report is the one command that imports the analysis package; everything else
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -54,12 +55,14 @@ def _models(pairs: list[str]) -> dict[str, str]:
 
 
 def _prompt_file(path: str) -> tuple[list[str], list[list[int]]]:
+    from mdlm_sched.data import text_lines
+
     texts, ids = [], []
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = list(text_lines(Path(path)))  # a line that is not UTF-8 is named
     except OSError as exc:
         raise UserError(f"cannot read prompts file {path} ({exc.strerror}); give a JSON-lines file") from exc
-    for n, line in enumerate(lines, 1):
+    for n, line in lines:
         if not line.strip():
             continue
         try:
@@ -109,6 +112,7 @@ def _analyze(args: argparse.Namespace) -> int:
                               t_min=args.t_min)
     from analysis.report import per_step_figures
     from mdlm_sched.per_step import analyze_models
+    from mdlm_sched.summary import band_text
 
     out = AnalysisDir(Path(args.out))
     record = analyze_models(_models(args.model), settings, _runtime(args), out, args.seq_len,
@@ -118,7 +122,7 @@ def _analyze(args: argparse.Namespace) -> int:
           f"T={settings.steps} steps")
     for p in record["peaks"]:
         print(f"  {p['source']:>10} {p['metric']:>6} {p['model']:>16}: peak at step {p['step']} (t={p['t']:.3f}), "
-              f"{p['mean']:.4f} [{p['ci_low']:.4f}, {p['ci_high']:.4f}]")
+              f"{p['mean']:.4f} {band_text(p['ci_low'], p['ci_high'])}")
     print(f"  wrote {out.csv}, {out.json} and {len(figures)} figure files")
     return 0
 
@@ -157,6 +161,15 @@ def _pipeline(args: argparse.Namespace) -> int:
         print(f"mdlm-sched: {len(outcome.failed)} parts failed ({', '.join(outcome.failed)}); the report holds the "
               f"rest; rerun the same command to retry them", file=sys.stderr)
         return 1
+    return 0
+
+
+def _optimise(args: argparse.Namespace) -> int:
+    from mdlm_sched.artifacts import AnalysisDir, OptimiseDir, SweepDir
+    from mdlm_sched.optimise import run_optimise
+
+    run_optimise(AnalysisDir(Path(args.analysis)), OptimiseDir(Path(args.out)), args.saving, args.tolerance,
+                 args.bins, args.flops, SweepDir(Path(args.sweep)) if args.sweep else None, args.model, args.steps)
     return 0
 
 
@@ -199,8 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     from mdlm_sched.sampling_config import AnalysisConfig, SampleConfig
 
     sample, analysis = SampleConfig(), AnalysisConfig()
-    parser = argparse.ArgumentParser(prog="mdlm-sched", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    # No abbreviated options: with config words between options, "--no-progres" must be an error, not a guess.
+    parser = argparse.ArgumentParser(prog="mdlm-sched", description=__doc__.splitlines()[0], allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")  # a usage line that does not wrap
+    sub.add_parser = functools.partial(sub.add_parser, allow_abbrev=False)
     p = sub.add_parser("train", help="train an MLA-MDLM (model.arch=mdlm) or the GPT-2 judge (model.arch=gpt2)")
     p.add_argument("config", nargs="*", help=CONFIG_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -250,8 +265,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="+", help="experiment YAML files (configs/experiment/) and a.b=value overrides")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_pipeline)
-    p = sub.add_parser("report", help="figures and a Markdown report from sweep/analysis folders")
-    p.add_argument("folders", nargs="+", help="out folders of mdlm-sched sweep and/or analyze")
+    p = sub.add_parser("optimise", help="the schedule predicted best for a FLOPs saving or a gen-PPL tolerance",
+                       description="Fit an additive cost model to a per-step analysis (calibrated on a sweep's "
+                                   "measured schedules when given) and solve exactly for the schedule predicted "
+                                   "best at each FLOPs saving or gen-PPL tolerance.")
+    p.add_argument("--analysis", required=True, help="out folder of mdlm-sched analyze (per_step.csv and .json)")
+    p.add_argument("--sweep", help="out folder of a sweep of the same models: calibrates the cost model")
+    p.add_argument("--saving", action="append", type=float, default=[],
+                   help="FLOPs saving against all-heavy to reach, e.g. 0.25 (repeat)")
+    p.add_argument("--tolerance", action="append", type=float, default=[],
+                   help="largest predicted relative gen-PPL increase, e.g. 0.05 (repeat)")
+    p.add_argument("--bins", type=int, default=20, help="step bins the schedule is made of (default 20)")
+    p.add_argument("--flops", default="blocks-only", choices=["blocks-only", "executed"],
+                   help="blocks-only: every step one forward (the seed paper's); executed: this sampler's cache")
+    p.add_argument("--model", action="append", default=[], help="restrict to these models of the analysis (repeat)")
+    p.add_argument("--steps", type=int, default=None, help="T (default: the analysis's)")
+    p.add_argument("--out", default="runs/optimise", help="output folder for optimise.json")
+    p.set_defaults(func=_optimise)
+    p = sub.add_parser("report", help="figures and a Markdown report from sweep/analysis/optimise folders")
+    p.add_argument("folders", nargs="+", help="out folders of mdlm-sched sweep, analyze and/or optimise")
     p.add_argument("--out", default="runs/report", help="folder for report.md and the figures")
     p.add_argument("--title", default="Model scheduling report")
     p.add_argument("--experiment", help="pipeline.json of a `mdlm-sched pipeline` run: adds command, device, training")
@@ -263,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "--no-progress" in (sys.argv[1:] if argv is None else argv):
+        # Every tqdm bar, transformers' and huggingface_hub's included; tqdm reads this when it is first imported.
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # config words after an option (train model=tiny --no-progress train.steps=2) come back in order
@@ -275,8 +311,6 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.INFO if launch_context().is_main else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("fontTools").setLevel(logging.WARNING)  # PDF font subsetting reports every table
-    if getattr(args, "no_progress", False):  # Hugging Face's weight-loading bars too (read at its import)
-        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         return args.func(args)
     except UserError as exc:

@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mdlm_sched.artifacts import check_writable
 from mdlm_sched.data import check_source
 from mdlm_sched.errors import ConfigError, DataError
 from mdlm_sched.noise import NOISE_SCHEDULES
@@ -311,3 +312,5 @@ def validate(cfg: RunConfig) -> None:
     _validate_data(cfg.data, cfg.model)
     _validate_train(cfg.train)
     validate_runtime(cfg.runtime)
+    check_writable(cfg.train.out_dir, "train.out_dir")
+    check_writable(cfg.data.cache_dir, "data.cache_dir")

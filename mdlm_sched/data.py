@@ -15,10 +15,11 @@ import logging
 import lzma
 import os
 import re
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
@@ -134,14 +135,38 @@ def _file_documents(path: Path, text_field: str) -> Iterator[str]:
     if fmt == ".parquet":
         yield from _parquet_documents(path, text_field)
         return
+    lines = text_lines(path, compression)
+    yield from (_txt_documents(lines) if fmt == ".txt" else _jsonl_documents(lines, path, text_field))
+
+
+# What a damaged file raises while it is read: lzma and gzip's own errors, and EOFError for a stream cut short.
+_DAMAGED = (lzma.LZMAError, gzip.BadGzipFile, zlib.error, EOFError)
+
+
+def text_lines(path: Path, compression: str = "") -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file, decompressed; a damaged or non-UTF-8 file raises DataError.
+
+    Lines are split at "\n" only and keep their line ending, so a "\r" inside a .txt document stays as written.
+    """
     opener: Any = {".xz": lzma.open, ".gz": gzip.open, "": open}[compression]
-    # newline="" keeps "\r" inside .txt documents as written; JSON strings never hold a raw newline.
-    with opener(path, "rt", encoding="utf-8", newline="") as fh:
-        yield from (_txt_documents(fh) if fmt == ".txt" else _jsonl_documents(fh, path, text_field))
+    lineno = 0
+    try:
+        with opener(path, "rb") as fh:
+            for lineno, raw in enumerate(fh, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise DataError(f"{path}:{lineno} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at column "
+                                    f"{exc.start + 1}); convert the file to UTF-8") from None
+                yield lineno, line
+    except _DAMAGED as exc:
+        kind = {".xz": "an xz", ".gz": "a gzip"}.get(compression, "a")
+        raise DataError(f"{path} is not {kind} file or is cut short (after line {lineno}: {_one_line(exc)}); "
+                        f"download or copy it again") from None
 
 
-def _jsonl_documents(fh: IO[str], path: Path, text_field: str) -> Iterator[str]:
-    for lineno, line in enumerate(fh, 1):
+def _jsonl_documents(lines: Iterable[tuple[int, str]], path: Path, text_field: str) -> Iterator[str]:
+    for lineno, line in lines:
         if not line.strip():
             continue
         try:
@@ -155,16 +180,16 @@ def _jsonl_documents(fh: IO[str], path: Path, text_field: str) -> Iterator[str]:
         yield _check_text(record[text_field], path, text_field)
 
 
-def _txt_documents(fh: IO[str]) -> Iterator[str]:
+def _txt_documents(lines: Iterable[tuple[int, str]]) -> Iterator[str]:
     """Documents separated by lines that consist of ``<|endoftext|>`` alone."""
-    lines: list[str] = []
-    for line in fh:
+    doc: list[str] = []
+    for _, line in lines:
         if line.rstrip("\r\n") == EOT:
-            yield _strip_newline("".join(lines))
-            lines = []
+            yield _strip_newline("".join(doc))
+            doc = []
         else:
-            lines.append(line)
-    yield _strip_newline("".join(lines))
+            doc.append(line)
+    yield _strip_newline("".join(doc))
 
 
 def _strip_newline(text: str) -> str:
@@ -177,7 +202,10 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
         import pyarrow.parquet as pq
     except ImportError as exc:
         raise DataError(f"reading {path} needs pyarrow; install pyarrow: pip install 'mdlm-sched[parquet]'") from exc
-    parquet = pq.ParquetFile(path)
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{path} is not a readable parquet file ({_one_line(exc)}); copy it again") from None
     if text_field not in parquet.schema_arrow.names:
         raise DataError(f"{path} has no {text_field!r} column; set data.text_field to the column holding the text")
     for batch in parquet.iter_batches(columns=[text_field], batch_size=_TOKENIZE_BATCH):

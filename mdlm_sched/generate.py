@@ -36,6 +36,7 @@ class SamplingOutput:
     tokens: torch.Tensor  # [N, L] long, CPU
     trace: list[StepRecord]  # all batches, in order
     wall_s: float  # sampling only (models loaded and compiled before)
+    batch_wall_s: list[float]  # each batch's own wall-clock, in batch order (timed where it ran)
 
 
 def warm_up(model_set: ModelSet, settings: SamplerSettings, batch_size: int, steps: int = 8) -> None:
@@ -62,29 +63,33 @@ def run_schedule(model_set: ModelSet, schedule: ModelSchedule, settings: Sampler
     bar = tqdm(total=len(ctx.share(n_batches)) * len(schedule), desc=f"sampling {schedule.spec}", unit="step",
                disable=not progress, leave=False)
 
-    def run_batch(k: int) -> tuple[torch.Tensor, list[StepRecord]]:
+    def run_batch(k: int) -> tuple[torch.Tensor, list[StepRecord], float]:
         first = k * batch_size
         size = min(batch_size, num_samples - first)
         batch_prompts = [prompts[(first + j) % len(prompts)] for j in range(size)] if prompts else None
+        start = time.perf_counter()  # the device is idle here: the last batch ended with a copy to the host
         result = sample(model_set.models, schedule, model_set.noise, settings,
                         step_generator(seed, k, STREAM_SAMPLE, device), size, model_set.seq_len, batch_prompts,
                         on_step=lambda record: bar.update(1) if record.step < len(schedule) else None)
-        return result.tokens.cpu(), result.trace
+        tokens = result.tokens.cpu()  # waits for the device
+        return tokens, result.trace, time.perf_counter() - start
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
     ctx.barrier()
     start = time.perf_counter()
-    batches = ctx.map_sharded(n_batches, run_batch)  # [(tokens [b, L], trace)] in batch order
+    batches = ctx.map_sharded(n_batches, run_batch)  # [(tokens [b, L], trace, seconds)] in batch order
     sync()
     wall = time.perf_counter() - start
     bar.close()
-    return SamplingOutput(tokens=torch.cat([tokens for tokens, _ in batches]),
-                          trace=[record for _, trace in batches for record in trace], wall_s=wall)
+    return SamplingOutput(tokens=torch.cat([tokens for tokens, _, _ in batches]),
+                          trace=[record for _, trace, _ in batches for record in trace], wall_s=wall,
+                          batch_wall_s=[seconds for _, _, seconds in batches])
 
 
 def flops_summary(model_set: ModelSet, output: SamplingOutput) -> dict[str, Any]:
-    """FLOPs of the run in both conventions, per model, and against the same calls made by the heaviest model."""
+    """FLOPs of the run in each convention (flops.py), per model, and against the same calls made by the heaviest
+    model."""
     configs = model_set.configs
     used = trace_flops(output.trace, configs, model_set.seq_len)
     heavy = model_set.light_to_heavy[-1]
@@ -100,16 +105,21 @@ def flops_summary(model_set: ModelSet, output: SamplingOutput) -> dict[str, Any]
     return {
         "blocks_only": used.blocks_only,
         "full": used.full,
+        "head_everywhere": used.head_everywhere,
         "baseline_model": heavy,
         "baseline_blocks_only": baseline.blocks_only,
         "baseline_full": baseline.full,
+        "baseline_head_everywhere": baseline.head_everywhere,
         "saving_blocks_only": saving(used.blocks_only, baseline.blocks_only),
         "saving_full": saving(used.full, baseline.full),
+        "saving_head_everywhere": saving(used.head_everywhere, baseline.head_everywhere),
         "calls": used.calls,
         "sequences_run": used.sequences,
         "per_forward_one_sequence": per_forward,
         "convention": "matmul FLOPs of the calls made (2 per multiply-add); blocks_only = transformer blocks "
-                      "incl. attention scores; full = + output head at the positions decoded + time embedding",
+                      "incl. attention scores; full = + output head at the positions decoded + time embedding; "
+                      "head_everywhere = full with the head at every position of every sequence run (MDLM's "
+                      "sampler)",
     }
 
 

@@ -1,20 +1,31 @@
-"""Sample quality: generative perplexity under an autoregressive judge, and unigram entropy.
+"""Sample quality: generative perplexity under an autoregressive judge, unigram entropy, MAUVE.
 
-The field's protocol (REFERENCE.md section 3):
+The field's protocol (REFERENCE.md section 3), as MDLM's code runs it:
 - decode each sample to text and re-tokenize it with the judge's tokenizer. A sample is split at the
   denoiser's EOS tokens and each piece is re-tokenized on its own, the judge's EOS id put back
   between pieces, so any causal LM can judge (not only one whose tokenizer reads "<|endoftext|>");
-- count target tokens up to and including the first EOS after position 0 (position 0 is the
-  sample's [BOS], context only); later tokens are not scored;
-- split into chunks of the judge's context (1024 for GPT-2), scored independently: token i + 1
-  given tokens up to i, so each chunk's first token is context only;
-- sum the negative log-likelihoods in float64 over all samples and take exp(sum NLL / sum count).
-  Every sample is scored, whatever the batch size.
+- truncate to the model length (MDLM: its sequence length, 1024) and split into chunks of the
+  judge's context (1024 for GPT-2), scored independently: token i + 1 given tokens up to i, so each
+  chunk's first token is context only;
+- count the target tokens of a token rule (TOKEN_RULES), sum their negative log-likelihoods in
+  float64 over all samples and take exp(sum NLL / sum count). Every sample is scored, whatever the
+  batch size (MDLM's code drops the samples that do not fill a last batch).
+Token rules, all computed in one pass:
+- "mdlm" (the default, comparable with published MDLM / Duo / ReMDM numbers): every target that is
+  not EOS, plus a chunk's first EOS (MDLM's mask first_eos | token_mask). Samples start with [BOS] =
+  EOS, so in practice every target that is not EOS;
+- "first-eos": every target up to and including the first EOS after position 0; later tokens are
+  not scored (this project's first rule; it drops about 40% of the tokens of 1024-token samples);
+- "every-token": every target (the judge's plain perplexity; used on real text).
 The judge runs in float32 (TF32 off), so its head and log-softmax are float32 as the protocol asks.
 
 Entropy: the unigram entropy (nats) of each sample's token histogram, over the denoiser's token
 ids at every position; its mean is reported beside gen PPL (low gen PPL with low entropy means
 repetitive text, not better text).
+
+MAUVE (Pillutla et al. 2021, the mauve-text package) compares the samples with real text as two
+distributions of judge features: the judge's last hidden state at the last token of each sample's
+first chunk.
 """
 
 from __future__ import annotations
@@ -31,9 +42,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mdlm_sched.artifacts import model_folder
+from mdlm_sched.artifacts import HF_CONFIG, model_folder
 from mdlm_sched.distributed import ONE_PROCESS, DistContext
-from mdlm_sched.errors import CheckpointError
+from mdlm_sched.errors import CheckpointError, ConfigError
+from mdlm_sched.hub import snapshot
+from mdlm_sched.sampling_config import TOKEN_RULES
 
 PROTOCOL_CONTEXT = 1024  # the field's chunk length
 
@@ -65,16 +78,21 @@ def load_judge(name_or_path: str, device: torch.device | str = "cpu", context: i
 
     local = model_folder(name_or_path)
     looks_local = Path(name_or_path).exists() or str(name_or_path).startswith((".", "/"))
-    if looks_local and not (local / "config.json").is_file():
-        raise CheckpointError(f"judge {name_or_path}: no config.json there; give a trained judge's folder "
+    if looks_local and not (local / HF_CONFIG).is_file():
+        raise CheckpointError(f"judge {name_or_path}: no {HF_CONFIG} there; give a trained judge's folder "
                               f"(or its training run folder) or a hub name such as gpt2-large")
-    source = str(local) if looks_local else name_or_path
+    source = local if looks_local else snapshot(name_or_path, None, f"judge {name_or_path}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        model, info = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, output_loading_info=True)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"judge {name_or_path} cannot be loaded ({str(exc).splitlines()[0][:200]}); give a "
                               f"causal LM folder, or a hub name with network access") from exc
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        if info[kind]:  # transformers would fill missing weights at random and judge with them
+            first = sorted(info[kind])[0]
+            raise CheckpointError(f"judge {name_or_path}: its weights and its {HF_CONFIG} do not match "
+                                  f"({kind.replace('_', ' ')[:-1]} {first!r}); give a complete causal LM folder")
     tokenizer.model_max_length = int(1e30)  # texts are chunked here: no "sequence too long" warning
     if tokenizer.eos_token_id is None:
         raise CheckpointError(f"judge {name_or_path} has no EOS token; the first-EOS rule needs one")
@@ -118,10 +136,11 @@ def chunks(ids: Sequence[int], context: int) -> list[list[int]]:
 
 @dataclass
 class GenPPL:
-    """Generative perplexity of a set of samples, with what it was computed from."""
+    """Generative perplexity of a set of samples under one token rule, with what it was computed from."""
 
     nll: np.ndarray  # [N] float64: summed NLL (nats) of each sample's scored tokens
     tokens: np.ndarray  # [N] int64: tokens scored per sample
+    rule: str
 
     @property
     def ppl(self) -> float:
@@ -129,9 +148,9 @@ class GenPPL:
         total = int(self.tokens.sum())
         return math.exp(float(self.nll.sum()) / total) if total else math.inf
 
-    def summary(self, judge: str, first_eos: bool) -> dict[str, Any]:
+    def summary(self, judge: str) -> dict[str, Any]:
         return {"ppl": self.ppl, "nll_sum": float(self.nll.sum()), "tokens": int(self.tokens.sum()),
-                "samples": len(self.nll), "judge": judge, "first_eos": first_eos}
+                "samples": len(self.nll), "judge": judge, "token_rule": self.rule}
 
 
 @contextmanager
@@ -145,39 +164,70 @@ def _strict_float32() -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@torch.no_grad()
-def _score_chunks(batch: Sequence[tuple[int, list[int]]], judge: Judge) -> tuple[np.ndarray, np.ndarray]:
-    """Summed NLL (float64) and scored-token count of each chunk of one judge batch of (sample index, chunk)."""
-    width = len(batch[0][1])
+@dataclass(frozen=True)
+class _Chunk:
+    sample: int  # index of the sample it belongs to
+    ids: list[int]  # at most the judge's context
+    first_eos_targets: int  # how many of its leading tokens lie within the sample's first-EOS cut
+
+
+def _padded(batch: Sequence[_Chunk], judge: Judge) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [b, w] (padded with EOS) and their validity mask [b, w] of a batch of chunks, on the judge's device."""
+    width = max(len(c.ids) for c in batch)
     ids = torch.full((len(batch), width), judge.eos_id, dtype=torch.long)
     valid = torch.zeros((len(batch), width), dtype=torch.bool)
-    for row, (_, chunk) in enumerate(batch):
-        ids[row, : len(chunk)] = torch.tensor(chunk)
-        valid[row, : len(chunk)] = True
-    ids, valid = ids.to(judge.device), valid.to(judge.device)
+    for row, chunk in enumerate(batch):
+        ids[row, : len(chunk.ids)] = torch.tensor(chunk.ids)
+        valid[row, : len(chunk.ids)] = True
+    return ids.to(judge.device), valid.to(judge.device)
+
+
+@torch.no_grad()
+def _score_chunks(batch: Sequence[_Chunk], judge: Judge) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per token rule: summed NLL (float64) [b] and scored-token count [b] of each chunk of one judge batch."""
+    ids, valid = _padded(batch, judge)
     logits = judge.model(input_ids=ids, attention_mask=valid.long()).logits.float()  # [b, w, V]
-    token_nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # [b, w-1]
-    token_nll = token_nll.double().masked_fill(~valid[:, 1:], 0.0).sum(dim=1).cpu().numpy()
-    return token_nll, valid[:, 1:].sum(dim=1).cpu().numpy()
+    token_nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none").double()  # [b, w-1]
+    eos = (ids == judge.eos_id) & valid  # [b, w]
+    first_eos = eos & (eos.cumsum(dim=1) == 1)  # the chunk's first EOS (MDLM's mask is computed per chunk)
+    limit = torch.tensor([c.first_eos_targets for c in batch], device=ids.device)[:, None]  # [b, 1]
+    counted = {  # targets [b, w-1] each rule scores
+        "mdlm": (valid & (~eos | first_eos))[:, 1:],
+        "first-eos": (valid & (torch.arange(ids.shape[1], device=ids.device)[None] < limit))[:, 1:],
+        "every-token": valid[:, 1:],
+    }
+    return {rule: (token_nll.masked_fill(~mask, 0.0).sum(dim=1).cpu().numpy(), mask.sum(dim=1).cpu().numpy())
+            for rule, mask in counted.items()}
 
 
-def score_token_ids(samples: Sequence[Sequence[int]], judge: Judge, batch_size: int = 16, first_eos: bool = True,
-                    progress: bool = False, ctx: DistContext = ONE_PROCESS) -> GenPPL:
-    """Judge NLL of samples already in the judge's tokens (the protocol's cut, chunks and float64 sums).
+def _chunked(samples: Sequence[Sequence[int]], judge: Judge, max_length: int | None) -> list[_Chunk]:
+    """Every sample truncated to max_length (None: not truncated) and cut into chunks of the judge's context."""
+    out = []
+    for i, ids in enumerate(samples):
+        ids = list(ids[:max_length])
+        cut = len(first_eos_cut(ids, judge.eos_id))
+        for start in range(0, len(ids), judge.context):
+            piece = ids[start:start + judge.context]
+            if len(piece) >= 2:
+                out.append(_Chunk(i, piece, max(0, min(len(piece), cut - start))))
+    return out
 
+
+def score_token_ids(samples: Sequence[Sequence[int]], judge: Judge, batch_size: int = 16,
+                    max_length: int | None = None, progress: bool = False,
+                    ctx: DistContext = ONE_PROCESS) -> dict[str, GenPPL]:
+    """Judge NLL of samples already in the judge's tokens, under every token rule (the module docstring).
+
+    max_length: the model length samples are truncated to (MDLM's code: the denoiser's sequence length).
     Under torchrun the judge batches are dealt out to the ranks; every rank gets every batch's values and
     adds them up in one process's order, so the result is the same to the last bit.
     """
-    pieces = []  # (sample index, chunk)
-    for i, ids in enumerate(samples):
-        kept = first_eos_cut(ids, judge.eos_id) if first_eos else list(ids)
-        pieces.extend((i, c) for c in chunks(kept, judge.context))
-    pieces.sort(key=lambda p: -len(p[1]))  # similar lengths batched together: less padding
+    pieces = sorted(_chunked(samples, judge, max_length), key=lambda c: -len(c.ids))  # less padding per batch
     # The last batch may be short: nothing is dropped.
     batches = [pieces[start:start + batch_size] for start in range(0, len(pieces), batch_size)]
     bar = tqdm(total=len(ctx.share(len(batches))), desc="judge", unit="batch", disable=not progress, leave=False)
 
-    def score(k: int) -> tuple[np.ndarray, np.ndarray]:
+    def score(k: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         out = _score_chunks(batches[k], judge)
         bar.update(1)
         return out
@@ -185,13 +235,17 @@ def score_token_ids(samples: Sequence[Sequence[int]], judge: Judge, batch_size: 
     with _strict_float32():
         scored = ctx.map_sharded(len(batches), score)
     bar.close()
-    nll = np.zeros(len(samples), dtype=np.float64)
-    counts = np.zeros(len(samples), dtype=np.int64)
-    for batch, (chunk_nll, chunk_counts) in zip(batches, scored):
-        for row, (i, _) in enumerate(batch):
-            nll[i] += chunk_nll[row]
-            counts[i] += chunk_counts[row]
-    return GenPPL(nll=nll, tokens=counts)
+    out = {}
+    for rule in TOKEN_RULES:
+        nll = np.zeros(len(samples), dtype=np.float64)
+        counts = np.zeros(len(samples), dtype=np.int64)
+        for batch, by_rule in zip(batches, scored):
+            chunk_nll, chunk_counts = by_rule[rule]
+            for row, chunk in enumerate(batch):
+                nll[chunk.sample] += chunk_nll[row]
+                counts[chunk.sample] += chunk_counts[row]
+        out[rule] = GenPPL(nll=nll, tokens=counts, rule=rule)
+    return out
 
 
 def judge_tokens(samples: Sequence[Sequence[int]], tokenizer: Any, judge: Judge,
@@ -204,9 +258,39 @@ def judge_tokens(samples: Sequence[Sequence[int]], tokenizer: Any, judge: Judge,
 
 
 def generative_perplexity(samples: Sequence[Sequence[int]], tokenizer: Any, judge: Judge, batch_size: int = 16,
-                          first_eos: bool = True, progress: bool = False) -> GenPPL:
-    """Gen PPL of denoiser samples (token ids of `tokenizer`) under the judge, by the field's protocol."""
-    return score_token_ids(judge_tokens(samples, tokenizer, judge), judge, batch_size, first_eos, progress)
+                          max_length: int | None = None, progress: bool = False) -> dict[str, GenPPL]:
+    """Gen PPL of denoiser samples (token ids of `tokenizer`) under the judge, by every token rule."""
+    return score_token_ids(judge_tokens(samples, tokenizer, judge), judge, batch_size, max_length, progress)
+
+
+@torch.no_grad()
+def judge_features(samples: Sequence[Sequence[int]], judge: Judge, batch_size: int = 16,
+                   max_length: int | None = None) -> np.ndarray:
+    """MAUVE's features [N, d] (float32): the judge's last hidden state at the last token of each sample's first
+    chunk (samples in the judge's tokens, truncated to max_length)."""
+    firsts = [_Chunk(i, list(ids[:max_length])[: judge.context], 0) for i, ids in enumerate(samples)]
+    out = []
+    with _strict_float32():
+        for start in range(0, len(firsts), batch_size):
+            batch = firsts[start:start + batch_size]
+            ids, valid = _padded(batch, judge)
+            hidden = judge.model(input_ids=ids, attention_mask=valid.long(), output_hidden_states=True)
+            last = hidden.hidden_states[-1].float()  # [b, w, d]
+            out.append(last[torch.arange(len(batch)), valid.sum(dim=1) - 1].cpu().numpy())
+    return np.concatenate(out)
+
+
+def mauve_scores(features: np.ndarray, reference: np.ndarray, seeds: Sequence[int]) -> dict[str, Any]:
+    """MAUVE of sample features against reference features, once per k-means seed: mean, s.d. and the values."""
+    try:
+        import mauve
+    except ImportError:
+        raise ConfigError("mauve: true needs the mauve-text package; pip install 'mdlm-sched[mauve]'") from None
+    values = [float(mauve.compute_mauve(p_features=features, q_features=reference, seed=seed, verbose=False).mauve)
+              for seed in seeds]
+    return {"mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            "values": values, "samples": len(features), "reference_samples": len(reference),
+            "features": "judge's last hidden state at the last token of the first chunk"}
 
 
 def unigram_entropy(token_ids: Sequence[int]) -> float:

@@ -8,10 +8,8 @@ set up in one place.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,32 +20,12 @@ from mdlm_sched.data import load_tokenizer
 
 from mdlm_sched.errors import CheckpointError
 from mdlm_sched.flops import names_light_to_heavy
-from mdlm_sched.models.denoiser import DenoiserConfig, Interface, MDLMDenoiser
+from mdlm_sched.models.denoiser import DenoiserConfig, Interface
+from mdlm_sched.models.loading import load_denoiser
 from mdlm_sched.noise import LogLinearNoise, make_noise
 from mdlm_sched.runtime import autocast, autocast_dtype, configure_backends, resolve_device
 from mdlm_sched.sampler import check_length
 from mdlm_sched.schedule import DEFAULT_T_MIN, ModelSchedule, parse_schedule
-
-
-def load_denoiser(path: str | Path, device: torch.device | str = "cpu") -> MDLMDenoiser:
-    """Load a denoiser saved by training (a model folder or a training run folder), eval mode, float32 weights."""
-    folder = model_folder(path)
-    if not (folder / "config.json").is_file():
-        raise CheckpointError(f"no model at {path} (no config.json); give a trained model folder or a training "
-                              f"run folder (train.out_dir, which holds model/)")
-    try:
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
-    except ValueError as exc:
-        raise CheckpointError(f"{folder / 'config.json'} is not valid JSON ({exc}); re-export the model") from exc
-    if model_type != DenoiserConfig.model_type:
-        raise CheckpointError(f"{folder} holds a {model_type!r} model, not an MLA denoiser "
-                              f"({DenoiserConfig.model_type!r}); give the folder of a trained MDLM")
-    try:
-        model = MDLMDenoiser.from_pretrained(folder)
-    except Exception as exc:  # truncated or mismatched safetensors, missing weights file, ...
-        raise CheckpointError(f"model {folder} cannot be loaded ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200]}); re-export or retrain it") from exc
-    return model.to(device).eval()
 
 
 def check_compatible(configs: Mapping[str, DenoiserConfig]) -> None:

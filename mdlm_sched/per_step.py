@@ -13,17 +13,20 @@ t_i, the time its model sees. Two kinds of states x_t:
   and each model's CE of the token the run finally put there ("ce_final"), as the sample has no
   other ground truth (this CE favours the heavy model, whose draws made the sample).
 
-Log-softmax and the KL sums are float64 (from a float32 head). Every metric comes with a 95%
-confidence band over batches: the estimate is sum / count over all batches, the band
-+-1.96 sd / sqrt(batches) of the per-batch values. Results go to per_step.csv (long format) and
-per_step.json (settings, the schedules to shade, the peaks, provenance); the figures and the report
-(the analysis package) are drawn from those files alone.
+Log-softmax and the KL sums are float64 (from a float32 head). Every value is a ratio of sums over
+units (validation blocks for masked states, trajectories for trajectory states): nats summed over
+their masked tokens, divided by their masked tokens. Its 95% band is a percentile bootstrap over the
+units (stats.ratio_curve: 10,000 resamples, whole curves resampled together), and each row carries
+its count of units with masked tokens and of masked tokens (fewer than two such units: no band).
+For each gap and KL curve the peak (the grid step with the largest estimate) comes with the 95%
+interval of the step where the resampled curves peak. Results
+go to per_step.csv (long format) and per_step.json (settings, the schedules to shade, the peaks,
+provenance); the figures and the report (the analysis package) are drawn from those files alone.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -34,17 +37,19 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mdlm_sched.artifacts import AnalysisDir
+from mdlm_sched.artifacts import AnalysisDir, check_writable
 from mdlm_sched.config import RuntimeConfig, validate_runtime
 from mdlm_sched.data import load_sources
 from mdlm_sched.diffusion import corrupt, forbid_mask
 from mdlm_sched.errors import ConfigError
+from mdlm_sched.flops import forward_flops
 from mdlm_sched.modelset import ModelSet, open_models
 from mdlm_sched.provenance import provenance
 from mdlm_sched.runtime import STREAM_ANALYSIS_MASK, STREAM_ANALYSIS_TRAJECTORY, step_generator
-from mdlm_sched.schedule import grid_steps, time_grid
 from mdlm_sched.sampler import sample
 from mdlm_sched.sampling_config import AnalysisConfig, SamplerSettings, validate_analysis
+from mdlm_sched.schedule import grid_steps, time_grid
+from mdlm_sched.stats import RESAMPLES, ratio_curve
 
 log = logging.getLogger(__name__)
 # Elements of one float64 [rows, V] tensor of the KL computation: a few such tensors live at once, and
@@ -52,27 +57,52 @@ log = logging.getLogger(__name__)
 _CHUNK_ELEMENTS = {"cuda": 2**28, "cpu": 2**22}
 
 
-class _Sums:
-    """Per-batch (sum, count) of every (source, step, metric, model) key."""
+class _UnitSums:
+    """Per unit (validation block or trajectory) sums and counts of every (source, step, metric, model) key.
+
+    Units are added batch by batch in the same order at every grid step, so unit u is the same block (or
+    trajectory) at every step of a source: the bootstrap resamples units, and with them whole curves.
+    """
 
     def __init__(self) -> None:
-        self.values: dict[tuple[str, int, str, str], list[tuple[float, int]]] = defaultdict(list)
+        self.values: dict[tuple[str, int, str, str], list[tuple[np.ndarray, np.ndarray]]] = defaultdict(list)
 
-    def add(self, key: tuple[str, int, str, str], total: float, count: int) -> None:
-        if count > 0:
-            self.values[key].append((total, count))
+    def add(self, key: tuple[str, int, str, str], totals: torch.Tensor, counts: torch.Tensor) -> None:
+        """One batch's per-unit totals [B] and counts [B] (device tensors; copied here)."""
+        self.values[key].append((totals.double().cpu().numpy(), counts.double().cpu().numpy()))
 
-    def rows(self, times: Sequence[float]) -> list[dict[str, Any]]:
-        out = []
-        for (source, step, metric, model), pairs in sorted(self.values.items()):
-            totals = np.array([p[0] for p in pairs], dtype=np.float64)
-            counts = np.array([p[1] for p in pairs], dtype=np.float64)
-            mean = totals.sum() / counts.sum()
-            half = 1.96 * np.std(totals / counts, ddof=1) / math.sqrt(len(pairs)) if len(pairs) > 1 else math.nan
-            out.append({"source": source, "step": step, "t": times[step], "metric": metric, "model": model,
-                        "mean": mean, "ci_low": mean - half, "ci_high": mean + half, "batches": len(pairs),
-                        "tokens": int(counts.sum())})
+    def curves(self) -> dict[tuple[str, str, str], tuple[list[int], np.ndarray, np.ndarray]]:
+        """(source, metric, model) -> (grid steps, totals [units, steps], counts [units, steps])."""
+        by_curve: dict[tuple[str, str, str], dict[int, tuple[np.ndarray, np.ndarray]]] = defaultdict(dict)
+        for (source, step, metric, model), parts in self.values.items():
+            by_curve[source, metric, model][step] = (np.concatenate([p[0] for p in parts]),
+                                                     np.concatenate([p[1] for p in parts]))
+        out = {}
+        for key, by_step in by_curve.items():
+            steps = sorted(by_step)
+            out[key] = (steps, np.stack([by_step[s][0] for s in steps], axis=1),
+                        np.stack([by_step[s][1] for s in steps], axis=1))
         return out
+
+
+def _rows_and_peaks(sums: _UnitSums, times: Sequence[float]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows of per_step.csv (estimate, bootstrap band, units, tokens) and, for each gap and KL curve, its peak
+    with a bootstrap interval of the step where it peaks."""
+    rows, peaks = [], []
+    for (source, metric, model), (steps, totals, counts) in sorted(sums.curves().items()):
+        curve = ratio_curve(totals, counts, RESAMPLES)
+        for j, step in enumerate(steps):
+            rows.append({"source": source, "step": step, "t": times[step], "metric": metric, "model": model,
+                         "mean": curve["estimate"][j], "ci_low": curve["low"][j], "ci_high": curve["high"][j],
+                         "units": int((counts[:, j] > 0).sum()), "tokens": int(counts[:, j].sum())})
+        if metric in ("kl", "ce_gap"):
+            j = int(np.nanargmax(curve["estimate"]))
+            low, high = curve["peak"]
+            peaks.append({"source": source, "metric": metric, "model": model, "step": steps[j], "t": times[steps[j]],
+                          "mean": curve["estimate"][j], "ci_low": curve["low"][j], "ci_high": curve["high"][j],
+                          "step_low": steps[low], "step_high": steps[high], "units": int((counts[:, j] > 0).sum())})
+    rows.sort(key=lambda r: (r["source"], r["step"], r["metric"], r["model"]))
+    return rows, peaks
 
 
 def _log_probs(model_set: ModelSet, name: str, hidden: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -83,56 +113,55 @@ def _log_probs(model_set: ModelSet, name: str, hidden: torch.Tensor, r: torch.Te
 
 
 def _kl(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
-    """Summed KL(a || b) over rows of log-probabilities [K, V] (0 * log 0 = 0 for the [MASK] column)."""
+    """KL(a || b) [K] of each row of log-probabilities [K, V] (0 * log 0 = 0 for the [MASK] column)."""
     p_a = logp_a.exp()
-    return torch.where(p_a > 0, p_a * (logp_a - logp_b), torch.zeros_like(p_a)).sum()
+    return torch.where(p_a > 0, p_a * (logp_a - logp_b), torch.zeros_like(p_a)).sum(dim=1)
 
 
 def _evaluate_states(model_set: ModelSet, x_t: torch.Tensor, targets: torch.Tensor, t: float, source: str,
-                     step: int, sums: _Sums) -> None:
-    """Add one batch of states x_t [B, L] at time t to sums: CE of targets [B, L] and KLs at masked positions."""
+                     step: int, sums: _UnitSums) -> None:
+    """Add one batch of states x_t [B, L] at time t to sums: per sequence, CE of targets [B, L] and KLs summed
+    over its masked positions."""
     names = model_set.light_to_heavy
     heavy = names[-1]
+    b = x_t.shape[0]
     mask_id = model_set.config.mask_token_id
     r, c = (x_t == mask_id).nonzero(as_tuple=True)  # [K] masked positions
-    if r.numel() == 0:
-        return
     hidden = {}
     for name in names:
         model = model_set.models[name]
-        sigma = model_set.noise.sigma(torch.full((x_t.shape[0],), t, device=x_t.device)) \
+        sigma = model_set.noise.sigma(torch.full((b,), t, device=x_t.device)) \
             if model.config.time_conditioning else None
         hidden[name] = model.hidden(x_t, sigma)  # [B, L, d]
-    # Sums stay on the device (float64) through the chunks: one host sync per batch, not per chunk.
-    zero = torch.zeros((), dtype=torch.float64, device=x_t.device)
-    ce = dict.fromkeys(names, zero)
-    pairs = [(a, b) for name in names[:-1] for a, b in ((heavy, name), (name, heavy))]
-    kl = dict.fromkeys(pairs, zero)
+    # Per-sequence sums stay on the device (float64) through the chunks: one host copy per batch.
+    zeros = torch.zeros(b, dtype=torch.float64, device=x_t.device)
+    ce = {name: zeros.clone() for name in names}
+    pairs = [(a, b_) for name in names[:-1] for a, b_ in ((heavy, name), (name, heavy))]
+    kl = {pair: zeros.clone() for pair in pairs}
     rows = max(1, _CHUNK_ELEMENTS.get(x_t.device.type, 2**22) // model_set.config.vocab_size)
     for start in range(0, r.numel(), rows):
         rr, cc = r[start:start + rows], c[start:start + rows]
         logp = {name: _log_probs(model_set, name, hidden[name], rr, cc) for name in names}
         y = targets[rr, cc][:, None]
         for name in names:
-            ce[name] = ce[name] - logp[name].gather(1, y).sum()
-        for a, b in pairs:
-            kl[a, b] = kl[a, b] + _kl(logp[a], logp[b])
-    ce_sum = {name: float(v) for name, v in ce.items()}
-    k = r.numel()
+            ce[name].index_add_(0, rr, -logp[name].gather(1, y).squeeze(1))
+        for a, b_ in pairs:
+            kl[a, b_].index_add_(0, rr, _kl(logp[a], logp[b_]))
+    masked = (x_t == mask_id).sum(dim=1)  # [B] masked tokens per sequence
     ce_metric = "ce" if source == "masked" else "ce_final"
     weight = float(model_set.noise.loss_weight(torch.tensor(t, dtype=torch.float64)))
     for name in names:
-        sums.add((source, step, ce_metric, name), ce_sum[name], k)
+        sums.add((source, step, ce_metric, name), ce[name], masked)
         if name != heavy:
-            sums.add((source, step, "ce_gap", f"{name}-{heavy}"), ce_sum[name] - ce_sum[heavy], k)
+            sums.add((source, step, "ce_gap", f"{name}-{heavy}"), ce[name] - ce[heavy], masked)
         if source == "masked":  # w(t) * sum of masked CE / tokens: the NELBO integrand at t
-            sums.add((source, step, "elbo_loss", name), weight * ce_sum[name], x_t.numel())
-    for (a, b), total in kl.items():
-        sums.add((source, step, "kl", f"{a}||{b}"), float(total), k)
+            sums.add((source, step, "elbo_loss", name), weight * ce[name], torch.full_like(masked, x_t.shape[1]))
+    for (a, b_), total in kl.items():
+        sums.add((source, step, "kl", f"{a}||{b_}"), total, masked)
 
 
 def _masked_states(model_set: ModelSet, settings: AnalysisConfig, steps: list[int], times: list[float],
-                   sums: _Sums, progress: bool) -> int:
+                   sums: _UnitSums, progress: bool) -> int:
     blocks = load_sources([settings.data], model_set.tokenizer, model_set.seq_len, settings.cache_dir)
     blocks = blocks[: settings.num_blocks]
     device = model_set.device
@@ -153,7 +182,7 @@ def _masked_states(model_set: ModelSet, settings: AnalysisConfig, steps: list[in
 
 
 def _trajectory_states(model_set: ModelSet, settings: AnalysisConfig, steps: list[int], times: list[float],
-                       sums: _Sums, progress: bool) -> None:
+                       sums: _UnitSums, progress: bool) -> None:
     schedule = model_set.schedule("all-large", settings.steps, settings.t_min)  # the heaviest model throughout
     wanted = set(steps)
     device = model_set.device
@@ -194,18 +223,6 @@ def shade_ranges(model_set: ModelSet, specs: Sequence[str], steps: int, t_min: f
     return out
 
 
-def peaks(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """For each (source, metric, model) of a gap or KL: the grid step where the mean is largest."""
-    best: dict[tuple[str, str, str], Mapping[str, Any]] = {}
-    for row in rows:
-        if row["metric"] in ("kl", "ce_gap"):
-            key = (row["source"], row["metric"], row["model"])
-            if key not in best or row["mean"] > best[key]["mean"]:
-                best[key] = row
-    return [{"source": s, "metric": m, "model": n, "step": r["step"], "t": r["t"], "mean": r["mean"],
-             "ci_low": r["ci_low"], "ci_high": r["ci_high"]} for (s, m, n), r in sorted(best.items())]
-
-
 def analyze(model_set: ModelSet, settings: AnalysisConfig, out: AnalysisDir, provenance: dict[str, Any],
             progress: bool = True) -> dict[str, Any]:
     """Run the per-step analysis; write per_step.csv and per_step.json to out; return the JSON record.
@@ -217,7 +234,7 @@ def analyze(model_set: ModelSet, settings: AnalysisConfig, out: AnalysisDir, pro
     steps = grid_steps(settings.steps, settings.grid)
     shade = shade_ranges(model_set, settings.shade, settings.steps, settings.t_min)  # bad specs fail before work
     times = time_grid(settings.steps, settings.t_min).tolist()
-    sums = _Sums()
+    sums = _UnitSums()
     wall = {}
     with torch.no_grad():
         start = time.perf_counter()
@@ -227,7 +244,7 @@ def analyze(model_set: ModelSet, settings: AnalysisConfig, out: AnalysisDir, pro
             start = time.perf_counter()
             _trajectory_states(model_set, settings, steps, times, sums, progress)
             wall["trajectory_s"] = time.perf_counter() - start
-    rows = sums.rows(times)
+    rows, peaks = _rows_and_peaks(sums, times)
     record = {
         "settings": asdict(settings),
         "grid_steps": steps,
@@ -236,12 +253,16 @@ def analyze(model_set: ModelSet, settings: AnalysisConfig, out: AnalysisDir, pro
         "light_to_heavy": model_set.light_to_heavy,
         "models": {name: {"layers": m.config.num_hidden_layers, "hidden_size": m.config.hidden_size}
                    for name, m in model_set.models.items()},
+        "flops_per_forward": {name: {"blocks_only": f.blocks_only, "full": f.full} for name, f in
+                              ((n, forward_flops(c, model_set.seq_len)) for n, c in model_set.configs.items())},
         "noise": {"schedule": model_set.noise.name, "eps": model_set.noise.eps},
         "shade": shade,
-        "peaks": peaks(rows),
+        "peaks": peaks,
         "wall": wall,  # seconds, compilation included
         "conventions": "t_i = start of step i on linspace(1, t_min, T + 1); per masked token, nats; float64 "
-                       "log-softmax of a float32 head; band = 95% over batches",
+                       f"log-softmax of a float32 head; band = 95% percentile bootstrap over units (validation "
+                       f"blocks for masked states, trajectories for trajectory states), {RESAMPLES} resamples; "
+                       f"the peak's step interval from the same resamples",
         "provenance": provenance,
     }
     out.write(rows, record)
@@ -258,5 +279,6 @@ def analyze_models(models: Mapping[str, str], settings: AnalysisConfig, runtime:
                           "--model large=...")
     validate_analysis(settings)
     validate_runtime(runtime)
+    check_writable(out.root, "the analysis output folder")
     model_set = open_models(models, runtime, seq_len)
     return analyze(model_set, settings, out, provenance(model_set.device), progress)

@@ -2,7 +2,9 @@
 
 Stages, in order: train each denoiser (its own config words over the words every run shares),
 train the GPT-2 judge (or take a judge as given, e.g. gpt2-large), the per-step analysis, the
-sweep; the command then writes the report from their files (analysis.report). A rerun of the same
+optimiser (schedules for chosen FLOPs savings, added to the sweep), the sweep, the optimiser's cost
+model calibrated on every schedule the sweep measured; the command then writes the report from their
+files (analysis.report). A rerun of the same
 command picks up where the last one stopped: training continues from its last checkpoint (a
 finished run does nothing), the analysis is kept once written, the sweep skips finished points.
 The analysis and sweep record the training steps of the models they were made from, and a rerun
@@ -28,12 +30,13 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from mdlm_sched.artifacts import (PipelineDir, ReportDir, SweepResults, TrainingLog, TrainRun, atomic_write_json,
-                                  read_json)
+                                  check_writable, read_json)
 from mdlm_sched.config import RunConfig, RuntimeConfig, load, load_structured
 from mdlm_sched.data import load_tokenizer, tokenizer_hash
 from mdlm_sched.errors import ConfigError
-from mdlm_sched.flops import names_light_to_heavy
+from mdlm_sched.flops import forward_flops, names_light_to_heavy
 from mdlm_sched.models import denoiser_config
+from mdlm_sched.optimise import check_targets, run_optimise
 from mdlm_sched.per_step import analyze_models
 from mdlm_sched.provenance import provenance
 from mdlm_sched.runtime import RECORDED_FAILURES, resolve_device
@@ -59,6 +62,17 @@ class FractionCurve:
 
 
 @dataclass
+class OptimiseStage:
+    """The schedule optimiser in the pipeline (mdlm_sched.optimise)."""
+
+    savings: list[float] = field(default_factory=list)  # FLOPs savings whose optimised schedules join the sweep
+    tolerances: list[float] = field(default_factory=list)  # gen-PPL tolerances, solved with the calibrated model
+    bins: int = 20
+    flops: str = "blocks-only"  # or "executed"
+    group: str = "optimised"  # the sweep group of the optimised schedules (labels optimised-<saving>)
+
+
+@dataclass
 class ExperimentConfig:
     """An experiment (configs/experiment/*.yaml): what to train, analyse, sweep and report."""
 
@@ -75,6 +89,7 @@ class ExperimentConfig:
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)  # its models, judge, out_dir, runtime are set here
     fraction_curve: FractionCurve = field(default_factory=FractionCurve)
+    optimise: OptimiseStage = field(default_factory=OptimiseStage)
 
 
 @dataclass
@@ -94,12 +109,16 @@ class Plan:
         return Path(self.experiment.report_dir) if self.experiment.report_dir else self.out.report
 
 
-def _light_to_heavy(runs: dict[str, RunConfig], names: list[str], seq_len: int | None) -> list[str]:
-    """The denoisers' names by FLOPs per forward, from their configs (before any of them is trained)."""
+def _light_to_heavy(runs: dict[str, RunConfig], names: list[str], seq_len: int | None) -> tuple[list[str], float]:
+    """The denoisers' names by FLOPs per forward, from their configs (before any of them is trained), and the
+    blocks-only FLOPs saving of the lightest alone."""
     tokenizer = load_tokenizer(runs[names[0]].data.tokenizer)
     configs = {name: denoiser_config(runs[name], len(tokenizer), tokenizer.eos_token_id, tokenizer_hash(tokenizer))
                for name in names}
-    return names_light_to_heavy(configs, seq_len or runs[names[0]].model.max_seq_len)
+    seq_len = seq_len or runs[names[0]].model.max_seq_len
+    order = names_light_to_heavy(configs, seq_len)
+    per_forward = [forward_flops(configs[name], seq_len).blocks_only for name in order]
+    return order, 1 - per_forward[0] / per_forward[-1]
 
 
 def load_experiment(args: list[str] | tuple[str, ...]) -> Plan:
@@ -114,6 +133,9 @@ def load_experiment(args: list[str] | tuple[str, ...]) -> Plan:
         raise ConfigError("experiment: no judge; give its training words under judge: or a causal LM under "
                           "sweep.judge (e.g. gpt2-large)")
     out = PipelineDir(Path(exp.out_dir))
+    check_writable(out.root, "out_dir")
+    if exp.report_dir:
+        check_writable(exp.report_dir, "report_dir")
     runtime = [f"runtime.{k}={v}" for k, v in OmegaConf.to_container(OmegaConf.structured(exp.runtime)).items()]
     runs = {name: load([*exp.train_common, *words, *runtime, f"train.out_dir={out.train(name).root}"])
             for name, words in [*exp.models.items(), *([(JUDGE, exp.judge)] if exp.judge else [])]}
@@ -128,7 +150,13 @@ def load_experiment(args: list[str] | tuple[str, ...]) -> Plan:
     validate_sweep(sweep)
     validate_analysis(exp.analysis)
     # Every schedule is parsed now, against the models as configured: a typo fails before any training.
-    light_to_heavy = _light_to_heavy(runs, list(exp.models), sweep.seq_len)
+    light_to_heavy, lightest_saving = _light_to_heavy(runs, list(exp.models), sweep.seq_len)
+    opt = exp.optimise
+    check_targets(opt.savings, opt.tolerances, opt.bins, opt.flops, lightest_saving)
+    if not opt.bins <= exp.analysis.steps:
+        raise ConfigError(f"optimise.bins={opt.bins} exceeds the analysis's steps={exp.analysis.steps}; use fewer")
+    if opt.group in sweep.groups:
+        raise ConfigError(f"optimise.group={opt.group!r} is a group of the sweep already; name another")
     plan_points(sweep, light_to_heavy)
     for spec in exp.analysis.shade:
         parse_schedule(spec, exp.analysis.steps, light_to_heavy, exp.analysis.t_min)
@@ -212,8 +240,11 @@ def run_pipeline(plan: Plan, progress: bool = True, echo: Callable[[str], None] 
     trained_steps: dict[str, int] = {}  # run name -> the training step its model is at
     for name, cfg in plan.runs.items():
         stage, start = f"train/{name}", time.perf_counter()
-        echo(f"pipeline: training {name} ({cfg.model.arch}, {cfg.model.num_hidden_layers} x {cfg.model.hidden_size}) "
-             f"to step {cfg.train.steps} in {cfg.train.out_dir}")
+        done = out.train(name).latest_step()
+        echo(f"pipeline: {name} ({cfg.model.arch}, {cfg.model.num_hidden_layers} x {cfg.model.hidden_size}) "
+             + (f"already trained to step {done}" if done == cfg.train.steps else
+                f"training to step {cfg.train.steps}" + (f" from step {done}" if done else ""))
+             + f" in {cfg.train.out_dir}")
         result = train(cfg, progress=progress)
         trained_steps[name] = result.step
         if state.stage(stage).get("step") != result.step:  # it trained now: this is the stage's wall-clock
@@ -234,6 +265,15 @@ def run_pipeline(plan: Plan, progress: bool = True, echo: Callable[[str], None] 
             log.error("per-step analysis failed: %s", exc)
             failed.append("analysis")
 
+    sweep_cfg, opt = plan.sweep, exp.optimise
+    if opt.savings and analysis.exists():  # recomputed on every run: it is cheap and follows from the analysis
+        echo(f"pipeline: optimiser for FLOPs savings {', '.join(f'{s:g}' for s in opt.savings)} -> {out.optimise.root}")
+        record = run_optimise(analysis, out.optimise, opt.savings, (), opt.bins, opt.flops, echo=echo)
+        named = {f"{opt.group}-{item['value']:g}": item["thresholds"] for item in record["schedules"]}
+        sweep_cfg = replace(sweep_cfg, groups={**sweep_cfg.groups, opt.group: SweepGroup(named=named)})
+    elif opt.savings:
+        failed.append("optimise")  # there is no analysis to optimise from
+
     sweep = out.sweep
     state.check_models("sweep", sweep.root, trained_steps)
     echo(f"pipeline: sweep -> {sweep.root}")
@@ -241,22 +281,27 @@ def run_pipeline(plan: Plan, progress: bool = True, echo: Callable[[str], None] 
     curve = exp.fraction_curve
 
     def fraction_group(results: SweepResults) -> dict[str, SweepGroup]:
-        best, at_steps, candidates = best_placement(results.points, curve.among)
-        echo(f"pipeline: fraction curve for {best}, the lowest gen PPL at T={at_steps} "
-             f"({', '.join(f'{k} {v:.2f}' for k, v in candidates.items())})")
-        state.data["fraction_curve"] = {"placement": best, "steps": at_steps, "gen_ppl_of_candidates": candidates}
-        return {"fraction": SweepGroup(placements=[best], fractions=curve.fractions, step_counts=[at_steps],
-                                       seeds=curve.seeds, num_samples=curve.num_samples)}
+        best = best_placement(results.points, curve.among)
+        echo(f"pipeline: fraction curve for {best['placement']}, the lowest gen PPL at T={best['steps']} "
+             f"({', '.join(f'{k} {v:.2f}' for k, v in best['gen_ppl'].items())}); "
+             f"{'separated from' if best['separated'] else 'not separated from'} the runner-up")
+        state.data["fraction_curve"] = best
+        return {"fraction": SweepGroup(placements=[best["placement"]], fractions=curve.fractions,
+                                       step_counts=[best["steps"]], seeds=curve.seeds, num_samples=curve.num_samples)}
 
-    outcome = run_sweep(plan.sweep, progress=progress, echo=echo,
+    outcome = run_sweep(sweep_cfg, progress=progress, echo=echo,
                         follow_up=fraction_group if curve.fractions else None)
     failed += outcome.failed
     previous = state.stage("sweep").get("wall_s", 0.0)  # sweep points accumulate over reruns
     state.set("sweep", models=trained_steps, wall_s=previous + (time.perf_counter() - start if outcome.done else 0.0),
               points_done=outcome.done + outcome.skipped, points_failed=len(outcome.failed))
 
+    if (opt.savings or opt.tolerances) and analysis.exists() and sweep.results.is_file():
+        echo(f"pipeline: optimiser calibrated on the sweep's measured schedules -> {out.calibrated.root}")
+        run_optimise(analysis, out.calibrated, opt.savings, opt.tolerances, opt.bins, opt.flops, sweep, echo=echo)
+
     state.data["training"] = {name: training_summary(TrainRun(Path(cfg.train.out_dir)))
                               for name, cfg in plan.runs.items()}
-    folders = [root for root, done in ((analysis.root, analysis.exists()), (sweep.root, sweep.results.is_file()))
-               if done]
+    folders = [root for root, done in ((analysis.root, analysis.exists()), (sweep.root, sweep.results.is_file()),
+                                       (out.calibrated.root, out.calibrated.record.is_file())) if done]
     return PipelineOutcome(state, folders, failed)

@@ -93,7 +93,10 @@ def draw_tokens(logits: torch.Tensor, u: torch.Tensor, top_p: float = 1.0) -> to
         probs = probs.masked_fill(mass_before >= top_p, 0.0)
     cdf = probs.cumsum(dim=-1)  # [K, V]
     target = (u.double() * cdf[:, -1])[:, None]  # scaled by the total, which rounding keeps near 1
-    idx = torch.searchsorted(cdf, target, right=True).clamp_(max=cdf.shape[-1] - 1)  # first cdf > target
+    idx = torch.searchsorted(cdf, target, right=True)  # [K, 1] first cdf > target; V if rounding put it past the end
+    # Past the end, the draw is the last token of nonzero probability (never the [MASK] id, whose probability is 0).
+    last = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(dim=-1, keepdim=True)  # [K, 1]
+    idx = torch.minimum(idx, last)
     if order is not None:
         idx = order.gather(-1, idx)
     return idx.squeeze(-1)

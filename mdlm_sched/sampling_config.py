@@ -16,12 +16,15 @@ from dataclasses import dataclass, field, fields
 
 from omegaconf import OmegaConf
 
+from mdlm_sched.artifacts import check_writable
 from mdlm_sched.config import RuntimeConfig, load_structured, require, validate_runtime
 from mdlm_sched.data import check_source
 from mdlm_sched.schedule import DEFAULT_T_MIN, PAPER_PLACEMENTS, grid_steps
 from mdlm_sched.errors import ConfigError, DataError, SamplingError
 
 SHARED = {"shared": True}
+# Which judged tokens gen PPL counts (metrics.py defines each; "mdlm" is the field's).
+TOKEN_RULES = ("mdlm", "first-eos", "every-token")
 
 
 @dataclass(frozen=True)
@@ -92,12 +95,14 @@ class AnalysisConfig:
 class SweepGroup:
     """Points of a sweep that belong together in the report (e.g. placements, a fraction curve).
 
-    A group's schedules are `schedules`, plus placement@fraction for every placement and fraction,
+    A group's schedules are `schedules`, plus `named` ones (a label for a long schedule string), plus
+    placement@fraction for every placement and fraction,
     plus the 2^segments coarse-segment schedules of the seed paper's exhaustive search (segments > 0).
     step_counts, seeds and num_samples default to the sweep's.
     """
 
     schedules: list[str] = field(default_factory=list)
+    named: dict[str, str] = field(default_factory=dict)  # label -> schedule, e.g. optimised@0.25: small:250,...
     placements: list[str] = field(default_factory=list)  # presets, e.g. sandwich
     fractions: list[float] = field(default_factory=list)  # light-step fractions for each placement
     segments: int = 0  # k > 0: every assignment of L or H to k equal segments (2^k schedules)
@@ -123,11 +128,14 @@ class SweepConfig(SamplingConfig):
     judge: str = field(default="", metadata=SHARED)  # a causal LM folder (or run folder) or a hub name
     judge_batch_size: int = 16  # chunks per judge forward
     judge_context: int | None = field(default=None, metadata=SHARED)  # None = min(1024, the judge's positions)
+    token_rule: str = field(default="mdlm", metadata=SHARED)  # the headline gen PPL's rule (metrics.TOKEN_RULES)
     groups: dict[str, SweepGroup] = field(default_factory=dict)
     step_counts: list[int] = field(default_factory=lambda: [1000])  # values of T
     seeds: list[int] = field(default_factory=lambda: [0])
     num_samples: int = 256
     reference: ReferenceConfig = field(default_factory=ReferenceConfig, metadata=SHARED)
+    mauve: bool = False  # MAUVE of each point against the headline reference (needs pip install 'mdlm-sched[mauve]')
+    mauve_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # k-means seeds: its spread
     save_samples: bool = True  # samples/<point>.jsonl beside the results
     cache_dir: str = ".cache/mdlm_sched"  # tokenised reference blocks
     out_dir: str = "runs/sweep"
@@ -154,6 +162,7 @@ def validate_sample(cfg: SampleConfig) -> SamplerSettings:
     require(cfg.steps >= 1, f"steps={cfg.steps} must be >= 1")
     require(cfg.num_samples >= 1, f"num_samples={cfg.num_samples} must be >= 1")
     require(not (cfg.prompts and cfg.prompt_token_ids), "give prompts as texts or as token ids, not both")
+    check_writable(cfg.out_dir, "out_dir")
     return settings
 
 
@@ -169,6 +178,7 @@ def validate_analysis(cfg: AnalysisConfig) -> None:
         check_source(cfg.data)
     except DataError as exc:
         raise ConfigError(f"analysis data: {exc}") from exc
+    check_writable(cfg.cache_dir, "analysis cache_dir")
 
 
 def validate_sweep(cfg: SweepConfig) -> SamplerSettings:
@@ -177,8 +187,9 @@ def validate_sweep(cfg: SweepConfig) -> SamplerSettings:
     require(bool(cfg.judge), "sweep: no judge; set judge: to a causal LM folder or a hub name such as gpt2-large")
     require(len(cfg.groups) > 0, "sweep: no groups; list at least one under groups: with schedules: [...]")
     for name, group in cfg.groups.items():
-        require(bool(group.schedules or (group.placements and group.fractions) or group.segments),
-                f"groups.{name} has no schedules; give schedules, placements with fractions, or segments")
+        require(bool(group.schedules or group.named or (group.placements and group.fractions) or group.segments),
+                f"groups.{name} has no schedules; give schedules, named schedules, placements with fractions, or "
+                f"segments")
         require(bool(group.placements) == bool(group.fractions),
                 f"groups.{name}: placements and fractions go together; give both or neither")
         require(group.segments >= 0, f"groups.{name}.segments={group.segments} must be >= 0")
@@ -192,12 +203,18 @@ def validate_sweep(cfg: SweepConfig) -> SamplerSettings:
     require(len(cfg.seeds) > 0, "seeds is empty; list at least one seed")
     for name in ("num_samples", "judge_batch_size"):
         require(getattr(cfg, name) >= 1, f"{name}={getattr(cfg, name)} must be >= 1")
+    require(cfg.token_rule in TOKEN_RULES, f"token_rule={cfg.token_rule!r} is unknown; use one of "
+                                           f"{', '.join(TOKEN_RULES)}")
+    require(not cfg.mauve or (bool(cfg.reference.sources) and len(cfg.mauve_seeds) > 0),
+            "mauve: true needs a reference source (reference.sources) and at least one of mauve_seeds")
     require(cfg.reference.num_samples >= 1, f"reference.num_samples={cfg.reference.num_samples} must be >= 1")
     for name, source in cfg.reference.sources.items():
         try:
             check_source(source)
         except DataError as exc:
             raise ConfigError(f"reference.sources.{name}: {exc}") from exc
+    check_writable(cfg.out_dir, "out_dir")
+    check_writable(cfg.cache_dir, "cache_dir")
     return settings
 
 

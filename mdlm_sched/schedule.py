@@ -204,6 +204,11 @@ def parse_schedule(spec: str, steps: int, names_light_to_heavy: Sequence[str],
     return ModelSchedule(names=tuple(names), spec=spec)
 
 
+def is_single_segment(spec: str) -> bool:
+    """Whether spec is one segment and nothing more (e.g. "L2"): what YAML leaves of an unquoted "L2,H6"."""
+    return "," not in spec and _SEGMENT.match(spec.strip()) is not None
+
+
 def coarse_segment_specs(segments: int, steps: int) -> list[tuple[str, str]]:
     """The seed paper's exhaustive search: T steps cut into k near-equal segments, each given to L or H.
 

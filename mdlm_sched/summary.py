@@ -1,8 +1,17 @@
-"""Statistics of sweep results: schedules pooled over seeds, the baselines they are compared with,
-the Pareto frontier, and the rules the pipeline decides with (which placement gets a fraction curve).
+"""Statistics of sweep results: schedules pooled over seeds and compared with their baseline by paired
+bootstrap intervals, the Pareto frontier, the wall-clock spread, and the rules the pipeline decides with.
 
 Everything here reads results records (artifacts.SweepDir.read) and returns plain rows; the
 report (analysis.report) renders them. No torch: the analysis package imports this module.
+
+Conventions:
+- a schedule's gen PPL is pooled over its seeds: exp(sum NLL / sum tokens) over every sample of every
+  seed, under the sweep's token rule (metrics.TOKEN_RULES); entropy is the mean over every sample;
+- its baseline is the all-heavy schedule of the same T and sample count; the comparison uses the seeds
+  both ran, sample i of seed s paired, and gives the gen PPL ratio and the entropy difference, each with
+  a paired bootstrap 95% interval (stats.py);
+- a wall-clock saving is set against the spread of the baseline's repeated timings (the sweep times
+  the baseline's first batch again after its last point).
 """
 
 from __future__ import annotations
@@ -16,12 +25,33 @@ import numpy as np
 
 from mdlm_sched.errors import ConfigError
 from mdlm_sched.schedule import PLACEMENTS
+from mdlm_sched.stats import paired_log_ratio, paired_mean_difference
+
+# Results written before the token rule was recorded counted up to the first EOS ("first_eos": true).
+LEGACY_RULE = "first-eos"
 
 
-def mean_sd(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (nan for a single value)."""
-    arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else math.nan
+def token_rule(record: Mapping[str, Any]) -> str:
+    """The token rule of a point's or reference row's headline gen PPL."""
+    gen = record["gen_ppl"]
+    return gen.get("token_rule", LEGACY_RULE if gen.get("first_eos") else "every-token")
+
+
+def per_sample(record: Mapping[str, Any], rule: str) -> tuple[np.ndarray, np.ndarray]:
+    """(summed NLL [N], scored tokens [N]) of each sample of a point under `rule`."""
+    values = record["per_sample"]
+    if isinstance(values["nll"], dict):
+        return np.asarray(values["nll"][rule], dtype=np.float64), np.asarray(values["tokens"][rule], dtype=np.float64)
+    if rule != token_rule(record):  # the older layout kept the headline rule's values only
+        raise ConfigError(f"results of {record['key']} hold per-sample values under the {token_rule(record)} rule "
+                          f"only, not {rule}")
+    return np.asarray(values["nll"], dtype=np.float64), np.asarray(values["tokens_scored"], dtype=np.float64)
+
+
+def pooled_ppl(points: Sequence[Mapping[str, Any]], rule: str) -> float:
+    """exp(sum NLL / sum tokens) over every sample of the points (seeds) under `rule`."""
+    nll, tokens = zip(*(per_sample(p, rule) for p in points))
+    return math.exp(float(sum(x.sum() for x in nll)) / float(sum(x.sum() for x in tokens)))
 
 
 def pareto_front(points: Iterable[tuple[float, float, Any]]) -> list[Any]:
@@ -34,17 +64,70 @@ def pareto_front(points: Iterable[tuple[float, float, Any]]) -> list[Any]:
     return front
 
 
-def summarize(points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (schedule, T, sample count): means and s.d. over seeds, FLOPs, calls, wall-clock."""
+def band_text(low: float, high: float, digits: int = 4) -> str:
+    """A 95% band as "[low, high]", or "n = 1, no band" where there was too little to estimate one."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return "n = 1, no band"
+    return f"[{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def paired(points: Sequence[Mapping[str, Any]], base: Sequence[Mapping[str, Any]], rule: str) -> dict[str, Any]:
+    """A schedule's points against its baseline's: gen PPL ratio and entropy difference with paired 95% intervals.
+
+    Only the seeds both ran are compared; their samples must be as many on both sides.
+    """
+    ours, theirs = {p["seed"]: p for p in points}, {p["seed"]: p for p in base}
+    seeds = sorted(set(ours) & set(theirs))
+    if not seeds:
+        return {"pairs": 0, "paired_seeds": []}
+    a = [per_sample(ours[s], rule) for s in seeds]
+    b = [per_sample(theirs[s], rule) for s in seeds]
+    log_ratio, low, high = paired_log_ratio([x[0] for x in a], [x[1] for x in a], [x[0] for x in b],
+                                            [x[1] for x in b])
+    ent = paired_mean_difference([ours[s]["per_sample"]["entropy"] for s in seeds],
+                                 [theirs[s]["per_sample"]["entropy"] for s in seeds])
+    return {"pairs": sum(len(x[0]) for x in a), "paired_seeds": seeds,
+            "ppl_ratio": math.exp(log_ratio), "ppl_ratio_low": math.exp(low), "ppl_ratio_high": math.exp(high),
+            "entropy_diff": ent[0], "entropy_diff_low": ent[1], "entropy_diff_high": ent[2]}
+
+
+def head_everywhere_saving(point: Mapping[str, Any]) -> float:
+    """The FLOPs saving with the output head at every position of every sequence run (MDLM's sampler), derived from
+    the sequences each model ran and its forward over one sequence with the head everywhere ("full")."""
+    flops = point["flops"]
+    per_forward = flops["per_forward_one_sequence"]
+    used = sum(n * per_forward[m]["full"] for m, n in flops["sequences_run"].items())
+    base = sum(flops["sequences_run"].values()) * per_forward[flops["baseline_model"]]["full"]
+    return 1.0 - used / base if base else 0.0
+
+
+def _is_all_heavy(point: Mapping[str, Any]) -> bool:
+    return set(point["steps_per_model"]) == {point["flops"]["baseline_model"]}
+
+
+def wall_spread(base_points: Sequence[Mapping[str, Any]], timings: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The baseline's first-batch wall-clock as measured in its point and again in timing records (seconds).
+
+    relative: (max - min) / mean of those measurements (nan with a single one): the spread a wall-clock
+    saving is set against.
+    """
+    keys = {p["key"] for p in base_points}
+    firsts = [p["batch_wall_s"][0] for p in base_points if p.get("batch_wall_s")]
+    values = firsts + [t["wall_s"] for t in timings if t["key"] in keys]
+    rel = (max(values) - min(values)) / float(np.mean(values)) if len(values) > 1 else math.nan
+    return {"measurements": len(values), "first_batch_s": values, "relative": rel}
+
+
+def summarize(points: Sequence[Mapping[str, Any]], timings: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
+    """One row per (schedule, T, sample count): pooled over seeds, FLOPs, calls, wall-clock, and the paired
+    comparison with the all-heavy baseline of the same T and sample count."""
     by_name: dict[str, list[Mapping[str, Any]]] = {}
     for p in points:
         by_name.setdefault(f"{p['segments']}|T{p['steps']}|n{p['num_samples']}", []).append(p)
     rows = []
     for name, group in by_name.items():
         first = group[0]
-        ppl = mean_sd([p["gen_ppl"]["ppl"] for p in group])
-        ent = mean_sd([p["entropy"]["mean"] for p in group])
-        wall = mean_sd([p["wall_s"] for p in group])
+        rule = token_rule(first)
         calls: Counter = Counter()
         for p in group:
             calls.update(p["flops"]["calls"])
@@ -55,32 +138,35 @@ def summarize(points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         rows.append({
             "name": name, "label": first["label"], "groups": sorted({g for p in group for g in p["groups"]}),
             "segments": first["segments"], "steps": first["steps"], "num_samples": first["num_samples"],
-            "seeds": len(group), "seed_list": sorted(p["seed"] for p in group),
+            "seeds": len(group), "seed_list": sorted(p["seed"] for p in group), "token_rule": rule,
             "steps_per_model": first["steps_per_model"], "light_fraction": first["light_fraction"],
-            "baseline_model": first["flops"]["baseline_model"],
-            "saving_blocks_only": avg("flops", "saving_blocks_only"),
-            "saving_full": avg("flops", "saving_full"),
-            "flops_blocks_only": avg("flops", "blocks_only"),
-            "flops_full": avg("flops", "full"),
+            "baseline_model": first["flops"]["baseline_model"], "all_heavy": _is_all_heavy(first),
+            "saving_blocks_only": avg("flops", "saving_blocks_only"), "saving_full": avg("flops", "saving_full"),
+            "saving_head_everywhere": float(np.mean([head_everywhere_saving(p) for p in group])),
+            "flops_blocks_only": avg("flops", "blocks_only"), "flops_full": avg("flops", "full"),
             "calls": {k: v / len(group) for k, v in sorted(calls.items())},
             "skipped_share": avg("cache", "skipped_share"),
-            "wall_s_mean": wall[0], "wall_s_sd": wall[1],
-            "gen_ppl_mean": ppl[0], "gen_ppl_sd": ppl[1], "entropy_mean": ent[0], "entropy_sd": ent[1],
+            "wall_s": float(np.mean([p["wall_s"] for p in group])),
+            "gen_ppl": pooled_ppl(group, rule),
+            "entropy": float(np.mean([e for p in group for e in p["per_sample"]["entropy"]])),
+            "mauve": float(np.mean([p["mauve"]["mean"] for p in group])) if "mauve" in first else None,
+            "_points": group,
         })
     for r in rows:
         r["flops_ratio"] = 1.0 - r["saving_blocks_only"]
         base = all_heavy(rows, r)
-        r["wall_saving"] = 1.0 - r["wall_s_mean"] / base["wall_s_mean"] if base else math.nan
+        r.update(paired(r["_points"], base["_points"], r["token_rule"]) if base else {"pairs": 0, "paired_seeds": []})
+        r["wall_saving"] = 1.0 - r["wall_s"] / base["wall_s"] if base else math.nan
+        r["wall_spread"] = wall_spread(base["_points"], timings)["relative"] if base else math.nan
+    for r in rows:
+        del r["_points"]
     return rows
 
 
 def all_heavy(rows: Sequence[Mapping[str, Any]], like: Mapping[str, Any]) -> Mapping[str, Any] | None:
     """The all-heavy row with the same T and sample count as `like` (the baseline it is compared with)."""
-    for r in rows:
-        if (r["steps"], r["num_samples"]) == (like["steps"], like["num_samples"]) and \
-                set(r["steps_per_model"]) == {r["baseline_model"]}:
-            return r
-    return None
+    return next((r for r in rows if (r["steps"], r["num_samples"]) == (like["steps"], like["num_samples"])
+                 and r["all_heavy"]), None)
 
 
 def main_steps(rows: Sequence[Mapping[str, Any]]) -> int:
@@ -88,17 +174,17 @@ def main_steps(rows: Sequence[Mapping[str, Any]]) -> int:
     return Counter(r["steps"] for r in rows).most_common(1)[0][0]
 
 
-def light_against_heavy(rows: Sequence[Mapping[str, Any]]) -> tuple[Mapping[str, Any], Mapping[str, Any]] | None:
-    """(all-light row, all-heavy row of the same T and sample count) at the main T, if both ran."""
+def light_against_heavy(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The all-light row at the main T whose all-heavy baseline ran (its paired comparison is in the row)."""
     steps = main_steps(rows)
-    light = next((r for r in rows if r["steps"] == steps and r["light_fraction"] == 1.0), None)
-    base = all_heavy(rows, light) if light is not None else None
-    return (light, base) if base is not None else None
+    light = next((r for r in rows if r["steps"] == steps and r["light_fraction"] == 1.0 and r["pairs"]), None)
+    return light
 
 
-def gap_and_spread(worse: Mapping[str, Any], better: Mapping[str, Any]) -> tuple[float, float]:
-    """Gen-PPL difference worse - better, and the larger of their seed-to-seed s.d. (nan with one seed)."""
-    return worse["gen_ppl_mean"] - better["gen_ppl_mean"], max(worse["gen_ppl_sd"], better["gen_ppl_sd"])
+def row_points(points: Sequence[Mapping[str, Any]], row: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The points (one per seed) a summarize row pools."""
+    return [p for p in points if (p["segments"], p["steps"], p["num_samples"]) ==
+            (row["segments"], row["steps"], row["num_samples"])]
 
 
 def placement_of(label: str) -> str | None:
@@ -118,15 +204,24 @@ def fraction_rows(rows: Sequence[Mapping[str, Any]], placement: str) -> list[Map
     return [by_share[k] for k in sorted(by_share)]
 
 
-def best_placement(points: Sequence[Mapping[str, Any]], group: str) -> tuple[str, int, dict[str, float]]:
-    """(placement, T, mean gen PPL of each candidate) of the group's placement presets at its most common T.
+BEST_PLACEMENT_RULE = ("the placement preset with the lowest pooled gen PPL at the group's most common T; it is "
+                       "separated from the runner-up when the paired 95% interval of their gen PPL ratio excludes 1")
 
-    The rule: the candidate with the lowest gen PPL pooled over seeds wins.
-    """
-    rows = [r for r in summarize(points) if group in r["groups"] and r["label"] in PLACEMENTS]
+
+def best_placement(points: Sequence[Mapping[str, Any]], group: str) -> dict[str, Any]:
+    """The group's best placement preset by BEST_PLACEMENT_RULE, with the runner-up and whether they separate."""
+    rows = [r for r in summarize([p for p in points if group in p["groups"]]) if r["label"] in PLACEMENTS]
     if not rows:
         raise ConfigError(f"sweep group {group!r} has no finished placement points to choose the curve's from; "
                           f"rerun the command once they finish")
     steps = main_steps(rows)
-    ppl = {r["label"]: r["gen_ppl_mean"] for r in rows if r["steps"] == steps}
-    return min(ppl, key=ppl.get), steps, ppl
+    ranked = sorted((r for r in rows if r["steps"] == steps), key=lambda r: r["gen_ppl"])
+    out = {"placement": ranked[0]["label"], "steps": steps, "rule": BEST_PLACEMENT_RULE,
+           "gen_ppl": {r["label"]: r["gen_ppl"] for r in ranked}, "runner_up": None, "separated": None}
+    if len(ranked) > 1:
+        best, second = ranked[0], ranked[1]
+        vs = paired(row_points(points, best), row_points(points, second), best["token_rule"])
+        out.update(runner_up=second["label"], ratio_to_runner_up=vs.get("ppl_ratio"),
+                   ratio_low=vs.get("ppl_ratio_low"), ratio_high=vs.get("ppl_ratio_high"),
+                   separated=bool(vs["pairs"]) and vs["ppl_ratio_high"] < 1.0)
+    return out

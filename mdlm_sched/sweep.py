@@ -34,18 +34,19 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from mdlm_sched.artifacts import (POINT, REFERENCE, SweepDir, SweepResults, append_jsonl, atomic_file,
+from mdlm_sched.artifacts import (POINT, REFERENCE, TIMING, SweepDir, SweepResults, append_jsonl, atomic_file,
                                   atomic_write_json, read_json)
 from mdlm_sched.data import load_sources
 from mdlm_sched.distributed import ONE_PROCESS, DistContext, distributed
-from mdlm_sched.errors import ConfigError
+from mdlm_sched.errors import ConfigError, ScheduleError
 from mdlm_sched.generate import cache_summary, flops_summary, run_schedule, warm_up
-from mdlm_sched.metrics import Judge, entropy_summary, judge_tokens, load_judge, score_token_ids
+from mdlm_sched.metrics import (Judge, entropy_summary, judge_features, judge_tokens, load_judge, mauve_scores,
+                                score_token_ids)
 from mdlm_sched.modelset import ModelSet, open_models
 from mdlm_sched.provenance import provenance
 from mdlm_sched.runtime import RECORDED_FAILURES
 from mdlm_sched.sampling_config import SamplerSettings, SweepConfig, SweepGroup, shared_settings, validate_sweep
-from mdlm_sched.schedule import ModelSchedule, coarse_segment_specs, parse_schedule
+from mdlm_sched.schedule import ModelSchedule, coarse_segment_specs, is_single_segment, parse_schedule
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +83,20 @@ def plan(cfg: SweepConfig, light_to_heavy: Sequence[str]) -> list[Point]:
     """
     points: dict[str, Point] = {}
     for group_name, group in cfg.groups.items():
-        labelled = [(spec, spec) for spec in group.schedules]
+        labelled = [(spec, spec) for spec in group.schedules] + list(group.named.items())
         labelled += [(f"{p}@{f:g}", f"{p}@{f:g}") for p in group.placements for f in group.fractions]
         for steps in group.step_counts or cfg.step_counts:
             specs = labelled + (coarse_segment_specs(group.segments, steps) if group.segments else [])
             for label, spec in specs:
-                schedule = parse_schedule(spec, steps, light_to_heavy, cfg.t_min)
+                try:
+                    schedule = parse_schedule(spec, steps, light_to_heavy, cfg.t_min)
+                except ScheduleError as exc:
+                    split = sum(is_single_segment(s) for s in group.schedules) > 1 and is_single_segment(spec)
+                    if split:  # YAML reads [L2,H6] as the two schedules "L2" and "H6"
+                        raise ScheduleError(f"{exc}; groups.{group_name}.schedules holds several one-segment "
+                                            f"schedules: if they were one segment string, quote it in the YAML, "
+                                            f"e.g. schedules: ['L2,H6']") from None
+                    raise
                 for seed in group.seeds if group.seeds is not None else cfg.seeds:
                     point = Point(label, schedule, seed, group.num_samples or cfg.num_samples)
                     point = points.setdefault(point.key, point)
@@ -97,9 +106,12 @@ def plan(cfg: SweepConfig, light_to_heavy: Sequence[str]) -> list[Point]:
 
 
 def _check_settings_file(out: SweepDir, cfg: SweepConfig) -> None:
-    """Write sweep.json, or refuse a results folder made with other shared settings."""
+    """Write sweep.json, or refuse a results folder whose finished lines were made with other shared settings.
+
+    Settings of a sweep that finished nothing (one that failed while setting up) are simply replaced.
+    """
     shared = shared_settings(cfg)
-    if out.settings.is_file():
+    if out.settings.is_file() and out.finished_keys():
         saved = read_json(out.settings, "the sweep.json of a sweep")["shared"]
         for name, value in shared.items():
             if saved.get(name) != value:
@@ -109,26 +121,37 @@ def _check_settings_file(out: SweepDir, cfg: SweepConfig) -> None:
     atomic_write_json(out.settings, {"shared": shared, "config": OmegaConf.to_container(OmegaConf.structured(cfg))})
 
 
-def _quality(rows: list[list[int]], judge_ids: list[list[int]], judge: Judge, cfg: SweepConfig,
-             progress: bool, ctx: DistContext) -> tuple[dict[str, Any], dict[str, Any], dict[str, list]]:
-    """Gen PPL of samples [N][L] (judge_ids: re-tokenized for the judge), entropy, and per-sample values."""
-    gen = score_token_ids(judge_ids, judge, cfg.judge_batch_size, progress=progress, ctx=ctx)
+def _quality(rows: list[list[int]], judge_ids: list[list[int]], judge: Judge, cfg: SweepConfig, seq_len: int,
+             progress: bool, ctx: DistContext) -> dict[str, Any]:
+    """Gen PPL under every token rule (the headline: cfg.token_rule), entropy, and the per-sample values of both,
+    for samples [N][L] (judge_ids: the same samples re-tokenized for the judge)."""
+    by_rule = score_token_ids(judge_ids, judge, cfg.judge_batch_size, seq_len, progress=progress, ctx=ctx)
     entropy, per_entropy = entropy_summary(rows)
-    per_sample = {"nll": gen.nll.tolist(), "tokens_scored": gen.tokens.tolist(), "entropy": per_entropy}
-    return gen.summary(judge.name, first_eos=True), entropy, per_sample
+    return {
+        "gen_ppl": by_rule[cfg.token_rule].summary(judge.name),
+        "gen_ppl_rules": {rule: gen.summary(judge.name) for rule, gen in by_rule.items()},
+        "entropy": entropy,
+        "per_sample": {"nll": {rule: gen.nll.tolist() for rule, gen in by_rule.items()},
+                       "tokens": {rule: gen.tokens.tolist() for rule, gen in by_rule.items()},
+                       "entropy": per_entropy},
+    }
 
 
-def _write_samples(path: Path, rows: list[list[int]], tokenizer: Any, per_sample: dict[str, list]) -> None:
+def _write_samples(path: Path, rows: list[list[int]], tokenizer: Any, quality: dict[str, Any], rule: str) -> None:
+    values = quality["per_sample"]
     with atomic_file(path) as fh:
         for i, ids in enumerate(rows):
             fh.write(json.dumps({"index": i, "text": tokenizer.decode(ids), "token_ids": ids,
-                                 **{k: v[i] for k, v in per_sample.items()}}) + "\n")
+                                 "nll": values["nll"][rule][i], "tokens_scored": values["tokens"][rule][i],
+                                 "entropy": values["entropy"][i]}) + "\n")
 
 
 def run_point(point: Point, model_set: ModelSet, judge: Judge, cfg: SweepConfig, settings: SamplerSettings,
-              out: SweepDir, progress: bool, ctx: DistContext = ONE_PROCESS) -> dict[str, Any]:
+              out: SweepDir, progress: bool, ctx: DistContext = ONE_PROCESS,
+              mauve_reference: np.ndarray | None = None) -> dict[str, Any]:
     """Sample, count, judge one point; return its results line (samples written first when kept).
 
+    mauve_reference: judge features of the reference blocks, when the sweep measures MAUVE.
     Under torchrun every rank calls this and gets the line; rank 0 alone writes the samples.
     """
     output = run_schedule(model_set, point.schedule, settings, point.num_samples, cfg.batch_size, point.seed,
@@ -136,10 +159,13 @@ def run_point(point: Point, model_set: ModelSet, judge: Judge, cfg: SweepConfig,
     rows = output.tokens.tolist()
     start = time.perf_counter()
     judge_ids = judge_tokens(rows, model_set.tokenizer, judge, ctx)
-    gen, entropy, per_sample = _quality(rows, judge_ids, judge, cfg, progress, ctx)
+    quality = _quality(rows, judge_ids, judge, cfg, model_set.seq_len, progress, ctx)
+    if mauve_reference is not None:
+        features = judge_features(judge_ids, judge, cfg.judge_batch_size, model_set.seq_len)
+        quality["mauve"] = mauve_scores(features, mauve_reference, cfg.mauve_seeds)
     judge_s = time.perf_counter() - start
     if cfg.save_samples and ctx.is_main:
-        _write_samples(out.sample_file(point.slug), rows, model_set.tokenizer, per_sample)
+        _write_samples(out.sample_file(point.slug), rows, model_set.tokenizer, quality, cfg.token_rule)
     counts = point.schedule.counts()
     light = model_set.light_to_heavy[0]
     return {
@@ -148,24 +174,27 @@ def run_point(point: Point, model_set: ModelSet, judge: Judge, cfg: SweepConfig,
         "num_samples": point.num_samples, "steps_per_model": counts,
         "light_fraction": counts.get(light, 0) / point.steps,
         "flops": flops_summary(model_set, output), "cache": cache_summary(output, point.steps),
-        "wall_s": output.wall_s, "judge_s": judge_s, "gen_ppl": gen, "entropy": entropy,
-        "per_sample": per_sample, "provenance": provenance(model_set.device, ctx.world_size),
+        "wall_s": output.wall_s, "batch_wall_s": output.batch_wall_s, "judge_s": judge_s, **quality,
+        "provenance": provenance(model_set.device, ctx.world_size),
     }
+
+
+def _reference_rows(source: str, model_set: ModelSet, cfg: SweepConfig, ctx: DistContext) -> list[list[int]]:
+    """The reference source's first validation blocks (same length and wrapping as samples)."""
+    with ctx.main_first():  # rank 0 tokenises and caches; the other ranks then read its cache
+        blocks = load_sources([source], model_set.tokenizer, model_set.seq_len, cfg.cache_dir)
+    return np.asarray(blocks[: cfg.reference.num_samples], dtype=np.int64).tolist()
 
 
 def run_reference(name: str, source: str, model_set: ModelSet, judge: Judge, cfg: SweepConfig, progress: bool,
                   ctx: DistContext = ONE_PROCESS) -> dict[str, Any]:
-    """A reference row: real validation blocks (same length and wrapping as samples), judged the same way."""
-    with ctx.main_first():  # rank 0 tokenises and caches; the other ranks then read its cache
-        blocks = load_sources([source], model_set.tokenizer, model_set.seq_len, cfg.cache_dir)
-    rows = np.asarray(blocks[: cfg.reference.num_samples], dtype=np.int64).tolist()
-    judge_ids = judge_tokens(rows, model_set.tokenizer, judge, ctx)  # once for both ways of counting
-    gen, entropy, per_sample = _quality(rows, judge_ids, judge, cfg, progress, ctx)
-    every_token = score_token_ids(judge_ids, judge, cfg.judge_batch_size, first_eos=False, ctx=ctx)
+    """A reference row: real validation blocks, judged exactly as samples are."""
+    rows = _reference_rows(source, model_set, cfg, ctx)
+    judge_ids = judge_tokens(rows, model_set.tokenizer, judge, ctx)
     return {"kind": REFERENCE, "key": reference_key(name, source, cfg.reference.num_samples), "name": name,
-            "source": source, "num_samples": len(rows), "gen_ppl": gen, "entropy": entropy,
-            "judge_ppl_every_token": every_token.summary(judge.name, first_eos=False),
-            "per_sample": per_sample, "provenance": provenance(model_set.device, ctx.world_size)}
+            "source": source, "num_samples": len(rows),
+            **_quality(rows, judge_ids, judge, cfg, model_set.seq_len, progress, ctx),
+            "provenance": provenance(model_set.device, ctx.world_size)}
 
 
 def reference_key(name: str, source: str, num_samples: int) -> str:
@@ -205,7 +234,10 @@ def run_sweep(cfg: SweepConfig, progress: bool = True, echo: Callable[[str], Non
         if follow_up is not None:
             groups = ctx.on_main(lambda: follow_up(run.outcome.out.read()))
             if groups:
-                run.points(plan(replace(cfg, groups=dict(groups)), model_set.light_to_heavy))
+                points += plan(replace(cfg, groups=dict(groups)), model_set.light_to_heavy)
+                run.points(points)
+        if run.outcome.done:  # the baselines' wall-clock, measured again now that the run's points are done
+            run.retime_baselines(points)
         return run.outcome
 
 
@@ -218,6 +250,17 @@ class _SweepRun:
         self.ctx, self.progress, self.echo = ctx, progress, echo
         self.outcome = SweepOutcome(SweepDir(Path(cfg.out_dir)))
         self.warmed = False
+        self._mauve_reference: np.ndarray | None = None
+
+    def mauve_reference(self) -> np.ndarray | None:
+        """Judge features of the headline reference blocks (computed once), when the sweep measures MAUVE."""
+        if self.cfg.mauve and self._mauve_reference is None:
+            source = next(iter(self.cfg.reference.sources.values()))
+            rows = _reference_rows(source, self.model_set, self.cfg, self.ctx)
+            judge_ids = judge_tokens(rows, self.model_set.tokenizer, self.judge, self.ctx)
+            self._mauve_reference = judge_features(judge_ids, self.judge, self.cfg.judge_batch_size,
+                                                   self.model_set.seq_len)
+        return self._mauve_reference
 
     def _finished(self) -> set[str]:
         return self.ctx.on_main(self.outcome.out.finished_keys)
@@ -248,7 +291,7 @@ class _SweepRun:
         for n, point in enumerate(todo, 1):
             try:
                 record = run_point(point, self.model_set, self.judge, self.cfg, self.settings, out, self.progress,
-                                   self.ctx)
+                                   self.ctx, self.mauve_reference())
             except RECORDED_FAILURES as exc:  # out of memory or bad input: keep the others, retry on a rerun
                 message = " ".join(str(exc).split())[:300]
                 if self.ctx.is_main:
@@ -263,3 +306,21 @@ class _SweepRun:
                       f"{record['gen_ppl']['ppl']:.2f}, entropy {record['entropy']['mean']:.3f}, FLOPs saved "
                       f"{record['flops']['saving_blocks_only']:.1%} (blocks only) / "
                       f"{record['flops']['saving_full']:.1%} (full), {record['wall_s']:.1f} s")
+
+    def retime_baselines(self, points: list[Point]) -> None:
+        """Time the first batch of each finished all-heavy point again (its lowest seed, per T and sample count):
+        with the time in its point, the spread a wall-clock saving is set against (summary.wall_spread)."""
+        heavy, finished = self.model_set.light_to_heavy[-1], self._finished()
+        baselines: dict[tuple[int, int], Point] = {}
+        for p in sorted(points, key=lambda p: p.seed):
+            if p.schedule.counts() == {heavy: p.steps} and p.key in finished:
+                baselines.setdefault((p.steps, p.num_samples), p)
+        for point in baselines.values():
+            output = run_schedule(self.model_set, point.schedule, self.settings,
+                                  min(self.cfg.batch_size, point.num_samples), self.cfg.batch_size, point.seed,
+                                  progress=False, ctx=self.ctx)
+            self._append(self.outcome.out.results, {"kind": TIMING, "key": point.key, "batch": 0,
+                                                    "wall_s": output.batch_wall_s[0],
+                                                    "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            self.echo(f"  baseline {point.label} T={point.steps}: first batch timed again, "
+                      f"{output.batch_wall_s[0]:.2f} s")

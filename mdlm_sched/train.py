@@ -206,6 +206,10 @@ class _Trainer:
         self.cfg, self.ctx, self.device = cfg, ctx, device
         self.accum = rank_accumulation(tc, ctx.world_size)  # before any work: a batch that does not split fails
         self.run = TrainRun(Path(tc.out_dir))
+        # The newest checkpoint, read before any work too: a damaged one fails before the data are tokenised.
+        self.state = load_latest_state(self.run, ["model", "ema"] if tc.ema > 0 else ["model"])
+        if self.state is not None:
+            _check_resume_compatible(cfg, self.run)
         configure_backends(device)
         self.amp = autocast_dtype(cfg.runtime, device)
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -237,12 +241,10 @@ class _Trainer:
 
     def resume(self) -> int:
         """Load the newest checkpoint if there is one; start (or restart) the log; return the first step to take."""
-        stems = ["model", "ema"] if self.ema is not None else ["model"]
-        state = load_latest_state(self.run, stems)
         start = 0
-        if state is not None:
-            _check_resume_compatible(self.cfg, self.run)
-            tensors, opt_state, meta = state
+        if self.state is not None:
+            tensors, opt_state, meta = self.state
+            self.state = None  # applied below; not kept twice in memory
             with torch.no_grad():  # by parameter name: tied weights (the GPT-2 head) are stored once
                 for name, param in self.model.named_parameters():
                     param.copy_(tensors["model"][name])

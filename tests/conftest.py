@@ -33,7 +33,7 @@ def tiny_denoiser_kwargs() -> dict:
 
 @pytest.fixture(scope="session")
 def trained_tiny(tmp_path_factory, shared_data) -> dict[str, Path]:
-    """Tiny small (2 blocks) and large (4 blocks) MDLMs and a tiny GPT-2 judge, each trained 20 steps on owt_tiny.
+    """Tiny small (2 blocks) and large (4 blocks) MDLMs and a tiny GPT-2 judge, each trained 12 steps on owt_tiny.
 
     Also "cache": the tokenised-data cache they used. Trained once per test session.
     """
@@ -44,8 +44,31 @@ def trained_tiny(tmp_path_factory, shared_data) -> dict[str, Path]:
     paths = {"cache": root / "cache"}
     for name, preset in (("small", "tiny"), ("large", "tiny_large"), ("judge", "judge_tiny")):
         train(load([f"model={preset}", "data=owt_tiny", "train=cpu_tiny", "runtime=cpu", f"data.root={shared_data}",
-                    f"data.cache_dir={paths['cache']}", "data.seq_len=64", "train.steps=20", "train.warmup_steps=5",
-                    "train.val_every=20", "train.ckpt_every=20", "train.val_batches=1",
+                    f"data.cache_dir={paths['cache']}", "data.seq_len=64", "train.steps=12", "train.warmup_steps=4",
+                    "train.val_every=12", "train.ckpt_every=12", "train.val_batches=1",
                     f"train.out_dir={root / name}"]), progress=False)
+        paths[name] = root / name
+    return paths
+
+
+@pytest.fixture(scope="session")
+def saved_models(tmp_path_factory, shared_data) -> dict[str, Path]:
+    """Randomly initialised tiny (2 blocks) and tiny_large (4 blocks) models in the HF layout, plus misfits."""
+    import torch
+
+    from mdlm_sched.checkpoint import export_model
+    from mdlm_sched.config import load
+    from mdlm_sched.data import load_tokenizer, tokenizer_hash
+    from mdlm_sched.models import build_model
+
+    root = tmp_path_factory.mktemp("models")
+    tok = load_tokenizer(str(TOKENIZER))
+    paths = {}
+    for name, words in {"small": ["model=tiny"], "large": ["model=tiny_large"],
+                        "short": ["model=tiny", "model.max_seq_len=64", "data.seq_len=64"],
+                        "judge": ["model=judge_tiny"]}.items():
+        torch.manual_seed(0)
+        cfg = load(["data=owt_tiny", f"data.root={shared_data}", f"data.cache_dir={root / 'cache'}", *words])
+        export_model(build_model(cfg, len(tok), tok.eos_token_id, tokenizer_hash(tok)), tok, root / name)
         paths[name] = root / name
     return paths

@@ -63,10 +63,10 @@ def test_kl_in_float64_against_a_direct_sum():
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(5, 7, generator=gen, dtype=torch.float64).log_softmax(-1)
     b = torch.randn(5, 7, generator=gen, dtype=torch.float64).log_softmax(-1)
-    direct = sum(float(a[i, v].exp() * (a[i, v] - b[i, v])) for i in range(5) for v in range(7))
-    assert float(_kl(a, b)) == pytest.approx(direct, rel=1e-12) and float(_kl(a, a)) == 0.0
+    direct = [sum(float(a[i, v].exp() * (a[i, v] - b[i, v])) for v in range(7)) for i in range(5)]
+    assert _kl(a, b).tolist() == pytest.approx(direct, rel=1e-12) and _kl(a, a).tolist() == [0.0] * 5
     a[:, 3], b[:, 3] = float("-inf"), float("-inf")  # the [MASK] column: 0 log 0 counts as 0, not nan
-    assert torch.isfinite(_kl(a.log_softmax(-1), b.log_softmax(-1)))
+    assert torch.isfinite(_kl(a.log_softmax(-1), b.log_softmax(-1))).all()
 
 
 def test_pareto_front_and_torn_results_line(tmp_path):
@@ -130,29 +130,40 @@ def test_end_to_end_analyze_sweep_report(trained_tiny, tmp_path, capsys):
     assert code == 0
     meta = json.loads((ana / "per_step.json").read_text())
     rows = (ana / "per_step.csv").read_text().splitlines()
-    assert rows[0] == "source,step,t,metric,model,mean,ci_low,ci_high,batches,tokens"
+    assert rows[0] == "source,step,t,metric,model,mean,ci_low,ci_high,units,tokens"
     masked_kl = [r.split(",") for r in rows[1:] if r.startswith("masked,") and ",kl,large||small," in r]
-    assert len(masked_kl) == 6 and all(float(r[5]) > 0 and int(r[8]) == 2 for r in masked_kl)
-    assert all(float(r[6]) <= float(r[5]) <= float(r[7]) for r in masked_kl)  # band around the estimate
+    assert len(masked_kl) == 6 and all(float(r[5]) > 0 and 1 <= int(r[8]) <= 6 for r in masked_kl)
+    banded = [r for r in masked_kl if int(r[8]) >= 2]  # a band needs two blocks with masked tokens
+    assert banded and all(float(r[6]) <= float(r[5]) <= float(r[7]) for r in banded)
+    assert all(r[6] == "nan" for r in masked_kl if int(r[8]) < 2)
     assert {p["source"] for p in meta["peaks"]} == {"masked", "trajectory"}
+    assert all(p["step_low"] <= p["step_high"] for p in meta["peaks"]) and "bootstrap" in meta["conventions"]
     for axis in ("step", "t"):
         assert (ana / f"per_step_analysis_{axis}.png").stat().st_size > 10_000
         assert (ana / f"per_step_analysis_{axis}.pdf").is_file()
 
     sweep = tmp_path / "sweep"
     cfg = sweep_yaml(tmp_path / "sweep.yaml", trained_tiny, sweep,
-                     "  placements: {schedules: [all-large, all-small, sandwich]}", seeds="[0, 1]")
+                     "  placements: {schedules: [all-large, all-small, sandwich]}", seeds="[0, 1]", mauve="true",
+                     mauve_seeds="[0]")
     assert main(["sweep", "--no-progress", str(cfg)]) == 0
     records = read_jsonl(sweep / "results.jsonl")
     points = [r for r in records if r["kind"] == "point"]
     assert [r["kind"] for r in records].count("reference") == 1 and len(points) == 6
+    # all-large's first batch, timed again after the last point: the spread wall-clock savings are set against
+    assert [(r["kind"], r["key"]) for r in records[-1:]] == [("timing", "large:16|T16|seed0|n3")]
     small, large = (forward_flops(open_models({n: str(trained_tiny[n])}, CPU).config, 64)
                     for n in ("small", "large"))
     for p in points:
-        assert p["num_samples"] == 3 and len(p["per_sample"]["nll"]) == 3  # 3 samples in batches of 2
-        assert 1 < p["gen_ppl"]["ppl"] < float("inf") and p["gen_ppl"]["first_eos"] is True
+        assert p["num_samples"] == 3 and len(p["batch_wall_s"]) == 2  # 3 samples in batches of 2
+        assert {rule: len(v) for rule, v in p["per_sample"]["nll"].items()} == \
+            {"mdlm": 3, "first-eos": 3, "every-token": 3}
+        assert 1 < p["gen_ppl"]["ppl"] < float("inf") and p["gen_ppl"]["token_rule"] == "mdlm"
         assert 0 < p["entropy"]["mean"] <= np.log(64) and p["wall_s"] > 0
-        assert p["gen_ppl"]["tokens"] == sum(p["per_sample"]["tokens_scored"])
+        assert p["gen_ppl"]["tokens"] == sum(p["per_sample"]["tokens"]["mdlm"])
+        assert p["gen_ppl_rules"]["first-eos"]["tokens"] <= p["gen_ppl"]["tokens"] <= \
+            p["gen_ppl_rules"]["every-token"]["tokens"]
+        assert 0 <= p["mauve"]["mean"] <= 1 and p["mauve"]["reference_samples"] == 4
         sequences = p["flops"]["sequences_run"]
         blocks = sum(n * (small if m == "small" else large).blocks_only for m, n in sequences.items())
         assert p["flops"]["blocks_only"] == blocks  # FLOPs of the calls made, in the results file
@@ -169,9 +180,13 @@ def test_end_to_end_analyze_sweep_report(trained_tiny, tmp_path, capsys):
         assert f"({figure}.png)" in text
         assert (report / f"{figure}.png").stat().st_size > 10_000 and (report / f"{figure}.pdf").is_file()
     assert "| sandwich | small:2,large:12,small:2 | 0.250 |" in text  # its table row
-    assert "All-light is" in text and "Reference rows (real validation text" in text and "## Against the paper" in text
+    assert "### All-light against all-heavy" in text and "Reference rows (real validation text" in text
+    assert "gen PPL / all-heavy [95% CI]" in text and "MDLM's token rule" in text and "## Against the paper" in text
     summary = json.loads((report / "summary_sweep.json").read_text())
-    assert {r["label"]: r["seeds"] for r in summary["rows"]} == {"all-large": 2, "all-small": 2, "sandwich": 2}
+    rows = {r["label"]: r for r in summary["rows"]}
+    assert {k: r["seeds"] for k, r in rows.items()} == {"all-large": 2, "all-small": 2, "sandwich": 2}
+    assert rows["sandwich"]["pairs"] == 6 and rows["sandwich"]["ppl_ratio_low"] <= rows["sandwich"]["ppl_ratio"] \
+        <= rows["sandwich"]["ppl_ratio_high"]
 
 
 def test_killed_sweep_resumes_without_repeating_or_losing_points(trained_tiny, tmp_path):
@@ -193,12 +208,12 @@ def test_killed_sweep_resumes_without_repeating_or_losing_points(trained_tiny, t
 
     assert main(["sweep", "--no-progress", str(cfg)]) == 0
     after = read_jsonl(results)
-    keys = [r["key"] for r in after]
+    keys = [r["key"] for r in after if r["kind"] != "timing"]
     assert len(keys) == len(set(keys)) == 15  # the reference and 14 points, each once
     assert results.read_text().startswith(kept.rpartition("\n")[0])  # finished lines untouched
     assert after[: len(before)] == before
-    # a third run finds nothing to do
-    assert main(["sweep", "--no-progress", str(cfg)]) == 0 and len(read_jsonl(results)) == 15
+    # a third run finds nothing to do (and times nothing again)
+    assert main(["sweep", "--no-progress", str(cfg)]) == 0 and read_jsonl(results) == after
 
 
 def test_a_failing_point_keeps_the_others_and_a_rerun_retries_it(trained_tiny, tmp_path, monkeypatch, capsys):

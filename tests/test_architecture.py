@@ -14,9 +14,10 @@ from conftest import REPO
 # import graph has no cycle. The command-line entry points sit on top and alone compose the library with the
 # report (the analysis package).
 LAYERS = [
-    {"errors", "artifacts", "schedule", "summary"},  # no torch: the analysis package reads through these
-    {"noise", "config", "data", "diffusion", "runtime", "provenance", "distributed", "sampling_config",
-     "models.mla", "models.denoiser", "models", "flops", "objectives"},  # maths, configs, models
+    {"errors", "artifacts", "schedule", "stats", "summary"},  # no torch: the analysis package reads through these
+    {"noise", "config", "data", "diffusion", "runtime", "provenance", "distributed", "sampling_config", "hub",
+     "models.mla", "models.denoiser", "models.loading", "models", "flops", "objectives",
+     "optimise"},  # maths, configs, models
     {"sampler", "modelset", "metrics", "checkpoint"},  # sampling and loading
     {"generate", "per_step", "sweep", "train"},  # stages
     {"pipeline"},

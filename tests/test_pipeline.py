@@ -35,7 +35,7 @@ def short_quickstart(tmp_path: Path, shared_data: Path, *train_extra: str) -> li
             "analysis.steps=8", "analysis.grid=3", "analysis.num_blocks=4", "analysis.trajectory_samples=2",
             "analysis.batch_size=4", f"analysis.cache_dir={cache}", "sweep.step_counts=[8]", "sweep.num_samples=2",
             "sweep.batch_size=2", "sweep.reference.num_samples=4", f"sweep.cache_dir={cache}",
-            "fraction_curve.fractions=[0.5]", "fraction_curve.num_samples=2"]
+            "fraction_curve.fractions=[0.5]", "fraction_curve.num_samples=2", "optimise.bins=4"]
 
 
 def test_quickstart_pipeline_end_to_end_then_resume(tmp_path, shared_data, capsys) -> None:
@@ -52,16 +52,24 @@ def test_quickstart_pipeline_end_to_end_then_resume(tmp_path, shared_data, capsy
     records = read_jsonl(out / "sweep" / "results.jsonl")
     points = [r for r in records if r["kind"] == "point"]
     assert [r["kind"] for r in records].count("reference") == 1
-    assert len(points) == 6 * 2 + 1  # the six placements x 2 seeds, then the curve's one fraction
-    best, steps, candidates = best_placement(points, "placements")
-    assert steps == 8 and set(candidates) == {"early-small", "late-small", "sandwich", "small-in-the-middle"}
-    assert candidates[best] == min(candidates.values())
+    assert len(points) == 6 * 2 + 2 + 1  # the six placements and the optimised schedule x 2 seeds, the curve's one
+    optimised = [p for p in points if p["groups"] == ["optimised"]]
+    planned = json.loads((out / "optimise" / "optimise.json").read_text())["schedules"][0]
+    assert [p["label"] for p in optimised] == ["optimised-0.25"] * 2
+    assert optimised[0]["segments"] == planned["segments"] and optimised[0]["flops"]["saving_blocks_only"] >= 0.25
+    calibrated = json.loads((out / "calibrated" / "optimise.json").read_text())
+    assert calibrated["cost_model"]["calibrated_on"] >= 5 and len(calibrated["schedules"]) == 2
+    choice = best_placement(points, "placements")
+    best, candidates = choice["placement"], choice["gen_ppl"]
+    assert choice["steps"] == 8 and set(candidates) == {"early-small", "late-small", "sandwich", "small-in-the-middle"}
+    assert candidates[best] == min(candidates.values()) and choice["runner_up"] in candidates
+    assert choice["separated"] == (choice["ratio_high"] < 1)  # the stated rule: the paired CI excludes 1
     assert points[-1]["label"] == f"{best}@0.5" and points[-1]["groups"] == ["fraction"]
     assert state["fraction_curve"]["placement"] == best
 
     report = (out / "report" / "report.md").read_text()
     for heading in ("## Experiment", "### Training", "## Per-step analysis", "### Fraction curve",
-                    "## Against the paper"):
+                    "## Schedule optimiser", "## Against the paper"):
         assert heading in report
     assert "passes over" in report and "times fewer" in report
     assert (out / "report" / "experiment.json").is_file()
@@ -73,7 +81,10 @@ def test_quickstart_pipeline_end_to_end_then_resume(tmp_path, shared_data, capsy
 
     lines, steps_logged = (out / "sweep" / "results.jsonl").read_text(), trained_steps()
     analysis = (out / "analysis" / "per_step.json").read_text()
+    capsys.readouterr()
     assert main(["pipeline", "--no-progress", *words]) == 0
+    said = capsys.readouterr().out
+    assert "small (mdlm, 2 x 64) already trained to step 4" in said and "training to step" not in said
     assert trained_steps() == steps_logged
     assert (out / "sweep" / "results.jsonl").read_text() == lines
     assert (out / "analysis" / "per_step.json").read_text() == analysis
@@ -97,6 +108,10 @@ def test_quickstart_pipeline_end_to_end_then_resume(tmp_path, shared_data, capsy
     ({"analysis": {"shade": ["sandwitch"]}}, "'sandwitch' is not a preset"),
     ({"sweep": {"groups": {"placements": {"schedules": ["L50,X50"]}}}}, "'X' names no model"),
     ({"sweep": {"groups": {"placements": {"schedules": ["L50,H40"]}}}}, "add up to 90 steps but steps=100"),
+    ({"optimise": {"savings": [0.9]}}, "no schedule of these models saves 90.0%"),
+    ({"optimise": {"tolerances": [-0.1]}}, "tolerance=-0.1 must be >= 0"),
+    ({"optimise": {"bins": 101}}, "bins=101 exceeds the analysis's steps=100"),
+    ({"optimise": {"group": "placements"}}, "is a group of the sweep already"),
 ])
 def test_experiment_errors_come_before_any_work(tmp_path, shared_data, extra, message) -> None:
     overlay = tmp_path / "overlay.yaml"  # a file's mapping replaces the one before it (models: a single one)

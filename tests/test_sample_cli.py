@@ -7,31 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
-from mdlm_sched.checkpoint import export_model
 from mdlm_sched.cli import main
-from mdlm_sched.config import load
-from mdlm_sched.data import load_tokenizer, tokenizer_hash
-from mdlm_sched.models import build_model
+from mdlm_sched.data import load_tokenizer
 from tests.conftest import REPO, TOKENIZER
-
-
-@pytest.fixture(scope="module")
-def saved_models(tmp_path_factory, shared_data) -> dict[str, Path]:
-    """Randomly initialised tiny (2 blocks) and tiny_large (4 blocks) models in the HF layout, plus misfits."""
-    root = tmp_path_factory.mktemp("models")
-    tok = load_tokenizer(str(TOKENIZER))
-    paths = {}
-    for name, words in {"small": ["model=tiny"], "large": ["model=tiny_large"],
-                        "short": ["model=tiny", "model.max_seq_len=64", "data.seq_len=64"],
-                        "judge": ["model=judge_tiny"]}.items():
-        torch.manual_seed(0)
-        model = build_model(load(["data=owt_tiny", *words]), len(tok), tok.eos_token_id, tokenizer_hash(tok))
-        export_model(model, tok, root / name)
-        paths[name] = root / name
-    return paths
 
 
 def cli(capsys, *args: str) -> tuple[int, str, str]:

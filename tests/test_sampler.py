@@ -3,10 +3,12 @@ exact call and FLOPs accounting, the cache and its invalidation when the model c
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
 import pytest
+import scipy.stats
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
@@ -164,7 +166,8 @@ def test_calls_and_flops_in_the_trace_are_exact(tiny_pair):
 def test_trace_flops_match_the_flop_counter_over_a_whole_run(tiny_pair, time_conditioning):
     # Independent of flops.py: FlopCounterMode sees every matmul the sampler executes (blocks on the
     # sequences run, the head on the decoded positions); the math SDPA backend makes attention visible.
-    models = {name: MDLMDenoiser(DenoiserConfig(**{**m.config.to_dict(), "time_conditioning": time_conditioning})).eval()
+    models = {name: MDLMDenoiser(DenoiserConfig(**{**m.config.to_dict(),
+                                                   "time_conditioning": time_conditioning})).eval()
               for name, m in tiny_pair.items()}
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         result, _ = run(models, spec="L10,H20,L10", steps=40, batch=5)
@@ -173,13 +176,25 @@ def test_trace_flops_match_the_flop_counter_over_a_whole_run(tiny_pair, time_con
     assert total.blocks_only < total.full
 
 
+def test_the_saving_with_the_head_at_every_position_is_the_share_of_light_calls_times_their_relative_cost(tiny_pair):
+    # Without the cache every sequence runs at every step: 10 + 10 of 40 steps are light.
+    result, _ = run(tiny_pair, spec="L10,H20,L10", steps=40, batch=5, cache=False)
+    configs = {name: m.config for name, m in tiny_pair.items()}
+    used = trace_flops(result.trace, configs, 32)
+    heavy = trace_flops(result.trace, configs, 32, as_model="large")
+    small, large = forward_flops(configs["small"], 32).full, forward_flops(configs["large"], 32).full
+    assert 1 - used.head_everywhere / heavy.head_everywhere == pytest.approx(20 / 40 * (1 - small / large))
+    assert used.head_everywhere > used.full  # the sampler's head runs on the decoded positions only
+
+
 def test_schedules_share_random_numbers_so_all_large_cost_is_exact(tiny_pair):
     sandwich, _ = run(tiny_pair, spec="sandwich", steps=40)
     all_large, _ = run(tiny_pair, spec="all-large", steps=40)
     shape = lambda trace: [(r.step, r.run, r.skipped, r.unmasked) for r in trace]  # noqa: E731
     assert shape(sandwich.trace) == shape(all_large.trace)
     configs = {name: m.config for name, m in tiny_pair.items()}
-    assert trace_flops(sandwich.trace, configs, 32, as_model="large").full == trace_flops(all_large.trace, configs, 32).full
+    assert (trace_flops(sandwich.trace, configs, 32, as_model="large").full
+            == trace_flops(all_large.trace, configs, 32).full)
 
 
 def test_cache_is_invalidated_when_the_model_changes():
@@ -243,6 +258,34 @@ def test_draw_tokens_is_an_exact_inverse_cdf():
     assert draw_tokens(logits.expand(6, -1), u).tolist() == [0, 0, 1, 1, 3, 3]  # token 2 (probability 0) never
 
 
+def test_a_draw_past_the_end_is_the_last_token_of_nonzero_probability_not_mask():
+    # [MASK] is the last id, with probability 0; u = 1 puts the target at the cdf's end, which rounding can too.
+    logits = torch.tensor([[1.0, 2.0, 0.5, -math.inf]])
+    assert draw_tokens(logits, torch.tensor([1.0], dtype=torch.float64)).tolist() == [2]
+    # With top-p the nucleus is {1, 0}: the last token of nonzero probability in its order is 0.
+    assert draw_tokens(logits, torch.tensor([1.0], dtype=torch.float64), top_p=0.8).tolist() == [0]
+
+
+def test_float64_draws_resolve_tokens_of_probability_1e9_over_the_whole_vocabulary():
+    # 50,258 ids (GPT-2 + [MASK]): the bulk of the mass first, then 40,000 tokens of 1e-7 and 10,000 of 1e-9, [MASK]
+    # last at probability 0. u at the middle of a token's own interval of the cdf must draw that token: in float32
+    # the cdf cannot resolve steps of 1e-9 (or 1e-7) after a mass near 1, and other tokens come out.
+    vocab = 50258
+    probs = np.zeros(vocab)
+    probs[1:40001], probs[40001:50001] = 1e-7, 1e-9
+    probs[:1] = 1 - probs.sum() - 256 * 1e-5
+    probs[50001:50257] = 1e-5
+    with np.errstate(divide="ignore"):  # log 0 = -inf for [MASK]
+        logits = torch.tensor(np.log(probs), dtype=torch.float32)[None]  # the float32 head the sampler gets
+    exact = np.exp(logits.double().numpy()[0] - np.logaddexp.reduce(logits.double().numpy()[0]))
+    cdf = np.cumsum(exact)
+    probes = np.array([1, 20000, 40000, 40001, 40002, 45000, 50000, 50001, 50256])
+    u = torch.tensor((cdf[probes - 1] + cdf[probes]) / 2 / cdf[-1], dtype=torch.float64)
+    drawn = draw_tokens(logits.expand(len(probes), -1), u)
+    assert drawn.tolist() == probes.tolist()
+    assert exact[40001] == pytest.approx(1e-9, rel=1e-5) and exact[-1] == 0
+
+
 def test_unmask_probability_matches_the_ancestral_update():
     grid = time_grid(10)
     assert grid[0] == 1.0 and grid[-1] == pytest.approx(1e-5) and grid.dtype == np.float64
@@ -284,3 +327,93 @@ def test_incompatible_models_are_refused_by_field(tiny_pair, field, value):
         check_compatible({"small": tiny_pair["small"].config, "large": other})
     assert f"differ in {field}" in str(info.value)
     check_compatible({"small": tiny_pair["small"].config, "large": tiny_pair["large"].config})
+
+
+# ----------------------------------------------------------------------------------- the exact chain
+
+
+class XDependent:
+    """Stand-in predictor whose p(x_0 | x_t) depends on x_t: 3 positions, tokens {0, 1, 2}, [MASK] = 3.
+
+    logits[j, v] = base[j, v] + pull * (number of unmasked positions holding v) + left * [x_{j-1} == v].
+    hidden() returns these logits; logits_from_hidden is the identity.
+    """
+
+    def __init__(self, base: list[list[float]], pull: float, left: float) -> None:
+        self.config = DenoiserConfig(vocab_size=4, mask_token_id=3, max_position_embeddings=3, hidden_size=4,
+                                     num_hidden_layers=1, num_attention_heads=1, kv_lora_rank=4, qk_nope_head_dim=2,
+                                     qk_rope_head_dim=2, v_head_dim=2, intermediate_size=4, vocab_pad_multiple=1)
+        self.device = torch.device("cpu")
+        self.base, self.pull, self.left = torch.tensor(base, dtype=torch.float64), pull, left
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[n, 3, 4] float64 logits of states x [n, 3] (the [MASK] column is -inf)."""
+        onehot = torch.nn.functional.one_hot(x, 4).double()[..., :3]  # [n, 3, 3]; a [MASK] is no token
+        counts = onehot.sum(dim=1, keepdim=True)  # [n, 1, 3]
+        left = torch.cat([torch.zeros_like(onehot[:, :1]), onehot[:, :-1]], dim=1)  # x_{j-1} as one-hot
+        out = self.base[None] + self.pull * counts + self.left * left  # [n, 3, 3]
+        return torch.cat([out, torch.full_like(out[..., :1], -math.inf)], dim=-1)
+
+    def hidden(self, input_ids, sigma=None):
+        return self.logits(input_ids).float()
+
+    def logits_from_hidden(self, hidden):
+        return hidden
+
+
+CHAIN_MODELS = {"a": XDependent([[0.21, 0.0, -0.33], [0.02, 0.41, 0.13], [-0.19, 0.11, 0.29]], pull=0.57, left=0.0),
+                "b": XDependent([[0.0, 0.31, 0.04], [0.23, -0.12, 0.0], [0.09, 0.0, 0.26]], pull=-0.41, left=0.87)}
+
+
+def exact_final_distribution(models, names: list[str], t_min: float) -> dict[tuple[int, ...], float]:
+    """The law of the sampler's output by enumeration: each step, every masked position unmasks with probability
+    (t - s) / t (log-linear: alpha_s - alpha_t over 1 - alpha_t) and takes a token from the step's model given the
+    state before the step; what remains masked after the last step takes the last model's most likely token."""
+    times = np.linspace(1.0, t_min, len(names) + 1)
+    states = {(3, 3, 3): 1.0}
+    for i, name in enumerate(names):
+        p = (times[i] - times[i + 1]) / times[i]
+        nxt: dict[tuple[int, ...], float] = {}
+        for x, px in states.items():
+            probs = models[name].logits(torch.tensor([x]))[0].softmax(-1).numpy()  # [3, 4]
+            masked = [j for j in range(3) if x[j] == 3]
+            for unmask in itertools.product([False, True], repeat=len(masked)):
+                chosen = [j for j, u in zip(masked, unmask) if u]
+                p_set = p ** len(chosen) * (1 - p) ** (len(masked) - len(chosen))
+                for tokens in itertools.product(range(3), repeat=len(chosen)):
+                    y = list(x)
+                    p_tok = 1.0
+                    for j, v in zip(chosen, tokens):
+                        y[j], p_tok = v, p_tok * probs[j, v]
+                    nxt[tuple(y)] = nxt.get(tuple(y), 0.0) + px * p_set * p_tok
+        states = nxt
+    final: dict[tuple[int, ...], float] = {}
+    for x, px in states.items():
+        logits = models[names[-1]].logits(torch.tensor([x]))[0]  # [3, 4]
+        top2 = logits.topk(2, dim=-1).values
+        assert (top2[:, 0] - top2[:, 1]).min() > 1e-3, "a tie: the most likely token would depend on rounding"
+        best = logits.argmax(-1).tolist()
+        y = tuple(best[j] if x[j] == 3 else x[j] for j in range(3))
+        final[y] = final.get(y, 0.0) + px
+    return final
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_the_whole_chain_follows_its_exact_distribution(cache):
+    # T = 3 steps of two models (a, then b twice), t_min = 0.2 so that masks can remain for the noise removal.
+    names, t_min = ["a", "b", "b"], 0.2
+    exact = exact_final_distribution(CHAIN_MODELS, names, t_min)
+    assert sum(exact.values()) == pytest.approx(1.0, abs=1e-12) and len(exact) == 27
+    schedule = parse_schedule("a:1,b:2", 3, ["a", "b"])
+    counts: dict[tuple[int, ...], int] = {}
+    for seed in range(3):  # 3 x 40,000 sequences, each independent of the others
+        tokens = sample(CHAIN_MODELS, schedule, NOISE, SamplerSettings(cache=cache, t_min=t_min),
+                        torch.Generator().manual_seed(seed), 40_000, 3).tokens
+        for row, n in zip(*np.unique(tokens.numpy(), axis=0, return_counts=True)):
+            counts[tuple(row.tolist())] = counts.get(tuple(row.tolist()), 0) + int(n)
+    assert set(counts) <= set(exact)  # never a [MASK], never a sequence the chain cannot make
+    keys = sorted(exact)
+    observed = np.array([counts.get(k, 0) for k in keys], dtype=np.float64)
+    expected = np.array([exact[k] for k in keys]) * observed.sum()
+    assert expected.min() > 50  # every cell well filled: the chi-square approximation holds
+    assert scipy.stats.chisquare(observed, expected).pvalue > 1e-3

@@ -72,7 +72,7 @@ def test_cli_trains_tiny_mdlm_loss_falls_and_writes_hf_checkpoint(tmp_path, cach
 
 
 def test_sigkill_midway_then_resume_matches_uninterrupted_run(tmp_path, cache_dir) -> None:
-    common = ["train.steps=40", "train.ckpt_every=10", "train.val_every=20"]
+    common = ["train.steps=24", "train.ckpt_every=8", "train.val_every=12"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     proc = run_cli(tiny_args(straight, cache_dir, *common))
     assert proc.wait(timeout=600) == 0, proc.stderr.read()[-2000:]
@@ -86,14 +86,14 @@ def test_sigkill_midway_then_resume_matches_uninterrupted_run(tmp_path, cache_di
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed midway"
     killed_at = latest.read_text().strip()
-    assert killed_at < "step-00000040", killed_at
+    assert killed_at < "step-00000024", killed_at
 
     proc = run_cli(tiny_args(killed, cache_dir, *common))
     _, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-2000:]
     assert f"resumed from {killed / 'checkpoints'} at step {int(killed_at[5:])}" in stderr
 
-    final = "checkpoints/step-00000040"
+    final = "checkpoints/step-00000024"
     for stem in ("model", "ema"):
         a, b = load_file(straight / final / f"{stem}.safetensors"), load_file(killed / final / f"{stem}.safetensors")
         assert a.keys() == b.keys()

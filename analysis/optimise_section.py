@@ -1,0 +1,137 @@
+"""The report's section on the schedule optimiser (an optimise.json calibrated on a sweep): the cost model,
+how well it predicts every measured schedule (leave-one-out), each non-preset schedule against all-heavy and
+against the best hand preset of the same FLOPs, and the schedules the calibrated model picks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy.stats import spearmanr
+
+from analysis import plots
+from analysis.sweep_section import SweepView, ratio_text, verdict
+from mdlm_sched.artifacts import OptimiseDir, ReportDir
+from mdlm_sched.schedule import PRESETS
+from mdlm_sched.stats import change_verdict, interval
+from mdlm_sched.summary import paired, placement_of, row_points
+
+SAME_BUDGET = 0.02  # a hand preset is "at the same budget" when its blocks-only saving is within 2 points
+GOAL_TOLERANCE = 0.05  # the issue's goal: the largest saving whose paired CI upper bound is at most +5%
+RHO_RESAMPLES = 2000
+
+
+def is_hand_preset(label: str) -> bool:
+    """A preset (all-large and all-small included), at its default or any other fraction."""
+    return label in PRESETS or placement_of(label) in PRESETS
+
+
+def _rank_correlation(predicted: np.ndarray, measured: np.ndarray) -> tuple[float, float, float]:
+    """Spearman's rho with a bootstrap 95% interval over schedules."""
+    rho = float(spearmanr(predicted, measured).statistic)
+    rng = np.random.default_rng(0)
+    picks = rng.integers(0, len(predicted), (RHO_RESAMPLES, len(predicted)))
+    draws = np.array([spearmanr(predicted[p], measured[p]).statistic if len(set(p)) > 2 else math.nan
+                      for p in picks])
+    low, high = interval(draws)
+    return rho, float(low), float(high)
+
+
+def _fit_lines(record: Mapping[str, Any], out: ReportDir, name: str) -> list[str]:
+    model, measured = record["cost_model"], record["measured"]
+    lines = [f"Cost model: predicted change in log gen PPL = κ × Σ_steps dt_i · f_m(t_i), with f = "
+             f"`{model['feature']}` (0 for the heaviest model), dt_i the share of tokens step i decides; "
+             f"{record['bins']} bins at T = {record['steps']}; FLOPs {record['flops']}. "
+             f"κ = {model['kappa']:.3g}, 95% bootstrap interval over the {len(measured)} measured schedules "
+             f"[{model['kappa_low']:.3g}, {model['kappa_high']:.3g}]. Schedules' CI bounds of the prediction combine "
+             f"the per-step bands with κ's interval.", ""]
+    if model["per_feature"]:
+        lines += ["Features compared by their leave-one-out error (the one with the least predicts):", "",
+                  "| feature | κ | mean abs. leave-one-out error (log gen PPL) |", "|---|---:|---:|"]
+        lines += [f"| {f} | {v['kappa']:.3g} | {v['loo_mean_abs_error']:.4f} |"
+                  for f, v in model["per_feature"].items()]
+        lines.append("")
+    usable = [m for m in measured if math.isfinite(m["loo_predicted"])]
+    if len(usable) < 3:
+        return lines + [f"{len(usable)} measured schedule(s) with a leave-one-out prediction: too few to judge the "
+                        f"cost model.", ""]
+    for m in measured:
+        m["hand"] = is_hand_preset(m["label"])
+    stem = out.figure("optimise", name)
+    plots.optimise_figure(usable, stem)
+    predicted = np.array([m["loo_predicted"] for m in usable])
+    actual = np.array([m["measured"] for m in usable])
+    rho, low, high = _rank_correlation(predicted, actual)
+    error = float(np.mean(np.abs(predicted - actual)))
+    lines += [f"![predicted against measured]({stem.name}.png)", "",
+              f"Over {len(usable)} measured schedules, the leave-one-out prediction (κ fitted without the schedule) "
+              f"ranks them with Spearman ρ = {rho:.2f} [{low:.2f}, {high:.2f}] (95% bootstrap over schedules) and "
+              f"misses the measured log gen PPL ratio by {error:.4f} on average (×{math.exp(error):.3f} in gen PPL).",
+              "", "| schedule | FLOPs saved (blocks only, calls made) | measured gen PPL / all-heavy [95% CI] | "
+              "predicted (fit) | predicted (leave-one-out) |", "|---|---:|---|---:|---:|"]
+    for m in sorted(measured, key=lambda m: m["saving"]):
+        lines.append(f"| {m['label']} | {m['saving']:.1%} | {math.exp(m['measured']):.3f} "
+                     f"[{math.exp(m['measured_low']):.3f}, {math.exp(m['measured_high']):.3f}] | "
+                     f"{math.exp(m['predicted']):.3f} | {math.exp(m['loo_predicted']):.3f} |")
+    return lines + [""]
+
+
+def _against_presets(view: SweepView, steps: int) -> list[str]:
+    """Each measured schedule that is not a hand preset against all-heavy and against the best hand preset whose
+    blocks-only saving is within SAME_BUDGET of its own (lowest pooled gen PPL, same seeds and samples)."""
+    rows = [r for r in view.rows if r["steps"] == steps and r["pairs"]]
+    others = [r for r in rows if not is_hand_preset(r["label"]) and not r["all_heavy"]]
+    if not others:
+        return []
+    lines = [f"Schedules other than hand presets (T = {steps}), against all-heavy and against the best hand preset "
+             f"within {SAME_BUDGET:.0%} of their FLOPs saving (paired on the same seeds and samples):", "",
+             "| schedule | FLOPs saved | gen PPL / all-heavy [95% CI] | verdict | best hand preset at that budget | "
+             "gen PPL / preset's [95% CI] | verdict |", "|---|---:|---|---|---|---|---|"]
+    for r in sorted(others, key=lambda r: r["saving_blocks_only"]):
+        near = [h for h in rows if is_hand_preset(h["label"]) and h["num_samples"] == r["num_samples"]
+                and abs(h["saving_blocks_only"] - r["saving_blocks_only"]) <= SAME_BUDGET]
+        text = "none measured | | "
+        if near:
+            best = min(near, key=lambda h: h["gen_ppl"])
+            vs = paired(row_points(view.points, r), row_points(view.points, best), r["token_rule"])
+            if vs["pairs"]:
+                text = (f"{best['label']} ({best['saving_blocks_only']:.1%}) | {ratio_text(vs)} "
+                        f"({vs['pairs']} pairs) | {change_verdict(vs['ppl_ratio_low'] - 1, vs['ppl_ratio_high'] - 1)}")
+        lines.append(f"| {r['label']} | {r['saving_blocks_only']:.1%} | {ratio_text(r)} | {verdict(r)} | {text} |")
+    within = [r for r in rows if r["ppl_ratio_high"] <= 1 + GOAL_TOLERANCE]
+    lines.append("")
+    if within:
+        top = max(within, key=lambda r: r["saving_blocks_only"])
+        lines.append(f"The largest measured FLOPs saving (blocks only) whose gen PPL ratio has a paired 95% upper "
+                     f"bound of at most {1 + GOAL_TOLERANCE:.2f}: {top['saving_blocks_only']:.1%}, by "
+                     f"`{top['label']}` ({ratio_text(top)}).")
+    else:
+        lines.append(f"No measured schedule has a paired 95% upper bound of at most {1 + GOAL_TOLERANCE:.2f}.")
+    return lines + [""]
+
+
+def _solution_lines(record: Mapping[str, Any]) -> list[str]:
+    unit = "gen PPL / all-heavy's" if record["measured"] else record["cost_model"]["unit"]
+    lines = [f"Schedules the cost model picks (predictions as {unit}; interval from the per-step bands and κ's):",
+             "", f"| target | schedule at T = {record['steps']} | t-thresholds (any T) | FLOPs saved "
+                 f"({record['flops']}) | predicted [interval] |", "|---|---|---|---:|---|"]
+    for s in record["schedules"]:
+        target = f"saving ≥ {s['value']:.1%}" if s["target"] == "saving" else f"gen PPL ≤ +{s['value']:.1%}"
+        values = [s["predicted"], s["predicted_low"], s["predicted_high"]]
+        shown = [f"{math.exp(v):.3f}" for v in values] if record["measured"] else [f"{v:+.4f}" for v in values]
+        lines.append(f"| {target} | `{s['segments']}` | `{s['thresholds']}` | {s['saving']:.1%} | "
+                     f"{shown[0]} [{shown[1]}, {shown[2]}] |")
+    return lines + [""]
+
+
+def optimise_section(folder: Path, out: ReportDir, view: SweepView | None) -> list[str]:
+    """The optimiser's report lines and figure; view: the sweep it was calibrated on, when the report has it."""
+    record = OptimiseDir(folder).read()
+    lines = [f"## Schedule optimiser `{folder}`", "", *_fit_lines(record, out, folder.name)]
+    if view is not None and view.rows:
+        lines += _against_presets(view, record["steps"])
+    return lines + _solution_lines(record)

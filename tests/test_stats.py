@@ -1,0 +1,134 @@
+"""Bootstrap intervals: exact where the answer is known, stratified by seed, honest coverage, and the verdicts."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from mdlm_sched.stats import (change_verdict, paired_log_ratio, paired_mean_difference, pooled_ppl_interval,
+                              ratio_curve, resample_counts)
+from mdlm_sched.summary import best_placement, paired, pareto_front, summarize, wall_spread
+
+
+def test_resample_counts_draw_n_units_with_replacement():
+    counts = resample_counts(7, 1000, np.random.default_rng(0))
+    assert counts.shape == (1000, 7) and (counts.sum(axis=1) == 7).all()
+    assert 0.9 < counts.mean() < 1.1 and (counts == 0).any()  # some units left out of some resamples
+
+
+def test_a_constant_per_token_shift_has_a_degenerate_interval_at_the_shift():
+    rng = np.random.default_rng(1)
+    tokens = [rng.integers(50, 200, 64).astype(float) for _ in range(2)]
+    base = [rng.gamma(5.0, 1.0, 64) * t for t in tokens]
+    shifted = [b + 0.25 * t for b, t in zip(base, tokens)]  # every token 0.25 nats worse, in every sample
+    point, low, high = paired_log_ratio(shifted, tokens, base, tokens, resamples=2000)
+    assert point == pytest.approx(0.25) and low == pytest.approx(0.25) and high == pytest.approx(0.25)
+
+
+def test_resampling_is_within_each_seed():
+    # Seed 0's samples are all 0.1 nats/token worse, seed 1's all 0.5: pooled, 0.3 whatever the resample, as long as
+    # each seed keeps its share of samples; mixing the seeds in one resample would move it.
+    tokens = [np.full(40, 100.0), np.full(40, 100.0)]
+    base = [np.full(40, 300.0), np.full(40, 300.0)]
+    worse = [base[0] + 10.0, base[1] + 50.0]
+    point, low, high = paired_log_ratio(worse, tokens, base, tokens, resamples=2000)
+    assert point == pytest.approx(0.3) and high - low == pytest.approx(0.0, abs=1e-12)
+
+
+def test_pairing_is_what_makes_the_interval_narrow():
+    # b = a + small noise per sample: the paired interval is far narrower than the spread of either side.
+    rng = np.random.default_rng(2)
+    tokens = [np.full(128, 500.0)]
+    a = [rng.normal(3.0, 0.5, 128) * 500]
+    b = [a[0] + rng.normal(0.0, 0.01, 128) * 500]
+    _, low, high = paired_log_ratio(b, tokens, a, tokens, resamples=2000)
+    _, alone_low, alone_high = (math.log(x) for x in pooled_ppl_interval(a[0], tokens[0], resamples=2000))
+    assert high - low < (alone_high - alone_low) / 20
+
+
+def test_paired_intervals_cover_the_truth_about_95_percent_of_the_time():
+    rng = np.random.default_rng(3)
+    truth, covered, runs = 0.05, 0, 120
+    for _ in range(runs):
+        tokens = [rng.integers(80, 120, 60).astype(float)]
+        per_token = rng.normal(3.0, 0.3, 60)  # the sample's own difficulty, shared by both schedules
+        b = [per_token * tokens[0]]
+        a = [(per_token + truth + rng.normal(0.0, 0.1, 60)) * tokens[0]]
+        _, low, high = paired_log_ratio(a, tokens, b, tokens, resamples=1000, seed=int(rng.integers(1 << 30)))
+        covered += low <= truth <= high
+    assert 0.88 <= covered / runs <= 0.995, covered
+
+
+def test_entropy_difference_and_verdicts():
+    point, low, high = paired_mean_difference([np.array([5.0, 5.2, 5.1])], [np.array([5.0, 5.0, 5.0])], 2000)
+    assert point == pytest.approx(0.1) and low <= point <= high
+    assert change_verdict(0.01, 0.09) == "gen PPL measurably higher (95% CI +1.0% to +9.0%)"
+    assert change_verdict(-0.09, -0.01).startswith("gen PPL measurably lower")
+    assert change_verdict(-0.03, 0.05) == "no difference in gen PPL detectable at ±5.0%"
+
+
+def test_ratio_curve_bands_and_the_interval_of_the_peak():
+    rng = np.random.default_rng(4)
+    counts = rng.integers(10, 20, (50, 6)).astype(float)
+    per_token = np.array([0.1, 0.2, 0.9, 0.3, 0.2, 0.1])  # a clear peak at index 2
+    totals = counts * (per_token + rng.normal(0, 0.02, (50, 6)))
+    curve = ratio_curve(totals, counts, 2000)
+    assert np.all(curve["low"] <= curve["estimate"]) and np.all(curve["estimate"] <= curve["high"])
+    assert curve["peak"] == (2, 2)
+    flat = ratio_curve(counts * 0.5 + rng.normal(0, 0.5, (50, 6)), counts, 2000)  # no peak to speak of
+    assert flat["peak"][1] - flat["peak"][0] >= 2
+
+
+def _point(label: str, segments: str, seed: int, nll: np.ndarray, tokens: np.ndarray, heavy: bool,
+           wall: float) -> dict:
+    return {"kind": "point", "key": f"{segments}|T8|seed{seed}|n{len(nll)}", "label": label, "groups": ["g"],
+            "segments": segments, "steps": 8, "seed": seed, "num_samples": len(nll),
+            "steps_per_model": {"large": 8} if heavy else {"small": 2, "large": 6},
+            "light_fraction": 0 if heavy else 0.25,
+            "flops": {"baseline_model": "large", "saving_blocks_only": 0.0 if heavy else 0.16, "saving_full": 0.0,
+                      "blocks_only": 1, "full": 1, "calls": {"large": 8},
+                      "sequences_run": {"large": 8} if heavy else {"small": 2, "large": 6},
+                      "per_forward_one_sequence": {"small": {"full": 2.0}, "large": {"full": 4.0}}},
+            "cache": {"skipped_share": 0.0}, "wall_s": wall, "batch_wall_s": [wall],
+            "gen_ppl": {"ppl": 1.0, "token_rule": "mdlm"}, "entropy": {"mean": 5.0},
+            "per_sample": {"nll": {"mdlm": nll.tolist()}, "tokens": {"mdlm": tokens.tolist()},
+                           "entropy": [5.0] * len(nll)}}
+
+
+def test_summary_rows_pool_seeds_pair_with_all_heavy_and_set_wall_clock_against_its_spread():
+    rng = np.random.default_rng(5)
+    tokens = {s: rng.integers(80, 120, 32).astype(float) for s in (0, 1)}
+    base = {s: rng.normal(4.0, 0.4, 32) * tokens[s] for s in (0, 1)}
+    points = [_point("all-large", "large:8", s, base[s], tokens[s], True, 10.0 + s) for s in (0, 1)]
+    points += [_point("late-small", "large:6,small:2", s, base[s] + 0.1 * tokens[s], tokens[s], False, 8.0)
+               for s in (0, 1)]
+    timings = [{"kind": "timing", "key": points[0]["key"], "wall_s": 12.0}]
+    rows = {r["label"]: r for r in summarize(points, timings)}
+    late = rows["late-small"]
+    assert late["seeds"] == 2 and late["pairs"] == 64 and late["paired_seeds"] == [0, 1]
+    assert late["ppl_ratio"] == pytest.approx(math.exp(0.1)) and late["ppl_ratio_low"] == pytest.approx(math.exp(0.1))
+    assert late["gen_ppl"] == pytest.approx(math.exp(sum((base[s] + 0.1 * tokens[s]).sum() for s in (0, 1)) /
+                                                     sum(tokens[s].sum() for s in (0, 1))))
+    assert late["wall_saving"] == pytest.approx(1 - 8.0 / 10.5)
+    assert late["wall_spread"] == pytest.approx((12.0 - 10.0) / 11.0)  # first batches timed 10 s and again 12 s
+    assert late["saving_head_everywhere"] == pytest.approx(1 - (2 * 2.0 + 6 * 4.0) / (8 * 4.0))
+    assert wall_spread(points[:1], [])["measurements"] == 1 and math.isnan(wall_spread(points[:1], [])["relative"])
+    assert paired(points[2:], points[:1], "mdlm")["paired_seeds"] == [0]  # only the seeds both ran
+    assert pareto_front([(1.0, 10.0, "a"), (0.8, 11.0, "b"), (0.9, 12.0, "c"), (0.5, 20.0, "d")]) == ["d", "b", "a"]
+
+
+def test_best_placement_says_whether_it_is_separated_from_the_runner_up():
+    rng = np.random.default_rng(6)
+    tokens = rng.integers(80, 120, 64).astype(float)
+    base = rng.normal(4.0, 0.4, 64) * tokens
+    points = [_point("all-large", "large:8", 0, base, tokens, True, 10.0)]
+    for label, shift, noise in (("late-small", 0.02, 0.001), ("sandwich", 0.02, 0.05), ("early-small", 0.3, 0.001)):
+        point = _point(label, f"{label}:8", 0, base + (shift + rng.normal(0, noise, 64)) * tokens, tokens, False, 8)
+        points.append(point)
+    choice = best_placement(points, "g")
+    assert choice["placement"] in ("late-small", "sandwich") and choice["runner_up"] in ("late-small", "sandwich")
+    assert choice["separated"] is False  # 0.02 against 0.02 + noise: not told apart
+    far = best_placement([p for p in points if p["label"] != "sandwich"], "g")
+    assert far["placement"] == "late-small" and far["runner_up"] == "early-small" and far["separated"] is True
