@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -157,6 +158,17 @@ def _read_yaml(path: Path, what: str) -> Any:
         raise ConfigError(f"{what}: cannot parse {path}: {str(exc).splitlines()[0]}; fix the YAML") from exc
 
 
+def _override(cfg: Any, arg: str) -> Any:
+    """cfg with one key=value override merged in; a value YAML cannot parse is a ConfigError."""
+    try:
+        dotlist = OmegaConf.from_dotlist([arg])
+    except yaml.YAMLError as exc:
+        problem = " ".join(str(exc).split())
+        raise ConfigError(f"override {arg!r} is not valid YAML ({problem}); quote a value that holds commas, "
+                          f"brackets or ${{...}}, or put it in a YAML file") from exc
+    return OmegaConf.merge(cfg, dotlist)
+
+
 def _describe(exc: OmegaConfBaseException) -> str:
     key = getattr(exc, "full_key", None) or getattr(exc, "key", None)
     msg = str(exc).splitlines()[0]
@@ -193,7 +205,7 @@ def load(args: list[str] | tuple[str, ...] = ()) -> RunConfig:
                 preset = _read_yaml(configs_dir() / key / f"{value}.yaml", f"preset {key}={value}")
                 cfg[key] = _merge(OmegaConf.structured(type(getattr(RunConfig(), key))), preset)
             else:
-                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([arg]))
+                cfg = _override(cfg, arg)
         run: RunConfig = OmegaConf.to_object(cfg)  # resolves ${...} interpolations
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe(exc)) from exc
@@ -207,7 +219,7 @@ def load_structured(schema: type[T], args: list[str] | tuple[str, ...], what: st
     try:
         for arg in args:
             if "=" in arg and not Path(arg).is_file():
-                cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([arg]))
+                cfg = _override(cfg, arg)
             else:
                 cfg = _merge(cfg, _read_yaml(Path(arg), what))
         return OmegaConf.to_object(cfg)

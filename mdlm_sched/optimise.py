@@ -10,7 +10,7 @@ where dt_i = t_i - t_{i+1} is the share of tokens step i decides, and f_m(t) a p
 analysis (interpolated between its grid steps): KL(H || m) on trajectories ("kl_trajectory", the
 default) or on masked states, or the CE gap m - H on either. Without measured schedules kappa = 1 and
 the prediction is in nats per token of that quantity; with a sweep's measured schedules (log of each
-one's paired gen PPL ratio to all-heavy) kappa is fitted by weighted least squares through the origin,
+one's paired gen PPL ratio to all-heavy) kappa >= 0 is fitted by weighted least squares through the origin,
 each feature is judged by its leave-one-out error, and the best is used. The prediction's interval
 combines the per-step bands (the features integrated over the band's ends) with kappa's bootstrap
 interval over the measured schedules.
@@ -131,8 +131,9 @@ class Calibration:
 
 
 def _fit(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
-    """Weighted least squares of y = kappa x through the origin."""
-    return float((w * x * y).sum() / (w * x * x).sum())
+    """Weighted least squares of y = kappa x through the origin, kappa >= 0: a model further from the heaviest
+    one costs more, never less (a feature that anti-correlates with the measurements gets kappa = 0)."""
+    return max(0.0, float((w * x * y).sum() / (w * x * x).sum()))
 
 
 def measured_rows(costs: StepCosts, points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:

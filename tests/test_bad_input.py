@@ -73,6 +73,8 @@ def _cases(tmp: Path, models: dict[str, Path]) -> dict[str, tuple[list[str], str
         "train_out_under_a_file": (_train_words(blocker / "run", tmp / "c4"),
                                    f"train.out_dir={blocker / 'run'} cannot be a folder: {blocker} is a file",
                                    tmp / "c4"),  # refused before tokenising: no data cache
+        "override_not_yaml": (_train_words(tmp / "t5", tmp / "c6", "data.train=[${data.root}/a,b]"),
+                              "is not valid YAML", tmp / "t5"),
         "option_between_config_words": (["train", "model=tiny", "--no-progres", "train.steps=2"],
                                         "unrecognized arguments: --no-progres", tmp / "nothing"),
         "prompts_not_utf8": ([*sample, "--prompts-file", str(bad["latin1_prompts"]), "--out", str(tmp / "s1")],
@@ -110,7 +112,8 @@ def runs(tmp_path_factory, saved_models) -> dict[str, tuple[int, str, str, Path]
 
 
 @pytest.mark.parametrize("name", ["train_truncated_xz", "train_not_xz", "train_not_utf8", "train_out_under_a_file",
-                                  "option_between_config_words", "prompts_not_utf8", "sample_out_under_a_file",
+                                  "override_not_yaml", "option_between_config_words", "prompts_not_utf8",
+                                  "sample_out_under_a_file",
                                   "config_and_weights_disagree", "analysis_data_truncated", "reference_not_xz",
                                   "yaml_split_segments", "hub_judge_offline"])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing_behind(runs, name):

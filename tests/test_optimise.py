@@ -195,3 +195,15 @@ def test_a_sweep_of_other_models_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="the analysis compares small, large"):
         run_optimise(AnalysisDir(tmp_path / "analysis"), OptimiseDir(tmp_path / "opt"), [0.2],
                      sweep=SweepDir(sweep))
+
+
+def test_a_feature_that_anticorrelates_gets_kappa_zero():
+    rows, meta = analysis({"small": bump}, {"small": 1.0, "large": 3.0})
+    costs = step_costs(rows, meta)
+    measured = []
+    for k, spec in enumerate(["small:10,large:30", "large:10,small:20,large:10", "small:40"]):
+        y = -schedule_feature(costs, "kl_trajectory", parse_schedule(spec, 40, costs.names).names)[0]
+        measured.append({"label": f"s{k}", "segments": spec, "groups": ["g"], "saving_blocks_only": 0.0,
+                         "ppl_ratio": math.exp(y), "ppl_ratio_low": math.exp(y - 0.01),
+                         "ppl_ratio_high": math.exp(y + 0.01)})
+    assert all(v["kappa"] == 0.0 for v in calibrate(costs, measured).per_feature.values())
