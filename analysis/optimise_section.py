@@ -41,14 +41,22 @@ def _rank_correlation(predicted: np.ndarray, measured: np.ndarray) -> tuple[floa
     return rho, float(low), float(high)
 
 
+def _model_text(record: Mapping[str, Any]) -> str:
+    model, measured = record["cost_model"], record["measured"]
+    text = (f"Cost model: predicted change in log gen PPL = κ × Σ_steps dt_i · f_m(t_i), with f = `{model['feature']}` "
+            f"(0 for the heaviest model), dt_i the share of tokens step i decides; {record['bins']} bins at T = "
+            f"{record['steps']}; FLOPs {record['flops']}. ")
+    if not measured:
+        return text + ("Not calibrated (no measured schedules): κ = 1, so predictions are in nats per token of the "
+                       "feature, and only their order means something.")
+    return text + (f"κ ≥ 0 fitted on {len(measured)} measured schedules: κ = {model['kappa']:.3g}, 95% bootstrap "
+                   f"interval over schedules [{model['kappa_low']:.3g}, {model['kappa_high']:.3g}]; a prediction's "
+                   f"interval combines the per-step bands with κ's.")
+
+
 def _fit_lines(record: Mapping[str, Any], out: ReportDir, name: str) -> list[str]:
     model, measured = record["cost_model"], record["measured"]
-    lines = [f"Cost model: predicted change in log gen PPL = κ × Σ_steps dt_i · f_m(t_i), with f = "
-             f"`{model['feature']}` (0 for the heaviest model), dt_i the share of tokens step i decides; "
-             f"{record['bins']} bins at T = {record['steps']}; FLOPs {record['flops']}. "
-             f"κ = {model['kappa']:.3g}, 95% bootstrap interval over the {len(measured)} measured schedules "
-             f"[{model['kappa_low']:.3g}, {model['kappa_high']:.3g}]. Schedules' CI bounds of the prediction combine "
-             f"the per-step bands with κ's interval.", ""]
+    lines = [_model_text(record), ""]
     if model["per_feature"]:
         lines += ["Features compared by their leave-one-out error (the one with the least predicts):", "",
                   "| feature | κ | mean abs. leave-one-out error (log gen PPL) |", "|---|---:|---:|"]
@@ -56,6 +64,8 @@ def _fit_lines(record: Mapping[str, Any], out: ReportDir, name: str) -> list[str
                   for f, v in model["per_feature"].items()]
         lines.append("")
     usable = [m for m in measured if math.isfinite(m["loo_predicted"])]
+    if not measured:
+        return lines
     if len(usable) < 3:
         return lines + [f"{len(usable)} measured schedule(s) with a leave-one-out prediction: too few to judge the "
                         f"cost model.", ""]
@@ -65,12 +75,17 @@ def _fit_lines(record: Mapping[str, Any], out: ReportDir, name: str) -> list[str
     plots.optimise_figure(usable, stem)
     predicted = np.array([m["loo_predicted"] for m in usable])
     actual = np.array([m["measured"] for m in usable])
-    rho, low, high = _rank_correlation(predicted, actual)
     error = float(np.mean(np.abs(predicted - actual)))
+    if np.ptp(predicted) == 0:  # e.g. kappa = 0 for every left-out fit: nothing to rank
+        ranking = ("the leave-one-out predictions are all equal (κ = 0: no feature grows with the measured changes), "
+                   "so they rank nothing")
+    else:
+        rho, low, high = _rank_correlation(predicted, actual)
+        ranking = (f"the leave-one-out prediction (κ fitted without the schedule) ranks them with Spearman ρ = "
+                   f"{rho:.2f} [{low:.2f}, {high:.2f}] (95% bootstrap over schedules)")
     lines += [f"![predicted against measured]({stem.name}.png)", "",
-              f"Over {len(usable)} measured schedules, the leave-one-out prediction (κ fitted without the schedule) "
-              f"ranks them with Spearman ρ = {rho:.2f} [{low:.2f}, {high:.2f}] (95% bootstrap over schedules) and "
-              f"misses the measured log gen PPL ratio by {error:.4f} on average (×{math.exp(error):.3f} in gen PPL).",
+              f"Over {len(usable)} measured schedules, {ranking}; it misses the measured log gen PPL ratio by "
+              f"{error:.4f} on average (×{math.exp(error):.3f} in gen PPL).",
               "", "| schedule | FLOPs saved (blocks only, calls made) | measured gen PPL / all-heavy [95% CI] | "
               "predicted (fit) | predicted (leave-one-out) |", "|---|---:|---|---:|---:|"]
     for m in sorted(measured, key=lambda m: m["saving"]):
@@ -80,19 +95,23 @@ def _fit_lines(record: Mapping[str, Any], out: ReportDir, name: str) -> list[str
     return lines + [""]
 
 
-def _against_presets(view: SweepView, steps: int) -> list[str]:
-    """Each measured schedule that is not a hand preset against all-heavy and against the best hand preset whose
-    blocks-only saving is within SAME_BUDGET of its own (lowest pooled gen PPL, same seeds and samples)."""
+def _against_presets(view: SweepView, steps: int, group: str | None) -> list[str]:
+    """The optimiser's measured schedules (those of the sweep group `group`; without one, every schedule that is not
+    a hand preset) against all-heavy and against the best other hand preset whose blocks-only saving is within
+    SAME_BUDGET of theirs (lowest pooled gen PPL, same seeds and samples)."""
     rows = [r for r in view.rows if r["steps"] == steps and r["pairs"]]
-    others = [r for r in rows if not is_hand_preset(r["label"]) and not r["all_heavy"]]
-    if not others:
+    chosen = [r for r in rows if not r["all_heavy"]
+              and (group in r["groups"] if group else not is_hand_preset(r["label"]))]
+    if not chosen:
         return []
-    lines = [f"Schedules other than hand presets (T = {steps}), against all-heavy and against the best hand preset "
-             f"within {SAME_BUDGET:.0%} of their FLOPs saving (paired on the same seeds and samples):", "",
-             "| schedule | FLOPs saved | gen PPL / all-heavy [95% CI] | verdict | best hand preset at that budget | "
-             "gen PPL / preset's [95% CI] | verdict |", "|---|---:|---|---|---|---|---|"]
-    for r in sorted(others, key=lambda r: r["saving_blocks_only"]):
+    lines = [f"The optimiser's schedules as measured (T = {steps}; a schedule that coincides with a preset keeps the "
+             f"preset's label), against all-heavy and against the best other hand preset within {SAME_BUDGET:.0%} of "
+             f"their FLOPs saving (paired on the same seeds and samples):", "",
+             "| schedule | segments | FLOPs saved | gen PPL / all-heavy [95% CI] | verdict | best other hand preset at "
+             "that budget | gen PPL / preset's [95% CI] | verdict |", "|---|---|---:|---|---|---|---|---|"]
+    for r in sorted(chosen, key=lambda r: r["saving_blocks_only"]):
         near = [h for h in rows if is_hand_preset(h["label"]) and h["num_samples"] == r["num_samples"]
+                and h["segments"] != r["segments"]
                 and abs(h["saving_blocks_only"] - r["saving_blocks_only"]) <= SAME_BUDGET]
         text = "none measured | | "
         if near:
@@ -101,7 +120,8 @@ def _against_presets(view: SweepView, steps: int) -> list[str]:
             if vs["pairs"]:
                 text = (f"{best['label']} ({best['saving_blocks_only']:.1%}) | {ratio_text(vs)} "
                         f"({vs['pairs']} pairs) | {change_verdict(vs['ppl_ratio_low'] - 1, vs['ppl_ratio_high'] - 1)}")
-        lines.append(f"| {r['label']} | {r['saving_blocks_only']:.1%} | {ratio_text(r)} | {verdict(r)} | {text} |")
+        lines.append(f"| {r['label']} | {r['segments']} | {r['saving_blocks_only']:.1%} | {ratio_text(r)} | "
+                     f"{verdict(r)} | {text} |")
     within = [r for r in rows if r["ppl_ratio_high"] <= 1 + GOAL_TOLERANCE]
     lines.append("")
     if within:
@@ -116,7 +136,9 @@ def _against_presets(view: SweepView, steps: int) -> list[str]:
 
 def _solution_lines(record: Mapping[str, Any]) -> list[str]:
     unit = "gen PPL / all-heavy's" if record["measured"] else record["cost_model"]["unit"]
-    lines = [f"Schedules the cost model picks (predictions as {unit}; interval from the per-step bands and κ's):",
+    lines = [f"Schedules the cost model picks (predictions as {unit}; interval from the per-step bands and κ's)"
+             + (": with κ = 0 it predicts no cost for any schedule and picks the cheapest, so these picks carry no "
+                "information." if record["measured"] and record["cost_model"]["kappa"] == 0 else ":"),
              "", f"| target | schedule at T = {record['steps']} | t-thresholds (any T) | FLOPs saved "
                  f"({record['flops']}) | predicted [interval] |", "|---|---|---|---:|---|"]
     for s in record["schedules"]:
@@ -128,10 +150,12 @@ def _solution_lines(record: Mapping[str, Any]) -> list[str]:
     return lines + [""]
 
 
-def optimise_section(folder: Path, out: ReportDir, view: SweepView | None) -> list[str]:
-    """The optimiser's report lines and figure; view: the sweep it was calibrated on, when the report has it."""
+def optimise_section(folder: Path, out: ReportDir, view: SweepView | None, group: str | None = None) -> list[str]:
+    """The optimiser's report lines and figure. view: the sweep the record was calibrated on, when the report has
+    it; group: the sweep group of the optimiser's schedules (the pipeline's optimise.group), when known."""
     record = OptimiseDir(folder).read()
-    lines = [f"## Schedule optimiser `{folder}`", "", *_fit_lines(record, out, folder.name)]
-    if view is not None and view.rows:
-        lines += _against_presets(view, record["steps"])
+    title = "calibrated on the sweep" if record["measured"] else "before the sweep (the schedules swept)"
+    lines = [f"## Schedule optimiser, {title}: `{folder}`", "", *_fit_lines(record, out, folder.name)]
+    if record["measured"] and view is not None and view.rows:
+        lines += _against_presets(view, record["steps"], group)
     return lines + _solution_lines(record)

@@ -258,8 +258,9 @@ def build_report(folders: Sequence[Path], out: Path, title: str = "Model schedul
             lines += section
         if optimise.record.is_file():
             optimised.append(folder)
+    group = experiment["config"].get("optimise", {}).get("group") if experiment is not None else None
     for folder in optimised:  # after the sweeps: the section compares the sweep's schedules
-        lines += optimise_section(folder, report, view)
+        lines += optimise_section(folder, report, view, group)
     lines += _paper_section(meta, steps_rows, view)
     atomic_write_text(report.report, "\n".join(lines) + "\n")
     return report.report

@@ -31,6 +31,9 @@ RULE_TEXT = {
 }
 
 
+SECOND_RULE = "first-eos"  # the second gen PPL column of the schedule tables (this project's first rule)
+
+
 def ratio_text(r: Mapping[str, Any]) -> str:
     """"1.042 [0.998, 1.089]": a row's gen PPL ratio to all-heavy with its paired 95% interval."""
     if not r.get("pairs"):
@@ -58,15 +61,20 @@ def wall_text(r: Mapping[str, Any]) -> str:
 
 
 def _schedule_table(rows: Sequence[Mapping[str, Any]], front: set[str]) -> list[str]:
+    """Rows of one token rule; a second gen PPL column under the first-EOS rule where the points kept it."""
+    second = SECOND_RULE if rows and rows[0]["token_rule"] != SECOND_RULE else None
     lines = ["| schedule | segments | light share | FLOPs saved: blocks only / head at decoded / head everywhere | "
-             "calls per model | wall-clock s | wall-clock saved (± baseline spread) | gen PPL | gen PPL / all-heavy "
-             "[95% CI] | entropy | entropy − all-heavy [95% CI] | seeds × samples | Pareto |",
-             "|---|---|---:|---|---|---:|---:|---:|---|---:|---|---:|:-:|"]
+             "calls per model | wall-clock s | wall-clock saved (± baseline spread) | "
+             f"gen PPL ({rows[0]['token_rule']}) " + (f"| gen PPL ({second}) " if second else "")
+             + "| gen PPL / all-heavy [95% CI] | entropy | entropy − all-heavy [95% CI] | seeds × samples | Pareto |",
+             "|---|---|---:|---|---|---:|---:|---:|" + ("---:|" if second else "") + "---|---:|---|---:|:-:|"]
     for r in rows:
         calls = ", ".join(f"{k} {v:.0f}" for k, v in r["calls"].items())
+        other = r.get("gen_ppl_by_rule", {}).get(second)
+        second_cell = (f"{other:.2f} | " if other is not None else "— | ") if second else ""
         lines.append(f"| {r['label']} | {r['segments']} | {r['light_fraction']:.3f} | {r['saving_blocks_only']:.2%} "
                      f"/ {r['saving_full']:.2%} / {r['saving_head_everywhere']:.2%} | {calls} | {r['wall_s']:.1f} | "
-                     f"{wall_text(r)} | {r['gen_ppl']:.2f} | {'—' if r['all_heavy'] else ratio_text(r)} | "
+                     f"{wall_text(r)} | {r['gen_ppl']:.2f} | {second_cell}{'—' if r['all_heavy'] else ratio_text(r)} | "
                      f"{r['entropy']:.3f} | {'—' if r['all_heavy'] else entropy_text(r)} | "
                      f"{r['seeds']} × {r['num_samples']} | {'yes' if r['name'] in front else ''} |")
     return lines

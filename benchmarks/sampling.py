@@ -16,8 +16,12 @@ Parts (--parts):
             (250 small steps) with the same seed, then a cache-off run on --cache-samples sequences:
             wall-clock against FLOPs for the schedule, the share of sequence-steps that skip the
             network, and what the cache saves.
+  latency   one batch of --latency-batches sequences (1 and 8) at T = 1000, all-large and the
+            sandwich, with and without captured CUDA graphs (--cuda-graph-rows): wall-clock per
+            batch (median of --latency-reps seeds, after a warm-up that compiles and captures every
+            batch size), and whether the tokens equal those of the path without graphs, seed by seed.
 
-    python benchmarks/sampling.py --parts network steps full --out reports/h200-sampling/bench_sampling.json
+    python benchmarks/sampling.py --parts network steps full latency --out reports/h200-sampling/bench_sampling.json
 """
 
 from __future__ import annotations
@@ -82,12 +86,12 @@ class Timed:
         return total
 
 
-def build(layers: int, device: torch.device, compile: bool, smoke: bool) -> PreparedDenoiser:
+def build(layers: int, device: torch.device, compile: bool, smoke: bool, graph_rows: int) -> PreparedDenoiser:
     width = dict(hidden_size=64, num_attention_heads=4, kv_lora_rank=32, intermediate_size=256) if smoke else {}
     config = DenoiserConfig(num_hidden_layers=layers, max_position_embeddings=SEQ_LEN, dropout=0.0, **width)
     torch.manual_seed(layers)
     dtype = torch.bfloat16 if device.type == "cuda" else None
-    return PreparedDenoiser(MDLMDenoiser(config).to(device), dtype, compile)
+    return PreparedDenoiser(MDLMDenoiser(config).to(device), dtype, compile, graph_rows)
 
 
 def bench_network(models: dict[str, PreparedDenoiser], batches: list[int], reps: int) -> list[dict]:
@@ -163,7 +167,8 @@ def bench_profile(model: PreparedDenoiser, batch: int) -> dict:
 
 def model_set(models: dict[str, PreparedDenoiser]) -> ModelSet:
     timed = {name: Timed(m) for name, m in models.items()}
-    return ModelSet(models=timed, light_to_heavy=names_light_to_heavy({n: m.config for n, m in models.items()}, SEQ_LEN),
+    order = names_light_to_heavy({n: m.config for n, m in models.items()}, SEQ_LEN)
+    return ModelSet(models=timed, light_to_heavy=order,
                     noise=LogLinearNoise(1e-3), tokenizer=None, seq_len=SEQ_LEN,
                     device=next(iter(models.values())).device)
 
@@ -182,7 +187,8 @@ def timed_run(ms: ModelSet, spec: str, steps: int, samples: int, batch: int, cac
             "mfu_blocks_only_network": round(flops["blocks_only"] / network / PEAK_BF16, 4),
             "flops_blocks_only": flops["blocks_only"], "flops_full": flops["full"],
             "saving_blocks_only": round(flops["saving_blocks_only"], 4), "saving_full": round(flops["saving_full"], 4),
-            "sequences_run": flops["sequences_run"], "calls": flops["calls"], "cache_stats": cache_summary(output, steps)}
+            "sequences_run": flops["sequences_run"], "calls": flops["calls"],
+            "cache_stats": cache_summary(output, steps)}
 
 
 def bench_steps(ms: ModelSet, batches: list[int], steps: int) -> list[dict]:
@@ -192,22 +198,63 @@ def bench_steps(ms: ModelSet, batches: list[int], steps: int) -> list[dict]:
         row = timed_run(ms, "all-large", steps, b, b, cache=False)
         row["step_ms"] = round(row["wall_s"] / steps * 1e3, 3)
         rows.append(row)
-        print(f"steps   large B={b:<4} {row['step_ms']:8.2f} ms/step  {row['tokens_per_s'] * steps / 1e6:6.3f}M tok/s  "
-              f"{row['mfu_full_wall']:6.1%} of 776 TFLOP/s (full, wall)  outside network {row['outside_network_share']:5.1%}",
-              flush=True)
+        print(f"steps   large B={b:<4} {row['step_ms']:8.2f} ms/step  "
+              f"{row['tokens_per_s'] * steps / 1e6:6.3f}M tok/s  "
+              f"{row['mfu_full_wall']:6.1%} of 776 TFLOP/s (full, wall)  "
+              f"outside network {row['outside_network_share']:5.1%}", flush=True)
     return rows
 
 
 def bench_full(ms: ModelSet, samples: int, batch: int, cache_samples: int, steps: int) -> list[dict]:
+    timed_run(ms, "sandwich", 8, batch, batch, cache=True)  # warm-up: compiles both models
     rows = []
     for spec, n, cache in (("all-large", samples, True), ("sandwich", samples, True),
                            ("all-large", cache_samples, False), ("all-large", cache_samples, True)):
         row = timed_run(ms, spec, steps, n, min(batch, n), cache)
         rows.append(row)
         print(f"full    {spec:>9} N={n:<4} cache={'on ' if cache else 'off'} {row['wall_s']:8.2f} s  "
-              f"skipped {row['cache_stats']['skipped_share']:5.1%}  outside network {row['outside_network_share']:5.1%}  "
+              f"skipped {row['cache_stats']['skipped_share']:5.1%}  "
+              f"outside network {row['outside_network_share']:5.1%}  "
               f"{row['mfu_blocks_only_wall']:6.1%} blocks-only MFU (wall)", flush=True)
     return rows
+
+
+def bench_latency(models: dict[str, PreparedDenoiser], batches: list[int], steps: int, reps: int,
+                  graph_rows: int, compile: bool) -> list[dict]:
+    """Wall-clock of one batch at T = steps without and with CUDA graphs, and whether the tokens agree."""
+    variants = {rows: {name: PreparedDenoiser(m.model, m.dtype, compile, rows) for name, m in models.items()}
+                for rows in (0, graph_rows)}
+    tokens_without: dict[tuple[int, str, int], torch.Tensor] = {}
+    rows_out = []
+    for rows, prepared in variants.items():
+        ms = model_set(prepared)
+        for b in batches:
+            for model in prepared.values():  # compile and capture every batch size a step can run
+                for n in range(1, b + 1):
+                    model.hidden(torch.full((n, SEQ_LEN), model.config.mask_token_id, device=model.device))
+            for spec in ("all-large", "sandwich"):
+                schedule = ms.schedule(spec, steps)
+                walls, equal = [], []
+                for seed in range(reps):
+                    output = run_schedule(ms, schedule, SamplerSettings(), b, b, seed, progress=False)
+                    walls.append(output.wall_s)
+                    key = (b, spec, seed)
+                    if rows == 0:
+                        tokens_without[key] = output.tokens
+                    else:
+                        equal.append(bool(torch.equal(output.tokens, tokens_without[key])))
+                for m in ms.models.values():
+                    m.network_seconds()  # drop the events of these runs
+                row = {"cuda_graph_rows": rows, "batch": b, "schedule": spec, "steps": steps, "reps": reps,
+                       "wall_s_median": round(statistics.median(walls), 4), "wall_s_min": round(min(walls), 4),
+                       "wall_s_max": round(max(walls), 4),
+                       "tokens_equal_to_no_graphs": f"{sum(equal)}/{len(equal)}" if rows else None}
+                rows_out.append(row)
+                print(f"latency graphs<={rows:<3} B={b:<3} {spec:>9} {row['wall_s_median']:7.3f} s "
+                      f"(min {row['wall_s_min']:.3f}, max {row['wall_s_max']:.3f}, {reps} seeds)"
+                      + (f"  tokens equal to no-graph: {row['tokens_equal_to_no_graphs']}" if rows else ""),
+                      flush=True)
+    return rows_out
 
 
 def main() -> None:
@@ -221,6 +268,9 @@ def main() -> None:
     parser.add_argument("--cache-samples", type=int, default=64)
     parser.add_argument("--profile-batch", type=int, default=64)
     parser.add_argument("--full-steps", type=int, default=1000, help="T of the full runs")
+    parser.add_argument("--latency-batches", nargs="+", type=int, default=[1, 8])
+    parser.add_argument("--latency-reps", type=int, default=5)
+    parser.add_argument("--cuda-graph-rows", type=int, default=16, help="graphs for the latency part's graph runs")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script, not speed")
     parser.add_argument("--out", default=None)
@@ -233,7 +283,8 @@ def main() -> None:
     configure_backends(device)
     t0 = time.perf_counter()
     compile = not (args.no_compile or args.smoke)
-    models = {"small": build(4, device, compile, args.smoke), "large": build(12, device, compile, args.smoke)}
+    # The network, steps and full parts run without CUDA graphs, as measured before them; latency compares.
+    models = {"small": build(4, device, compile, args.smoke, 0), "large": build(12, device, compile, args.smoke, 0)}
     result: dict = {"seq_len": SEQ_LEN, "t_min": DEFAULT_T_MIN, "compile": compile,
                     "provenance": provenance(device)}
     if "network" in args.parts:
@@ -245,6 +296,9 @@ def main() -> None:
         result["steps"] = bench_steps(ms, args.batches, args.short_steps)
     if "full" in args.parts:
         result["full"] = bench_full(ms, args.samples, args.batch, args.cache_samples, args.full_steps)
+    if "latency" in args.parts:
+        result["latency"] = bench_latency(models, args.latency_batches, args.full_steps, args.latency_reps,
+                                          args.cuda_graph_rows, compile)
     result["total_s"] = round(time.perf_counter() - t0, 1)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

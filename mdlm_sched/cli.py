@@ -83,7 +83,8 @@ def _prompt_file(path: str) -> tuple[list[str], list[list[int]]]:
 def _runtime(args: argparse.Namespace):
     from mdlm_sched.config import RuntimeConfig
 
-    return RuntimeConfig(device=args.device, precision=args.precision, compile=args.compile)
+    return RuntimeConfig(device=args.device, precision=args.precision, compile=args.compile,
+                         cuda_graph_rows=args.cuda_graph_rows)
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -173,6 +174,28 @@ def _optimise(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_mdlm(args: argparse.Namespace) -> int:
+    from mdlm_sched.artifacts import check_writable
+    from mdlm_sched.errors import UserError
+
+    out = Path(args.out)
+    if out.exists():
+        raise UserError(f"{out} exists; give a new folder for the imported model")
+    check_writable(out, "out")
+    from mdlm_sched.checkpoint import export_model
+    from mdlm_sched.data import load_tokenizer, tokenizer_hash
+    from mdlm_sched.models.mdlm_format import load_mdlm
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    model = load_mdlm(args.source, tokenizer, tokenizer_hash(tokenizer), ema=not args.no_ema)
+    export_model(model, tokenizer, out)
+    c = model.config
+    print(f"imported {args.source}: DiT {c.num_hidden_layers} x {c.hidden_size}, {c.num_attention_heads} heads, "
+          f"time conditioning {'on' if c.time_conditioning else 'off'}, length {c.max_position_embeddings}; "
+          f"written to {out}")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from analysis.report import build_report
     from mdlm_sched.artifacts import read_json
@@ -205,6 +228,9 @@ def _add_sampling_run_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--device", default=runtime.device, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", default=runtime.precision, help="auto (bf16 on cuda) | bf16 | fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
+    p.add_argument("--cuda-graph-rows", type=int, default=runtime.cuda_graph_rows,
+                   help="on a GPU, network calls of at most this many sequences replay captured CUDA graphs "
+                        f"(0 = off; default {runtime.cuda_graph_rows})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -282,6 +308,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="T (default: the analysis's)")
     p.add_argument("--out", default="runs/optimise", help="output folder for optimise.json")
     p.set_defaults(func=_optimise)
+    p = sub.add_parser("import-mdlm", help="convert an MDLM DiT checkpoint (HF folder, Lightning .ckpt, hf:REPO) "
+                                           "into a model folder of this project")
+    p.add_argument("source", help="a Hugging Face folder (mdlm-owt layout), a Lightning .ckpt, or hf:REPO[@REVISION]")
+    p.add_argument("out", help="new folder for the model (config.json, model.safetensors, tokenizer)")
+    p.add_argument("--tokenizer", required=True, help="the tokenizer the model was trained with (a folder or hub name)")
+    p.add_argument("--no-ema", action="store_true", help="a Lightning checkpoint's trained weights, not its EMA")
+    p.set_defaults(func=_import_mdlm)
     p = sub.add_parser("report", help="figures and a Markdown report from sweep/analysis/optimise folders")
     p.add_argument("folders", nargs="+", help="out folders of mdlm-sched sweep, analyze and/or optimise")
     p.add_argument("--out", default="runs/report", help="folder for report.md and the figures")

@@ -53,13 +53,15 @@ def flagged_fields(schema: type, flag: str, prefix: str = "") -> list[str]:
 
 @dataclass
 class ModelConfig:
-    """Architecture of the model to train: the MLA denoiser ("mdlm") or the GPT-2 judge ("gpt2")."""
+    """Architecture of the model to train: a denoiser ("mdlm") or the GPT-2 judge ("gpt2")."""
 
     arch: str = "mdlm"
     hidden_size: int = 768
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
-    q_lora_rank: int = 0  # 0 = full-rank query (mdlm only, as are the MLA fields below)
+    attention: str = "mla"  # mdlm: "mla" (Multi-head Latent Attention) or "mha" (MHA/GQA, fused qkv: MDLM's DiT)
+    num_key_value_heads: int = 0  # "mha": key/value heads (0 = num_attention_heads)
+    q_lora_rank: int = 0  # 0 = full-rank query (attention "mla" only, as are the MLA fields below)
     kv_lora_rank: int = 256
     qk_nope_head_dim: int = 64
     qk_rope_head_dim: int = 32
@@ -68,6 +70,8 @@ class ModelConfig:
     dropout: float = 0.1
     time_conditioning: bool = False
     cond_dim: int = 128
+    ada_ln: bool = False  # adaLN layers without time conditioning, fed sigma = 0 (MDLM's DiT)
+    head_bias: bool = False  # a bias on the output head (MDLM's DiT)
     max_seq_len: int = 1024  # positions the model supports; data.seq_len must not exceed it
     vocab_size: int | None = None  # None = from the tokenizer (+1 for [MASK] in an mdlm)
     vocab_pad_multiple: int = 128
@@ -128,6 +132,9 @@ class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp32
     compile: bool = False
+    # Network calls of at most this many sequences replay captured CUDA graphs on a GPU (0 = off): at small
+    # batches the launches, not the arithmetic, take the time.
+    cuda_graph_rows: int = 16
 
 
 @dataclass
@@ -254,6 +261,19 @@ def _validate_model(m: ModelConfig) -> None:
                  f"model.hidden_size={m.hidden_size} is not divisible by model.num_attention_heads="
                  f"{m.num_attention_heads}; pick a head count that divides it")
         return
+    require(m.cond_dim >= 1, f"model.cond_dim={m.cond_dim} must be >= 1")
+    require(m.vocab_pad_multiple >= 1, f"model.vocab_pad_multiple={m.vocab_pad_multiple} must be >= 1")
+    require(m.attention in ("mla", "mha"), f"model.attention={m.attention!r}; use mla or mha")
+    if m.attention == "mha":
+        head_dim = m.hidden_size // m.num_attention_heads
+        require(m.hidden_size % m.num_attention_heads == 0 and head_dim % 2 == 0,
+                f"model.hidden_size={m.hidden_size} must be model.num_attention_heads={m.num_attention_heads} "
+                f"heads of an even width (rotary pairs); pick a head count that divides it")
+        kv = m.num_key_value_heads or m.num_attention_heads
+        require(kv >= 1 and m.num_attention_heads % kv == 0,
+                f"model.num_key_value_heads={m.num_key_value_heads} must divide model.num_attention_heads="
+                f"{m.num_attention_heads} (0 = as many as the query heads)")
+        return
     require(1 <= m.kv_lora_rank <= m.hidden_size,
              f"model.kv_lora_rank={m.kv_lora_rank} must be in [1, model.hidden_size={m.hidden_size}]; lower it")
     require(0 <= m.q_lora_rank <= m.hidden_size,
@@ -263,8 +283,6 @@ def _validate_model(m: ModelConfig) -> None:
              f"model.qk_rope_head_dim={m.qk_rope_head_dim} must be even and >= 2 (rotary pairs)")
     require(m.qk_nope_head_dim >= 1 and m.v_head_dim >= 1,
              "model.qk_nope_head_dim and model.v_head_dim must be >= 1")
-    require(m.cond_dim >= 1, f"model.cond_dim={m.cond_dim} must be >= 1")
-    require(m.vocab_pad_multiple >= 1, f"model.vocab_pad_multiple={m.vocab_pad_multiple} must be >= 1")
 
 
 def _validate_data(d: DataConfig, m: ModelConfig) -> None:
@@ -308,6 +326,7 @@ def _validate_train(t: TrainConfig) -> None:
 def validate_runtime(r: RuntimeConfig) -> None:
     """Check device and precision; raise ConfigError naming the field and the fix."""
     require(r.precision in ("auto", "bf16", "fp32"), f"runtime.precision={r.precision!r}; use auto, bf16 or fp32")
+    require(r.cuda_graph_rows >= 0, f"runtime.cuda_graph_rows={r.cuda_graph_rows} must be >= 0 (0 = no CUDA graphs)")
     require(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"),
              f"runtime.device={r.device!r}; use auto, cpu, cuda or cuda:N")
     require(not r.device.startswith("cuda") or torch.cuda.is_available(),

@@ -3,7 +3,8 @@
 Counted: every matrix product, 2 FLOPs per multiply-add (what torch.utils.flop_counter counts).
   blocks-only (Kaplan; the seed paper's 16.7%): the transformer blocks, attention scores included.
   full (Chinchilla): blocks + the output head (2 d V per token, V as executed, i.e. padded)
-                     + the per-sequence time embedding and final adaLN when time-conditioned.
+                     + the per-sequence time embedding and final adaLN when the model has adaLN
+                     (time-conditioned, or MDLM's DiT with sigma = 0).
 For sampling runs (trace_flops) "full" counts the head where it ran: this sampler runs it only on
 the positions it decodes, so "full" is close to blocks-only there; "head everywhere" counts the
 head at every position of every sequence run, as MDLM's sampler runs it (the sandwich then saves
@@ -50,23 +51,30 @@ def forward_flops(config: DenoiserConfig, seq_len: int, batch: int = 1, head_tok
     the sampler runs the blocks on whole sequences but the head only where it decodes a token.
     """
     d, h, n = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
-    qk, nope, rope, dv = (config.qk_nope_head_dim + config.qk_rope_head_dim, config.qk_nope_head_dim,
-                          config.qk_rope_head_dim, config.v_head_dim)
-    r_q, r_kv = config.q_lora_rank, config.kv_lora_rank
-    q_proj = d * h * qk if r_q == 0 else d * r_q + r_q * h * qk
+    if config.attention == "mla":
+        qk, nope, rope, dv = (config.qk_nope_head_dim + config.qk_rope_head_dim, config.qk_nope_head_dim,
+                              config.qk_rope_head_dim, config.v_head_dim)
+        r_q, r_kv = config.q_lora_rank, config.kv_lora_rank
+        q_proj = d * h * qk if r_q == 0 else d * r_q + r_q * h * qk
+        attention = (
+            q_proj
+            + d * (r_kv + rope)  # wkv_a: latent + shared rotary key
+            + r_kv * h * (nope + dv)  # wkv_b: per-head k_nope and v
+            + h * dv * d  # wo
+        )
+    else:  # "mha": fused qkv for h query and kv key/value heads of width d / h, then the output projection
+        qk = dv = d // h
+        attention = d * (h + 2 * config.num_key_value_heads) * qk + h * dv * d
     per_token = (
-        q_proj
-        + d * (r_kv + rope)  # wkv_a: latent + shared rotary key
-        + r_kv * h * (nope + dv)  # wkv_b: per-head k_nope and v
-        + h * dv * d  # wo
+        attention
         + 2 * d * config.intermediate_size  # MLP
         + seq_len * h * (qk + dv)  # attention scores q.k and weighted sum of v, over seq_len keys
     )
-    per_seq_block = 6 * d * config.cond_dim if config.time_conditioning else 0  # adaLN modulation
+    per_seq_block = 6 * d * config.cond_dim if config.modulated else 0  # adaLN modulation
     blocks = 2 * n * (per_token * seq_len + per_seq_block) * batch
     head = 2 * d * config.padded_vocab_size * (seq_len * batch if head_tokens is None else head_tokens)
     other = 0
-    if config.time_conditioning:
+    if config.modulated:
         c = config.cond_dim
         other = 2 * (TIME_FREQ_DIM * c + c * c + 2 * d * c) * batch
     return ForwardFlops(blocks=blocks, head=head, other=other)

@@ -16,6 +16,7 @@ import torch
 
 from mdlm_sched.artifacts import model_folder
 from mdlm_sched.config import RuntimeConfig
+from mdlm_sched.cudagraph import GraphedHidden
 from mdlm_sched.data import load_tokenizer
 
 from mdlm_sched.errors import CheckpointError
@@ -40,20 +41,29 @@ def check_compatible(configs: Mapping[str, DenoiserConfig]) -> None:
 
 
 class PreparedDenoiser:
-    """A denoiser set up to sample: eval mode, autocast dtype, optionally a compiled backbone."""
+    """A denoiser set up to sample: eval mode, autocast dtype, optionally a compiled backbone, and on a GPU
+    captured CUDA graphs for calls of at most graph_rows sequences (cudagraph.GraphedHidden)."""
 
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None, compile: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None, compile: bool = False,
+                 graph_rows: int = 0) -> None:
         self.model = model.eval()
         self.config = model.config
         self.device = model.device
         self.dtype = dtype
         # dynamic=True: the number of sequences run changes at every step.
-        self._hidden = torch.compile(model.hidden, dynamic=True) if compile else model.hidden
+        network = torch.compile(model.hidden, dynamic=True) if compile else model.hidden
+
+        def run(input_ids: torch.Tensor, sigma: torch.Tensor | None) -> torch.Tensor:
+            # Always without autograd: a compiled graph is specialised on grad mode, so mixing modes recompiles.
+            # No cache of the weights' casts: one autocast context per call has nothing to reuse, and a CUDA graph
+            # must not capture casts that the cache frees when the context ends.
+            with torch.no_grad(), autocast(input_ids.device, dtype, cache=False):
+                return network(input_ids, sigma)
+
+        self._hidden = GraphedHidden(run, graph_rows) if graph_rows > 0 and self.device.type == "cuda" else run
 
     def hidden(self, input_ids: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
-        # Always without autograd: a compiled graph is specialised on grad mode, so mixing modes recompiles.
-        with torch.no_grad(), autocast(input_ids.device, self.dtype):
-            return self._hidden(input_ids, sigma)
+        return self._hidden(input_ids, sigma)
 
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.logits_from_hidden(hidden)
@@ -104,7 +114,8 @@ def open_models(paths: Mapping[str, str], runtime: RuntimeConfig, seq_len: int |
     check_length(length, config)
     dtype = autocast_dtype(runtime, device)
     return ModelSet(
-        models={name: PreparedDenoiser(model, dtype, runtime.compile) for name, model in raw.items()},
+        models={name: PreparedDenoiser(model, dtype, runtime.compile, runtime.cuda_graph_rows)
+                for name, model in raw.items()},
         light_to_heavy=names_light_to_heavy(configs, length),
         noise=make_noise(config.noise_schedule, config.noise_eps),
         tokenizer=load_tokenizer(str(model_folder(paths[first_name]))),

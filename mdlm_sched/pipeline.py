@@ -303,5 +303,6 @@ def run_pipeline(plan: Plan, progress: bool = True, echo: Callable[[str], None] 
     state.data["training"] = {name: training_summary(TrainRun(Path(cfg.train.out_dir)))
                               for name, cfg in plan.runs.items()}
     folders = [root for root, done in ((analysis.root, analysis.exists()), (sweep.root, sweep.results.is_file()),
+                                       (out.optimise.root, out.optimise.record.is_file()),
                                        (out.calibrated.root, out.calibrated.record.is_file())) if done]
     return PipelineOutcome(state, folders, failed)

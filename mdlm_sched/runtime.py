@@ -29,11 +29,11 @@ def autocast_dtype(runtime: RuntimeConfig, device: torch.device) -> torch.dtype 
     return None
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """torch.autocast for dtype, or a no-op context for float32."""
+def autocast(device: torch.device, dtype: torch.dtype | None, cache: bool = True) -> contextlib.AbstractContextManager:
+    """torch.autocast for dtype, or a no-op context for float32; cache=False: no cache of the weights' casts."""
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
 def configure_backends(device: torch.device) -> None:

@@ -24,10 +24,19 @@ T ~ L), so a step costs the transformer blocks plus a sliver of the head.
 After the last step, masks that remain (probability ~t_min per position) are filled by the argmax
 of the last scheduled model (MDLM's noise-removal step).
 
-Randomness: per step, two [B, L] float64 uniform draws from the generator (unmask decisions, token
-draws), whatever the content of the sequences: sequence b's outcome depends only on row b of them,
-so sequences of a batch are independent of one another, and two schedules run with the same seed
-share their random numbers (the same positions unmask at the same steps).
+Randomness: two [B, L] float64 uniform draws from the generator before the first step, whatever
+the content of the sequences. The first fixes when each position unmasks: it stays masked through
+step i with probability S_i = prod_{j <= i} (1 - p_j), so it unmasks at the first step with
+S_i <= u (the first success of the per-step Bernoulli(p_j) decisions, drawn by inverse CDF). The
+second is the uniform of the position's token draw. Sequence b's outcome depends only on row b of
+them, so sequences of a batch are independent of one another, and two schedules run with the same
+seed share their random numbers (the same positions unmask at the same steps, with the same
+uniforms).
+
+No host synchronisation inside the step loop: the unmask steps are copied to the host once, and
+every step's sequences and positions are then known there before the step runs, so the GPU never
+waits for the host to learn a count (and small batches can replay captured CUDA graphs, see
+modelset.PreparedDenoiser).
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from mdlm_sched.diffusion import forbid_mask, unmask_probability
@@ -121,16 +131,55 @@ def check_length(seq_len: int, config: DenoiserConfig) -> None:
                             f"(the models' max_position_embeddings)")
 
 
-def _decode(model: Denoiser, x: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor,
-            sigma: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Run model on sequences x[rows] and return (logits [K, V] at positions, their rows, their columns).
+def unmask_steps(u: torch.Tensor, p_unmask: Sequence[float]) -> torch.Tensor:
+    """The step at which each position unmasks, [B, L] long (T = len(p_unmask): masked through all T steps).
 
-    positions [n, L] bool marks, per run sequence, the positions to decode.
+    u [B, L] uniform in [0, 1); p_unmask [T] the per-step unmask probabilities of a masked position.
+    A position is still masked after step i with probability S_i = prod_{j <= i} (1 - p_j); it unmasks at
+    the first step with S_i <= u, which is the number of steps with S_i > u (S is non-increasing).
     """
-    hidden = model.hidden(x[rows], sigma)  # [n, L, d]
-    r, col = positions.nonzero(as_tuple=True)  # [K], [K]
-    logits = forbid_mask(model.logits_from_hidden(hidden[r, col]), model.config.mask_token_id)  # [K, V] float32
-    return logits, rows[r], col
+    survival = torch.tensor(np.cumprod(1.0 - np.asarray(p_unmask, dtype=np.float64)), dtype=torch.float64)  # [T]
+    return len(p_unmask) - torch.searchsorted(survival.flip(0).to(u.device), u.double(), right=True)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Every step's sequences and positions, known on the host before the loop; index tensors on the device.
+
+    Step i (i = T: the noise removal) runs sequences rows[row_bounds[i]:row_bounds[i + 1]] and decodes the
+    positions pos[:, bounds[i]:bounds[i + 1]] (pos rows: sequence, column, index of the sequence among those run).
+    """
+
+    bounds: list[int]  # [T + 2]
+    row_bounds: list[int]  # [T + 2]
+    rows: torch.Tensor  # [sum of sequences run] long, device
+    pos: torch.Tensor  # [3, positions decoded] long, device
+    u_token: torch.Tensor  # [positions decoded] float64, device: each position's token uniform, in pos order
+
+    def positions(self, i: int) -> torch.Tensor:
+        """[3, K]: sequence, column and index among the sequences run of the K positions step i decodes."""
+        return self.pos[:, self.bounds[i]:self.bounds[i + 1]]
+
+
+def _plan(steps: np.ndarray, t: int, u_token: torch.Tensor, cache: bool, device: torch.device) -> _Plan:
+    """The plan of a T-step run from each position's unmask step [B, L] (host; T: never, T + 1: a prompt position)."""
+    b, l = steps.shape
+    order = np.argsort(steps, axis=None, kind="stable")  # flat positions by step, row-major within a step
+    bounds = np.searchsorted(steps.ravel()[order], np.arange(t + 2)).tolist()  # noise removal = step T
+    pos_rows, pos_cols = np.divmod(order, l)
+    rows, row_bounds, local = [], [0], np.empty_like(order)
+    for i in range(len(bounds) - 1):
+        sl = slice(bounds[i], bounds[i + 1])
+        # With the cache, only the sequences with a position to decode run; without it, all of them (not at the
+        # noise removal, which never ran them all).
+        run = np.unique(pos_rows[sl]) if cache or i == len(bounds) - 2 else np.arange(b)
+        local[sl] = np.searchsorted(run, pos_rows[sl])
+        rows.append(run)
+        row_bounds.append(row_bounds[-1] + len(run))
+    # One host-to-device copy of each index tensor: a copy from pageable memory inside the loop would wait for the GPU.
+    pos = torch.from_numpy(np.stack([pos_rows, pos_cols, local])).to(device)
+    return _Plan(bounds=bounds, row_bounds=row_bounds, rows=torch.from_numpy(np.concatenate(rows)).to(device),
+                 pos=pos, u_token=u_token.reshape(-1)[torch.from_numpy(order).to(u_token.device)].to(device))
 
 
 @torch.no_grad()
@@ -145,8 +194,8 @@ def sample(models: Mapping[str, Denoiser], schedule: ModelSchedule, noise: LogLi
     generator: the only source of randomness; draws are made on its device.
     prompts: None (unconditional) or one token-id list per sequence, kept fixed at the start.
     on_step: called with each step's record (progress bars).
-    on_state: called with (step i, x_t [B, L]) at the start of each step, before its draws (the
-        states the step's model sees; per-step analysis). The tensor is the sampler's own: clone it to keep it.
+    on_state: called with (step i, x_t [B, L]) at the start of each step (the states the step's
+        model sees; per-step analysis). The tensor is the sampler's own: clone it to keep it.
     """
     missing = sorted(set(schedule.names) - set(models))
     if missing:
@@ -164,43 +213,41 @@ def sample(models: Mapping[str, Denoiser], schedule: ModelSchedule, noise: LogLi
         check_prompts(prompts, config, l)
         for row, prompt in enumerate(prompts):
             x[row, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-    times = time_grid(len(schedule), settings.t_min).tolist()
-    p_unmask = [unmask_probability(noise, t, s) for t, s in zip(times, times[1:])]  # per step, off the loop
-    all_rows = torch.arange(b, device=device)
+    t_steps = len(schedule)
+    times = time_grid(t_steps, settings.t_min).tolist()
+    p_unmask = [unmask_probability(noise, t, s) for t, s in zip(times, times[1:])]  # [T]
+    u_time = torch.rand((b, l), generator=generator, device=generator.device, dtype=torch.float64)
+    u_token = torch.rand((b, l), generator=generator, device=generator.device, dtype=torch.float64)
+    steps = unmask_steps(u_time, p_unmask).cpu().numpy()  # [B, L]; the one host synchronisation
+    steps[(x != mask_id).cpu().numpy()] = t_steps + 1  # prompt positions never unmask
+    plan = _plan(steps, t_steps, u_token, settings.cache, device)
     trace: list[StepRecord] = []
 
-    def record(step: int, t: float, s: float, name: str, run: int, skipped: int, unmasked: int) -> None:
-        trace.append(StepRecord(step, t, s, name, run, skipped, unmasked))
+    def run_step(i: int, name: str, t: float) -> torch.Tensor | None:
+        """Run step i's model on its sequences; float32 logits [K, V] of the K positions it decodes (None if K = 0)."""
+        model = models[name]
+        n = plan.row_bounds[i + 1] - plan.row_bounds[i]
+        rows = plan.rows[plan.row_bounds[i]:plan.row_bounds[i + 1]]  # [n]
+        _, col, local = plan.positions(i)
+        if n > 0:
+            sigma = noise.sigma(torch.full((n,), t, device=device)) if model.config.time_conditioning else None
+            hidden = model.hidden(x.index_select(0, rows), sigma)  # [n, L, d]
+        trace.append(StepRecord(i, t, times[i + 1] if i < t_steps else 0.0, name, n, b - n, len(col)))
         if on_step is not None:
             on_step(trace[-1])
-
-    def sigma_of(model: Denoiser, t: float, n: int) -> torch.Tensor | None:
-        if not model.config.time_conditioning:
-            return None
-        return noise.sigma(torch.full((n,), t, device=device))
+        return forbid_mask(model.logits_from_hidden(hidden[local, col]), mask_id) if len(col) else None
 
     for i, name in enumerate(schedule.names):
-        t, s = times[i], times[i + 1]
-        model = models[name]
         if on_state is not None:
             on_state(i, x)
-        u_unmask = torch.rand((b, l), generator=generator, device=generator.device, dtype=torch.float64).to(device)
-        u_token = torch.rand((b, l), generator=generator, device=generator.device, dtype=torch.float64).to(device)
-        unmask = (x == mask_id) & (u_unmask < p_unmask[i])  # [B, L]
-        rows = unmask.any(dim=1).nonzero().squeeze(1) if settings.cache else all_rows  # [n]
-        decided = 0
-        if rows.numel():
-            logits, r, col = _decode(model, x, rows, unmask[rows], sigma_of(model, t, rows.numel()))
-            x[r, col] = draw_tokens(logits, u_token[r, col], settings.top_p)
-            decided = r.numel()
-        record(i, t, s, name, rows.numel(), b - rows.numel(), decided)
+        logits = run_step(i, name, times[i])
+        if logits is not None:
+            r, col, _ = plan.positions(i)
+            x[r, col] = draw_tokens(logits, plan.u_token[plan.bounds[i]:plan.bounds[i + 1]], settings.top_p)
 
-    remaining = x == mask_id
-    if settings.noise_removal and bool(remaining.any()):
-        name, t = schedule[-1], times[-1]
-        model = models[name]
-        rows = remaining.any(dim=1).nonzero().squeeze(1)
-        logits, r, col = _decode(model, x, rows, remaining[rows], sigma_of(model, t, rows.numel()))
+    if settings.noise_removal and plan.bounds[t_steps + 1] > plan.bounds[t_steps]:
+        # Masks that remain after the last step take the last model's most likely token.
+        logits = run_step(t_steps, schedule[-1], times[-1])
+        r, col, _ = plan.positions(t_steps)
         x[r, col] = logits.argmax(dim=-1)
-        record(len(schedule), t, 0.0, name, rows.numel(), b - rows.numel(), r.numel())
     return SampleResult(tokens=x, trace=trace)

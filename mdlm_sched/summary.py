@@ -48,6 +48,12 @@ def per_sample(record: Mapping[str, Any], rule: str) -> tuple[np.ndarray, np.nda
     return np.asarray(values["nll"], dtype=np.float64), np.asarray(values["tokens_scored"], dtype=np.float64)
 
 
+def recorded_rules(record: Mapping[str, Any]) -> list[str]:
+    """The token rules whose per-sample values a point holds (older points: the headline rule only)."""
+    nll = record["per_sample"]["nll"]
+    return list(nll) if isinstance(nll, dict) else [token_rule(record)]
+
+
 def pooled_ppl(points: Sequence[Mapping[str, Any]], rule: str) -> float:
     """exp(sum NLL / sum tokens) over every sample of the points (seeds) under `rule`."""
     nll, tokens = zip(*(per_sample(p, rule) for p in points))
@@ -148,6 +154,7 @@ def summarize(points: Sequence[Mapping[str, Any]], timings: Sequence[Mapping[str
             "skipped_share": avg("cache", "skipped_share"),
             "wall_s": float(np.mean([p["wall_s"] for p in group])),
             "gen_ppl": pooled_ppl(group, rule),
+            "gen_ppl_by_rule": {r: pooled_ppl(group, r) for r in recorded_rules(first)},
             "entropy": float(np.mean([e for p in group for e in p["per_sample"]["entropy"]])),
             "mauve": float(np.mean([p["mauve"]["mean"] for p in group])) if "mauve" in first else None,
             "_points": group,

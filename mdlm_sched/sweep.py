@@ -250,6 +250,7 @@ class _SweepRun:
         self.ctx, self.progress, self.echo = ctx, progress, echo
         self.outcome = SweepOutcome(SweepDir(Path(cfg.out_dir)))
         self.warmed = False
+        self.planned: set[str] = set()  # keys of the points passed to points() so far
         self._mauve_reference: np.ndarray | None = None
 
     def mauve_reference(self) -> np.ndarray | None:
@@ -282,7 +283,9 @@ class _SweepRun:
         """Run the points not yet in results.jsonl; record the ones that fail for want of memory or on bad input."""
         out, finished = self.outcome.out, self._finished()
         todo = [p for p in points if p.key not in finished]
-        self.outcome.skipped += len(points) - len(todo)
+        # Finished before this run: not counted again when a follow-up group re-plans the points already done.
+        self.outcome.skipped += sum(p.key in finished and p.key not in self.planned for p in points)
+        self.planned.update(p.key for p in points)
         self.echo(f"sweep: {len(points)} points, {len(points) - len(todo)} already finished in {out.results}, "
                   f"{len(todo)} to run")
         if todo and self.cfg.runtime.compile and not self.warmed:

@@ -16,9 +16,10 @@ from conftest import REPO
 LAYERS = [
     {"errors", "artifacts", "schedule", "stats", "summary"},  # no torch: the analysis package reads through these
     {"noise", "config", "data", "diffusion", "runtime", "provenance", "distributed", "sampling_config", "hub",
-     "models.mla", "models.denoiser", "models.loading", "models", "flops", "objectives",
+     "models.mla", "models.mha", "models.denoiser", "models.loading", "models.mdlm_format", "models", "flops",
+     "objectives",
      "optimise"},  # maths, configs, models
-    {"sampler", "modelset", "metrics", "checkpoint"},  # sampling and loading
+    {"sampler", "cudagraph", "modelset", "metrics", "checkpoint"},  # sampling and loading
     {"generate", "per_step", "sweep", "train"},  # stages
     {"pipeline"},
     {"cli", "__main__"},  # entry points

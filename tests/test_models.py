@@ -127,6 +127,9 @@ def _counted_flops(model: MDLMDenoiser, x: torch.Tensor, sigma: torch.Tensor) ->
     {"q_lora_rank": 16},
     {"time_conditioning": True},
     {"num_hidden_layers": 3, "num_attention_heads": 2, "kv_lora_rank": 40, "v_head_dim": 20, "qk_rope_head_dim": 4},
+    {"attention": "mha"},  # MDLM's DiT: multi-head, adaLN from sigma = 0, head bias
+    {"attention": "mha", "num_key_value_heads": 2, "ada_ln": True, "head_bias": True},
+    {"attention": "mha", "num_key_value_heads": 1, "time_conditioning": True},
 ])
 def test_analytic_flops_match_flop_counter(tiny_denoiser_kwargs: dict, overrides: dict) -> None:
     config = DenoiserConfig(**{**tiny_denoiser_kwargs, **overrides})

@@ -88,7 +88,10 @@ def test_quickstart_pipeline_end_to_end_then_resume(tmp_path, shared_data, capsy
     assert trained_steps() == steps_logged
     assert (out / "sweep" / "results.jsonl").read_text() == lines
     assert (out / "analysis" / "per_step.json").read_text() == analysis
-    assert json.loads((out / "pipeline.json").read_text())["stages"]["train/small"] == state["stages"]["train/small"]
+    rerun = json.loads((out / "pipeline.json").read_text())["stages"]
+    assert rerun["train/small"] == state["stages"]["train/small"]
+    # Each point counted once, also those the fraction curve's group plans again.
+    assert state["stages"]["sweep"]["points_done"] == rerun["sweep"]["points_done"] == len(points)
 
     # Training on: the old analysis is refused rather than reported beside models it was not made from.
     capsys.readouterr()

@@ -19,7 +19,7 @@ from mdlm_sched.flops import forward_flops, trace_flops
 from mdlm_sched.models.denoiser import DenoiserConfig, MDLMDenoiser
 from mdlm_sched.modelset import check_compatible
 from mdlm_sched.noise import LogLinearNoise
-from mdlm_sched.sampler import draw_tokens, sample
+from mdlm_sched.sampler import draw_tokens, sample, unmask_steps
 from mdlm_sched.sampling_config import SamplerSettings
 from mdlm_sched.schedule import parse_schedule, time_grid
 
@@ -294,6 +294,24 @@ def test_unmask_probability_matches_the_ancestral_update():
     assert unmask_probability(NOISE, t, s) == pytest.approx(float(expected))
     assert unmask_probability(NOISE, t, s) == pytest.approx((t - s) / t)  # log-linear: eps cancels
     assert unmask_probability(NOISE, 0.1, 0.0) == pytest.approx(1.0)
+
+
+def test_unmask_steps_follow_the_first_success_of_the_per_step_decisions():
+    # One uniform per position gives the step of its first success among Bernoulli(p_i) decisions:
+    # P(step i) = prod_{j < i} (1 - p_j) p_i, and P(never) = prod_j (1 - p_j).
+    p = [0.1, 0.0, 0.5, 0.25, 1e-3]
+    u = torch.rand((400, 500), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    steps = unmask_steps(u, p)
+    assert steps.shape == u.shape and steps.dtype == torch.long
+    survival = np.concatenate([[1.0], np.cumprod(1 - np.array(p))])
+    expected = np.append(survival[:-1] * np.array(p), survival[-1]) * u.numel()  # steps 0..4, then never (5)
+    observed = np.bincount(steps.flatten().numpy(), minlength=6)
+    assert observed[1] == 0  # a step of probability 0 never unmasks
+    keep = expected > 0
+    assert scipy.stats.chisquare(observed[keep], expected[keep]).pvalue > 1e-3
+    # Inverse CDF: u just above S_i unmasks by step i, u just below stays masked through it.
+    s0 = 1 - p[0]
+    assert unmask_steps(torch.tensor([s0 + 1e-12, s0 - 1e-12], dtype=torch.float64), p).tolist() == [0, 2]
 
 
 @pytest.mark.parametrize("kwargs, prompts, fragment", [

@@ -1,9 +1,12 @@
-"""The MDLM denoiser: a bidirectional transformer of MLA blocks, as a Hugging Face model.
+"""The MDLM denoiser: a bidirectional transformer, as a Hugging Face model, with the attention kind as
+configuration: Multi-head Latent Attention (attention="mla", the project's models) or multi-head /
+grouped-query attention with a fused qkv projection (attention="mha", MDLM's DiT).
 
-Backbone features follow MDLM's DiT (REFERENCE.md section 2): rotary positions (inside MLA),
-pre-norm blocks with MLP ratio 4 and GELU-tanh, dropout, and optional adaLN modulation from the
-noise level (time conditioning, off by default: the network then ignores t, which is what lets a
-sampler reuse a prediction when a step unmasks nothing).
+Backbone features follow MDLM's DiT (REFERENCE.md section 2): rotary positions, pre-norm blocks
+without norm biases, MLP ratio 4 and GELU-tanh, dropout, and adaLN modulation. The modulation is
+computed from the noise level when time_conditioning is on; MDLM's DiT keeps the adaLN layers when
+it is off and feeds them sigma = 0, a constant vector (ada_ln=True). Without time conditioning the
+network ignores t, which is what lets a sampler reuse a prediction when a step unmasks nothing.
 
 Input: token ids x_t [B, L] (with [MASK] = mask_token_id). Output: logits [B, L, vocab_size] of
 p(x_0 | x_t); the SUBS parameterisation (no [MASK] predictions, carry-over) lives in diffusion.py.
@@ -20,6 +23,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 
+from mdlm_sched.models.mha import GroupedQueryAttention
 from mdlm_sched.models.mla import MLADims, MultiHeadLatentAttention, rotary_cos_sin
 
 
@@ -42,7 +46,7 @@ class Interface:
 
 
 class DenoiserConfig(PreTrainedConfig):
-    """Config of the MLA denoiser. Every field is saved in config.json.
+    """Config of the denoiser. Every field is saved in config.json.
 
     Args:
         vocab_size: tokenizer vocabulary + 1 ([MASK] is the last id): 50258 for GPT-2.
@@ -51,6 +55,8 @@ class DenoiserConfig(PreTrainedConfig):
         tokenizer_hash: sha256 of the tokenizer's vocabulary (data.tokenizer_hash); models that
             disagree on it cannot share a sampling schedule.
         hidden_size, num_hidden_layers, num_attention_heads: width, depth, heads.
+        attention: "mla" (Multi-head Latent Attention) or "mha" (multi-head / grouped-query, fused qkv).
+        num_key_value_heads: key/value heads of "mha" (0 = num_attention_heads, multi-head attention).
         q_lora_rank: rank of the low-rank query (0 = full-rank query projection).
         kv_lora_rank: rank of the joint key/value latent.
         qk_nope_head_dim, qk_rope_head_dim, v_head_dim: per-head key parts and value width;
@@ -58,7 +64,9 @@ class DenoiserConfig(PreTrainedConfig):
         intermediate_size: MLP hidden width (MDLM: 4 x hidden_size).
         dropout: dropout on the attention and MLP outputs (MDLM: 0.1).
         time_conditioning: adaLN modulation from the noise level sigma(t) (MDLM default: off).
-        cond_dim: width of the time embedding when time_conditioning is on (MDLM: 128).
+        cond_dim: width of the time embedding when time_conditioning or ada_ln is on (MDLM: 128).
+        ada_ln: keep the adaLN layers without time conditioning, fed sigma = 0 (MDLM's DiT).
+        head_bias: the output head has a bias (MDLM's DiT).
         rope_theta: rotary base.
         noise_schedule, noise_eps: the forward process the model was trained with.
         vocab_pad_multiple: the output head is padded to a multiple of this (faster matmuls);
@@ -76,6 +84,8 @@ class DenoiserConfig(PreTrainedConfig):
         hidden_size: int = 768,
         num_hidden_layers: int = 12,
         num_attention_heads: int = 12,
+        attention: str = "mla",
+        num_key_value_heads: int = 0,
         q_lora_rank: int = 0,
         kv_lora_rank: int = 256,
         qk_nope_head_dim: int = 64,
@@ -85,6 +95,8 @@ class DenoiserConfig(PreTrainedConfig):
         dropout: float = 0.1,
         time_conditioning: bool = False,
         cond_dim: int = 128,
+        ada_ln: bool = False,
+        head_bias: bool = False,
         rope_theta: float = 10000.0,
         rms_norm_eps: float = 1e-6,
         layer_norm_eps: float = 1e-5,
@@ -101,6 +113,8 @@ class DenoiserConfig(PreTrainedConfig):
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
+        self.attention = attention
+        self.num_key_value_heads = num_key_value_heads or num_attention_heads
         self.q_lora_rank = q_lora_rank
         self.kv_lora_rank = kv_lora_rank
         self.qk_nope_head_dim = qk_nope_head_dim
@@ -110,6 +124,8 @@ class DenoiserConfig(PreTrainedConfig):
         self.dropout = dropout
         self.time_conditioning = time_conditioning
         self.cond_dim = cond_dim
+        self.ada_ln = ada_ln
+        self.head_bias = head_bias
         self.rope_theta = rope_theta
         self.rms_norm_eps = rms_norm_eps
         self.layer_norm_eps = layer_norm_eps
@@ -132,6 +148,16 @@ class DenoiserConfig(PreTrainedConfig):
         )
 
     @property
+    def modulated(self) -> bool:
+        """Whether the blocks and the final norm have adaLN layers (from sigma, or from sigma = 0)."""
+        return self.time_conditioning or self.ada_ln
+
+    @property
+    def rope_dim(self) -> int:
+        """Width that rotary embeddings act on: MLA's rotary key part, or the whole head of "mha"."""
+        return self.qk_rope_head_dim if self.attention == "mla" else self.hidden_size // self.num_attention_heads
+
+    @property
     def interface(self) -> Interface:
         """The fields a schedule's models must share (modelset.check_compatible compares them)."""
         return Interface(**{f.name: getattr(self, f.name) for f in fields(Interface)})
@@ -152,8 +178,9 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, sigma: torch.Tensor) -> torch.Tensor:
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=sigma.device, dtype=torch.float32) / half)
-        args = sigma.float()[:, None] * freqs[None]
+        dtype = torch.promote_types(torch.float32, self.mlp[0].weight.dtype)  # float32, or float64 for a float64 model
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=sigma.device, dtype=dtype) / half)
+        args = sigma.to(dtype)[:, None] * freqs[None]
         return self.mlp(torch.cat((args.cos(), args.sin()), dim=-1))
 
 
@@ -169,7 +196,10 @@ class DenoiserBlock(nn.Module):
         super().__init__()
         d = config.hidden_size
         self.norm1 = nn.LayerNorm(d, eps=config.layer_norm_eps, bias=False)
-        self.attn = MultiHeadLatentAttention(config.mla_dims, rms_norm_eps=config.rms_norm_eps)
+        if config.attention == "mla":
+            self.attn = MultiHeadLatentAttention(config.mla_dims, rms_norm_eps=config.rms_norm_eps)
+        else:
+            self.attn = GroupedQueryAttention(d, config.num_attention_heads, config.num_key_value_heads)
         self.norm2 = nn.LayerNorm(d, eps=config.layer_norm_eps, bias=False)
         self.mlp = nn.Sequential(
             nn.Linear(d, config.intermediate_size),
@@ -178,7 +208,7 @@ class DenoiserBlock(nn.Module):
         )
         self.dropout = nn.Dropout(config.dropout)
         # Shift, scale and gate for the attention and the MLP branch, from the time embedding.
-        self.ada_ln = nn.Linear(config.cond_dim, 6 * d) if config.time_conditioning else None
+        self.ada_ln = nn.Linear(config.cond_dim, 6 * d) if config.modulated else None
         self.attn.wo.init_role = self.mlp[2].init_role = "residual"
         if self.ada_ln is not None:
             self.ada_ln.init_role = "zero"
@@ -238,14 +268,14 @@ class MDLMDenoiser(DenoiserPreTrainedModel):
         super().__init__(config)
         d = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, d)
-        self.time_embed = TimestepEmbedding(config.cond_dim) if config.time_conditioning else None
+        self.time_embed = TimestepEmbedding(config.cond_dim) if config.modulated else None
         self.blocks = nn.ModuleList(DenoiserBlock(config) for _ in range(config.num_hidden_layers))
         self.norm_final = nn.LayerNorm(d, eps=config.layer_norm_eps, bias=False)
-        self.final_ada_ln = nn.Linear(config.cond_dim, 2 * d) if config.time_conditioning else None
+        self.final_ada_ln = nn.Linear(config.cond_dim, 2 * d) if config.modulated else None
         if self.final_ada_ln is not None:
             self.final_ada_ln.init_role = "zero"
         # Padded rows of the head are real parameters but their logits are cut off before returning.
-        self.lm_head = nn.Linear(d, config.padded_vocab_size, bias=False)
+        self.lm_head = nn.Linear(d, config.padded_vocab_size, bias=config.head_bias)
         self.post_init()
 
     def hidden(self, input_ids: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
@@ -259,11 +289,13 @@ class MDLMDenoiser(DenoiserPreTrainedModel):
         if l > config.max_position_embeddings:
             raise ValueError(f"sequence length {l} exceeds max_position_embeddings={config.max_position_embeddings}")
         cond = None
+        if config.time_conditioning and sigma is None:
+            raise ValueError("this model is time-conditioned: pass sigma [B]")
         if self.time_embed is not None:
-            if sigma is None:
-                raise ValueError("this model is time-conditioned: pass sigma [B]")
-            cond = F.silu(self.time_embed(sigma.expand(b)))
-        cos, sin = rotary_cos_sin(l, config.qk_rope_head_dim, config.rope_theta, input_ids.device)
+            if not config.time_conditioning:  # MDLM's DiT without time conditioning: sigma = 0, a constant
+                sigma = torch.zeros((), device=input_ids.device)
+            cond = F.silu(self.time_embed(sigma.expand(b)))  # [B, cond_dim]
+        cos, sin = rotary_cos_sin(l, config.rope_dim, config.rope_theta, input_ids.device)
         x = self.embed_tokens(input_ids)
         for block in self.blocks:
             x = block(x, cos, sin, cond)
@@ -276,8 +308,9 @@ class MDLMDenoiser(DenoiserPreTrainedModel):
     def logits_from_hidden(self, hidden: torch.Tensor, head_fp32: bool = True) -> torch.Tensor:
         """Output head: hidden [..., d] -> logits [..., vocab_size], float32 when head_fp32."""
         if head_fp32:
+            bias = self.lm_head.bias.float() if self.lm_head.bias is not None else None
             with torch.autocast(device_type=hidden.device.type, enabled=False):
-                logits = F.linear(hidden.float(), self.lm_head.weight.float())
+                logits = F.linear(hidden.float(), self.lm_head.weight.float(), bias)
         else:
             logits = self.lm_head(hidden)
         return logits[..., : self.config.vocab_size]

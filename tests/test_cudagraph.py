@@ -1,0 +1,53 @@
+"""Captured CUDA graphs of the network (GPU only: skipped on a machine without CUDA, such as CI's).
+
+Run on the GPU machine with `python -m pytest -o addopts="" tests/test_cudagraph.py`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mdlm_sched.modelset import PreparedDenoiser
+from mdlm_sched.models.denoiser import DenoiserConfig, MDLMDenoiser
+from mdlm_sched.noise import LogLinearNoise
+from mdlm_sched.sampler import sample
+from mdlm_sched.sampling_config import SamplerSettings
+from mdlm_sched.schedule import parse_schedule
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+KW = dict(vocab_size=300, mask_token_id=299, max_position_embeddings=32, hidden_size=64, num_attention_heads=4,
+          kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12, intermediate_size=256, dropout=0.0)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    torch.manual_seed(0)
+    return {name: MDLMDenoiser(DenoiserConfig(num_hidden_layers=layers, **KW)).cuda().eval()
+            for name, layers in (("small", 1), ("large", 3))}
+
+
+def test_a_replay_equals_the_call_it_captured_and_its_output_is_a_copy(pair):
+    plain = PreparedDenoiser(pair["large"], torch.bfloat16)
+    graphed = PreparedDenoiser(pair["large"], torch.bfloat16, graph_rows=4)
+    x = torch.randint(0, 299, (6, 32), device="cuda")
+    first = graphed.hidden(x[:2])
+    second = graphed.hidden(x[2:4])  # the same graph, other input
+    assert torch.equal(first, plain.hidden(x[:2])) and torch.equal(second, plain.hidden(x[2:4]))
+    assert torch.equal(graphed.hidden(x), plain.hidden(x))  # 6 > 4 sequences: no graph
+    assert len(graphed._hidden.graphs) == 1
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_sampling_with_graphs_gives_the_tokens_of_the_path_without(pair, batch):
+    names = ["small", "large"]
+    schedule = parse_schedule("sandwich", 64, names)
+    outputs = []
+    for rows in (0, 8):
+        models = {name: PreparedDenoiser(m, torch.bfloat16, graph_rows=rows) for name, m in pair.items()}
+        outputs.append(sample(models, schedule, LogLinearNoise(1e-3), SamplerSettings(),
+                              torch.Generator("cuda").manual_seed(3), batch, 32).tokens)
+    assert torch.equal(outputs[0], outputs[1])
+    assert not (outputs[0] == 299).any()
