@@ -147,6 +147,14 @@ def test_bad_mdlm_checkpoints_are_named(tmp_path, tokenizer):
     state["backbone.blocks.0.extra.weight"] = torch.zeros(2)
     with pytest.raises(CheckpointError, match="'backbone.blocks.0.extra.weight' is not part of MDLM's DiT"):
         load_mdlm(str(hf_folder(tmp_path / "extra", state, False)), *tokenizer)
+    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="is not an MDLM Lightning checkpoint"):
+        load_mdlm(str(tmp_path / "junk.ckpt"), *tokenizer)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{}")
+    (tmp_path / "broken" / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_mdlm(str(tmp_path / "broken"), *tokenizer)
     state = mdlm_state()
     del state["backbone.blocks.1.mlp.2.bias"]
     with pytest.raises(CheckpointError, match="no weight 'blocks.1.mlp.2.bias'"):

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from mdlm_sched.errors import CheckpointError
 from mdlm_sched.hub import snapshot
@@ -99,17 +101,16 @@ def _read_hf_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise CheckpointError(f"{folder} has no config.json; give the folder of an MDLM Hugging Face model")
+    weights = [folder / name for name in ("model.safetensors", "pytorch_model.bin") if (folder / name).is_file()]
+    if not weights:
+        raise CheckpointError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
     try:
         settings = json.loads(config_file.read_text())
-        if (folder / "model.safetensors").is_file():
-            from safetensors.torch import load_file
-
-            state = load_file(folder / "model.safetensors")
-        elif (folder / "pytorch_model.bin").is_file():
-            state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        if weights[0].suffix == ".safetensors":
+            state = load_file(weights[0])
         else:
-            raise CheckpointError(f"{folder} has neither model.safetensors nor pytorch_model.bin")
-    except (OSError, ValueError, RuntimeError) as exc:
+            state = torch.load(weights[0], map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"MDLM model {folder} cannot be read ({type(exc).__name__}: "
                               f"{' '.join(str(exc).split())[:200]})") from None
     return settings, state
@@ -122,7 +123,7 @@ def _read_lightning(path: Path, ema: bool) -> tuple[dict[str, Any], dict[str, to
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
         settings = dict(ckpt["hyper_parameters"]["config"]["model"])
         state = dict(ckpt["state_dict"])
-    except (OSError, KeyError, TypeError, RuntimeError, ModuleNotFoundError) as exc:
+    except Exception as exc:  # pickle, zip and key errors of a file that is not such a checkpoint each have their type
         raise CheckpointError(f"{path} is not an MDLM Lightning checkpoint ({type(exc).__name__}: "
                               f"{' '.join(str(exc).split())[:200]})") from None
     if ema:
