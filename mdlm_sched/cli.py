@@ -186,6 +186,10 @@ def _import_mdlm(args: argparse.Namespace) -> int:
     from mdlm_sched.data import load_tokenizer, tokenizer_hash
     from mdlm_sched.models.mdlm_format import load_mdlm
 
+    if Path(args.tokenizer).is_absolute() or args.tokenizer.startswith(".") or os.sep in args.tokenizer:
+        if not Path(args.tokenizer).is_dir():  # checked here: load_tokenizer's message names a training setting
+            raise UserError(f"--tokenizer {args.tokenizer} is not a folder; give the folder (or hub name) of the "
+                            f"tokenizer the model was trained with")
     tokenizer = load_tokenizer(args.tokenizer)
     model = load_mdlm(args.source, tokenizer, tokenizer_hash(tokenizer), ema=not args.no_ema)
     export_model(model, tokenizer, out)

@@ -170,6 +170,9 @@ def test_import_mdlm_command_writes_a_model_that_samples(tmp_path):
     again = subprocess.run([*run, "import-mdlm", str(tmp_path / "src"), str(tmp_path / "dit"),
                             "--tokenizer", str(TOKENIZER)], cwd=REPO, capture_output=True, text=True)
     assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
+    no_tok = subprocess.run([*run, "import-mdlm", str(tmp_path / "src"), str(tmp_path / "dit2"),
+                             "--tokenizer", str(tmp_path / "no-tokenizer")], cwd=REPO, capture_output=True, text=True)
+    assert no_tok.returncode == 2 and "--tokenizer" in no_tok.stderr and not (tmp_path / "dit2").exists()
     sampled = subprocess.run([*run, "sample", "--model", f"dit={tmp_path / 'dit'}", "--steps", "8", "--num-samples",
                               "2", "--out", str(tmp_path / "samples"), "--no-progress"],
                              cwd=REPO, capture_output=True, text=True)
