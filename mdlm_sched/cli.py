@@ -176,7 +176,6 @@ def _optimise(args: argparse.Namespace) -> int:
 
 def _import_mdlm(args: argparse.Namespace) -> int:
     from mdlm_sched.artifacts import check_writable
-    from mdlm_sched.errors import UserError
 
     out = Path(args.out)
     if out.exists():
@@ -186,11 +185,8 @@ def _import_mdlm(args: argparse.Namespace) -> int:
     from mdlm_sched.data import load_tokenizer, tokenizer_hash
     from mdlm_sched.models.mdlm_format import load_mdlm
 
-    if Path(args.tokenizer).is_absolute() or args.tokenizer.startswith(".") or os.sep in args.tokenizer:
-        if not Path(args.tokenizer).is_dir():  # checked here: load_tokenizer's message names a training setting
-            raise UserError(f"--tokenizer {args.tokenizer} is not a folder; give the folder (or hub name) of the "
-                            f"tokenizer the model was trained with")
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer, fix="give --tokenizer the folder (or hub name) of the tokenizer the "
+                                                   "model was trained with")
     model = load_mdlm(args.source, tokenizer, tokenizer_hash(tokenizer), ema=not args.no_ema)
     export_model(model, tokenizer, out)
     c = model.config
@@ -239,6 +235,7 @@ def _add_sampling_run_args(p: argparse.ArgumentParser, out: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mdlm_sched.optimise import DEFAULT_BINS, FLOPS_CONVENTIONS
     from mdlm_sched.sampling_config import AnalysisConfig, SampleConfig
 
     sample, analysis = SampleConfig(), AnalysisConfig()
@@ -305,8 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FLOPs saving against all-heavy to reach, e.g. 0.25 (repeat)")
     p.add_argument("--tolerance", action="append", type=float, default=[],
                    help="largest predicted relative gen-PPL increase, e.g. 0.05 (repeat)")
-    p.add_argument("--bins", type=int, default=20, help="step bins the schedule is made of (default 20)")
-    p.add_argument("--flops", default="blocks-only", choices=["blocks-only", "executed"],
+    p.add_argument("--bins", type=int, default=DEFAULT_BINS,
+                   help=f"step bins the schedule is made of (default {DEFAULT_BINS})")
+    p.add_argument("--flops", default=FLOPS_CONVENTIONS[0], choices=FLOPS_CONVENTIONS,
                    help="blocks-only: every step one forward (the seed paper's); executed: this sampler's cache")
     p.add_argument("--model", action="append", default=[], help="restrict to these models of the analysis (repeat)")
     p.add_argument("--steps", type=int, default=None, help="T (default: the analysis's)")

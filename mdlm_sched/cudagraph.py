@@ -52,6 +52,14 @@ class GraphedHidden:
         g.graph.replay()
         return g.output.clone()
 
+    def prepare(self, rows: int, length: int, with_sigma: bool, device: torch.device) -> None:
+        """Capture the graphs of every call of 1..rows sequences of `length` tokens now (outside any timing)."""
+        for n in range(1, min(rows, self.max_rows) + 1):
+            if (n, length, with_sigma) not in self.graphs:
+                ids = torch.zeros((n, length), dtype=torch.long, device=device)
+                sigma = torch.zeros(n, device=device) if with_sigma else None
+                self.graphs[(n, length, with_sigma)] = self._capture(ids, sigma)
+
     def _capture(self, input_ids: torch.Tensor, sigma: torch.Tensor | None) -> _Graph:
         static_ids = input_ids.clone()
         static_sigma = sigma.clone() if sigma is not None else None

@@ -46,23 +46,19 @@ _CACHE_VERSION = 1  # bump when the block layout changes so that old caches are 
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
-    """Load a tokenizer with AutoTokenizer from a local folder or a hub name."""
+def load_tokenizer(name_or_path: str,
+                   fix: str = "set data.tokenizer=<folder with tokenizer.json> or a reachable hub name"
+                   ) -> PreTrainedTokenizerBase:
+    """Load a tokenizer with AutoTokenizer from a local folder or a hub name; fix: the remedy the error names."""
     looks_like_path = os.sep in name_or_path or name_or_path.startswith((".", "/"))
     if looks_like_path and not Path(name_or_path).expanduser().exists():
-        raise DataError(
-            f"tokenizer folder {name_or_path} does not exist; "
-            "set data.tokenizer=<folder with tokenizer.json>"
-        )
+        raise DataError(f"tokenizer folder {name_or_path} does not exist; {fix}")
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(str(Path(name_or_path).expanduser()) if looks_like_path else name_or_path)
     except Exception as exc:  # OSError, ValueError, hub errors: all mean "this is not a loadable tokenizer"
-        raise DataError(
-            f"cannot load tokenizer {name_or_path!r} ({_one_line(exc)}); "
-            "set data.tokenizer=<folder with tokenizer.json> or a reachable hub name"
-        ) from exc
+        raise DataError(f"cannot load tokenizer {name_or_path!r} ({_one_line(exc)}); {fix}") from exc
 
 
 def tokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -40,11 +40,13 @@ class SamplingOutput:
 
 
 def warm_up(model_set: ModelSet, settings: SamplerSettings, batch_size: int, steps: int = 8) -> None:
-    """A few untimed steps of every model at this batch size, so that compilation is in no timing."""
+    """A few untimed steps of every model at this batch size, and the capture of its CUDA graphs, so that
+    compilation and capture are in no timing."""
     for name in model_set.light_to_heavy:
         sample(model_set.models, model_set.schedule(f"{name}:{steps}", steps), model_set.noise,
                replace(settings, cache=False), torch.Generator(device=model_set.device).manual_seed(0),
                batch_size, model_set.seq_len)
+        model_set.models[name].prepare_graphs(batch_size, model_set.seq_len)
 
 
 def run_schedule(model_set: ModelSet, schedule: ModelSchedule, settings: SamplerSettings, num_samples: int,
@@ -168,7 +170,7 @@ def sample_command(cfg: SampleConfig, progress: bool = True,
     model_set = open_models(cfg.models, cfg.runtime, cfg.seq_len)
     schedule = model_set.schedule(cfg.schedule, cfg.steps, cfg.t_min)
     prompts = text_prompts(model_set.tokenizer, cfg.prompts) if cfg.prompts else cfg.prompt_token_ids
-    if cfg.runtime.compile:
+    if model_set.needs_warm_up:
         warm_up(model_set, settings, cfg.batch_size)
     output = run_schedule(model_set, schedule, settings, cfg.num_samples, cfg.batch_size, cfg.seed, prompts,
                           progress)

@@ -61,6 +61,13 @@ class PreparedDenoiser:
                 return network(input_ids, sigma)
 
         self._hidden = GraphedHidden(run, graph_rows) if graph_rows > 0 and self.device.type == "cuda" else run
+        # Compilation and graph capture happen at first calls: a timed run needs an untimed warm-up first.
+        self.needs_warm_up = compile or isinstance(self._hidden, GraphedHidden)
+
+    def prepare_graphs(self, batch_size: int, seq_len: int) -> None:
+        """Capture the CUDA graphs of every call a sampler of this batch size can make (no-op without graphs)."""
+        if isinstance(self._hidden, GraphedHidden):
+            self._hidden.prepare(batch_size, seq_len, self.config.time_conditioning, self.device)
 
     def hidden(self, input_ids: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
         return self._hidden(input_ids, sigma)
@@ -83,6 +90,11 @@ class ModelSet:
     tokenizer: Any
     seq_len: int
     device: torch.device
+
+    @property
+    def needs_warm_up(self) -> bool:
+        """Whether a model compiles or captures graphs at its first calls (generate.warm_up before timing)."""
+        return any(m.needs_warm_up for m in self.models.values())
 
     @property
     def config(self) -> DenoiserConfig:
@@ -118,7 +130,8 @@ def open_models(paths: Mapping[str, str], runtime: RuntimeConfig, seq_len: int |
                 for name, model in raw.items()},
         light_to_heavy=names_light_to_heavy(configs, length),
         noise=make_noise(config.noise_schedule, config.noise_eps),
-        tokenizer=load_tokenizer(str(model_folder(paths[first_name]))),
+        tokenizer=load_tokenizer(str(model_folder(paths[first_name])),
+                                 fix=f"model {first_name!r} must be saved with its tokenizer (training exports it)"),
         seq_len=length,
         device=device,
     )

@@ -48,6 +48,7 @@ FEATURES = {  # name -> (per_step source, metric, model column given (heavy, lig
 }
 DEFAULT_FEATURE = "kl_trajectory"
 FLOPS_CONVENTIONS = ("blocks-only", "executed")
+DEFAULT_BINS = 20  # step bins a schedule is made of (CLI and pipeline default)
 KAPPA_RESAMPLES = 2000
 
 
@@ -302,7 +303,7 @@ def _thresholds(per_step: Sequence[str], costs: StepCosts) -> str:
 
 
 def run_optimise(analysis: AnalysisDir, out: OptimiseDir, savings: Sequence[float] = (),
-                 tolerances: Sequence[float] = (), bins: int = 20, flops: str = "blocks-only",
+                 tolerances: Sequence[float] = (), bins: int = DEFAULT_BINS, flops: str = FLOPS_CONVENTIONS[0],
                  sweep: SweepDir | None = None, models: Sequence[str] = (), steps: int | None = None,
                  echo: Callable[[str], None] = print) -> dict[str, Any]:
     """`mdlm-sched optimise`: read the analysis (and the sweep's measured schedules), solve for every saving and

@@ -36,7 +36,7 @@ from mdlm_sched.data import load_tokenizer, tokenizer_hash
 from mdlm_sched.errors import ConfigError
 from mdlm_sched.flops import forward_flops, names_light_to_heavy
 from mdlm_sched.models import denoiser_config
-from mdlm_sched.optimise import check_targets, run_optimise
+from mdlm_sched.optimise import DEFAULT_BINS, FLOPS_CONVENTIONS, check_targets, run_optimise
 from mdlm_sched.per_step import analyze_models
 from mdlm_sched.provenance import provenance
 from mdlm_sched.runtime import RECORDED_FAILURES, resolve_device
@@ -67,8 +67,8 @@ class OptimiseStage:
 
     savings: list[float] = field(default_factory=list)  # FLOPs savings whose optimised schedules join the sweep
     tolerances: list[float] = field(default_factory=list)  # gen-PPL tolerances, solved with the calibrated model
-    bins: int = 20
-    flops: str = "blocks-only"  # or "executed"
+    bins: int = DEFAULT_BINS
+    flops: str = FLOPS_CONVENTIONS[0]  # blocks-only, or executed
     group: str = "optimised"  # the sweep group of the optimised schedules (labels optimised-<saving>)
 
 

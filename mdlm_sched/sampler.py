@@ -55,6 +55,11 @@ from mdlm_sched.noise import LogLinearNoise
 from mdlm_sched.sampling_config import SamplerSettings
 from mdlm_sched.schedule import ModelSchedule, time_grid
 
+# Which draws a seed stands for. Results made under another layout hold other samples for the same seed,
+# so a sweep refuses to mix them: paired intervals need schedules that share their draws. (1: per-step
+# draws, the first round; 2: two per-position draws before the loop.)
+RANDOMNESS_LAYOUT = 2
+
 
 class Denoiser(Protocol):
     """What the sampler needs of a model (MDLMDenoiser and modelset.PreparedDenoiser have it)."""
@@ -218,8 +223,9 @@ def sample(models: Mapping[str, Denoiser], schedule: ModelSchedule, noise: LogLi
     p_unmask = [unmask_probability(noise, t, s) for t, s in zip(times, times[1:])]  # [T]
     u_time = torch.rand((b, l), generator=generator, device=generator.device, dtype=torch.float64)
     u_token = torch.rand((b, l), generator=generator, device=generator.device, dtype=torch.float64)
-    steps = unmask_steps(u_time, p_unmask).cpu().numpy()  # [B, L]; the one host synchronisation
-    steps[(x != mask_id).cpu().numpy()] = t_steps + 1  # prompt positions never unmask
+    prompt = (x != mask_id).to(u_time.device)  # [B, L]
+    # [B, L] on the host (the one host synchronisation); prompt positions (T + 1) never unmask
+    steps = unmask_steps(u_time, p_unmask).masked_fill(prompt, t_steps + 1).cpu().numpy()
     plan = _plan(steps, t_steps, u_token, settings.cache, device)
     trace: list[StepRecord] = []
 

@@ -45,6 +45,7 @@ from mdlm_sched.metrics import (Judge, entropy_summary, judge_features, judge_to
 from mdlm_sched.modelset import ModelSet, open_models
 from mdlm_sched.provenance import provenance
 from mdlm_sched.runtime import RECORDED_FAILURES
+from mdlm_sched.sampler import RANDOMNESS_LAYOUT
 from mdlm_sched.sampling_config import SamplerSettings, SweepConfig, SweepGroup, shared_settings, validate_sweep
 from mdlm_sched.schedule import ModelSchedule, coarse_segment_specs, is_single_segment, parse_schedule
 
@@ -110,7 +111,7 @@ def _check_settings_file(out: SweepDir, cfg: SweepConfig) -> None:
 
     Settings of a sweep that finished nothing (one that failed while setting up) are simply replaced.
     """
-    shared = shared_settings(cfg)
+    shared = {**shared_settings(cfg), "sampler_randomness": RANDOMNESS_LAYOUT}
     if out.settings.is_file() and out.finished_keys():
         saved = read_json(out.settings, "the sweep.json of a sweep")["shared"]
         for name, value in shared.items():
@@ -288,8 +289,8 @@ class _SweepRun:
         self.planned.update(p.key for p in points)
         self.echo(f"sweep: {len(points)} points, {len(points) - len(todo)} already finished in {out.results}, "
                   f"{len(todo)} to run")
-        if todo and self.cfg.runtime.compile and not self.warmed:
-            warm_up(self.model_set, self.settings, self.cfg.batch_size)  # compilation stays out of wall_s
+        if todo and self.model_set.needs_warm_up and not self.warmed:
+            warm_up(self.model_set, self.settings, self.cfg.batch_size)  # compilation and capture stay out of wall_s
             self.warmed = True
         for n, point in enumerate(todo, 1):
             try:

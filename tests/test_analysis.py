@@ -214,6 +214,12 @@ def test_killed_sweep_resumes_without_repeating_or_losing_points(trained_tiny, t
     assert after[: len(before)] == before
     # a third run finds nothing to do (and times nothing again)
     assert main(["sweep", "--no-progress", str(cfg)]) == 0 and read_jsonl(results) == after
+    # points drawn under another sampler randomness layout (other samples for the same seeds) are not mixed in
+    settings = tmp_path / "out" / "sweep.json"
+    saved = json.loads(settings.read_text())
+    saved["shared"]["sampler_randomness"] = 1
+    settings.write_text(json.dumps(saved))
+    assert main(["sweep", "--no-progress", str(cfg)]) == 2 and read_jsonl(results) == after
 
 
 def test_a_failing_point_keeps_the_others_and_a_rerun_retries_it(trained_tiny, tmp_path, monkeypatch, capsys):

@@ -38,6 +38,9 @@ def test_a_replay_equals_the_call_it_captured_and_its_output_is_a_copy(pair):
     assert torch.equal(first, plain.hidden(x[:2])) and torch.equal(second, plain.hidden(x[2:4]))
     assert torch.equal(graphed.hidden(x), plain.hidden(x))  # 6 > 4 sequences: no graph
     assert len(graphed._hidden.graphs) == 1
+    graphed.prepare_graphs(6, 32)  # every size up to the 4 rows graphed, captured ahead of a timed run
+    assert sorted(graphed._hidden.graphs) == [(n, 32, False) for n in range(1, 5)]
+    assert torch.equal(graphed.hidden(x[:3]), plain.hidden(x[:3]))
 
 
 @pytest.mark.parametrize("batch", [1, 5])
