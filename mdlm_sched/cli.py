@@ -196,6 +196,22 @@ def _import_mdlm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_mla(args: argparse.Namespace) -> int:
+    from mdlm_sched.config import RuntimeConfig
+    from mdlm_sched.convert import convert_command
+
+    runtime = RuntimeConfig(device=args.device, precision=args.precision)
+    result = convert_command(args.source, args.out, args.kv_lora_rank, args.qk_rope_head_dim, args.calibration,
+                             args.calibration_blocks, args.cache_dir, runtime, progress=not args.no_progress)
+    print(f"converted {args.source} to MLA (latent {args.kv_lora_rank}, rotary key {args.qk_rope_head_dim}): "
+          f"{result.kv_converted} key/value elements per token and block, against {result.kv_source}; "
+          f"written to {args.out}")
+    if result.bound_source is not None:
+        print(f"  perplexity bound on the {result.blocks} calibration blocks (the data the conversion was fit on, "
+              f"same noise draws): source {result.bound_source:.2f}, converted {result.bound_converted:.2f}")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from analysis.report import build_report
     from mdlm_sched.artifacts import read_json
@@ -235,6 +251,7 @@ def _add_sampling_run_args(p: argparse.ArgumentParser, out: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from mdlm_sched.config import DataConfig, ModelConfig, RuntimeConfig
     from mdlm_sched.optimise import DEFAULT_BINS, FLOPS_CONVENTIONS
     from mdlm_sched.sampling_config import AnalysisConfig, SampleConfig
 
@@ -317,6 +334,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True, help="the tokenizer the model was trained with (a folder or hub name)")
     p.add_argument("--no-ema", action="store_true", help="a Lightning checkpoint's trained weights, not its EMA")
     p.set_defaults(func=_import_mdlm)
+    model_defaults, data_defaults, runtime_defaults = ModelConfig(), DataConfig(), RuntimeConfig()
+    p = sub.add_parser("convert-mla", help="convert a multi-head / grouped-query attention MDLM to MLA (TransMLA)",
+                       description="TransMLA for MDLMs: RoRoPE, a shared rotary key on the pairs of largest "
+                                   "||q|| ||k||, and a balanced PCA of the remaining keys and the values into the "
+                                   "latent. Exact at --kv-lora-rank 2*G*hd with --qk-rope-head-dim G*hd (G key/value "
+                                   "heads of width hd); lossy below, until fine-tuned (train.init).")
+    p.add_argument("source", help="a model folder of this project with attention=mha (e.g. from import-mdlm)")
+    p.add_argument("out", help="new folder for the converted model")
+    p.add_argument("--kv-lora-rank", type=int, default=model_defaults.kv_lora_rank,
+                   help=f"width of the key/value latent (default {model_defaults.kv_lora_rank})")
+    p.add_argument("--qk-rope-head-dim", type=int, default=model_defaults.qk_rope_head_dim,
+                   help=f"width of the shared rotary key, even (default {model_defaults.qk_rope_head_dim})")
+    p.add_argument("--calibration", help="data source (a local file or a hub dataset) whose noised blocks give the "
+                                         "attention inputs' statistics; default: none (the weights alone)")
+    p.add_argument("--calibration-blocks", type=int, default=64, help="blocks of calibration data used (default 64)")
+    p.add_argument("--cache-dir", default=data_defaults.cache_dir, help="tokenised data cache")
+    p.add_argument("--device", default=runtime_defaults.device, help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", default=runtime_defaults.precision, help="auto (bf16 on cuda) | bf16 | fp32")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_convert_mla)
     p = sub.add_parser("report", help="figures and a Markdown report from sweep/analysis/optimise folders")
     p.add_argument("folders", nargs="+", help="out folders of mdlm-sched sweep, analyze and/or optimise")
     p.add_argument("--out", default="runs/report", help="folder for report.md and the figures")

@@ -66,6 +66,7 @@ class ModelConfig:
     qk_nope_head_dim: int = 64
     qk_rope_head_dim: int = 32
     v_head_dim: int = 64
+    kv_norm: bool = True  # RMSNorm on the key/value latent (off in models converted by convert-mla)
     mlp_ratio: int = 4
     dropout: float = 0.1
     time_conditioning: bool = False
@@ -107,6 +108,9 @@ class TrainConfig:
 
     out_dir: str = "runs/default"
     steps: int = 1000
+    # A model folder (or training run folder) of a denoiser whose architecture and weights start the run: fine-tuning
+    # (e.g. of a model made by convert-mla). The model section is then not used. None = a new model from `model`.
+    init: str | None = field(default=None, metadata=RESUME)
     batch_size: int = field(default=512, metadata=RESUME)  # global sequences per optimizer step
     micro_batch_size: int = 32  # sequences per forward/backward; the rest is gradient accumulation
     lr: float = 3e-4
@@ -342,6 +346,9 @@ def validate(cfg: RunConfig) -> None:
     require(0 < cfg.noise.sampling_eps < 1, f"noise.sampling_eps={cfg.noise.sampling_eps} must be in (0, 1)")
     _validate_data(cfg.data, cfg.model)
     _validate_train(cfg.train)
+    require(cfg.train.init is None or cfg.model.arch == "mdlm",
+             f"train.init={cfg.train.init} starts a denoiser, but model.arch={cfg.model.arch!r}; train the judge "
+             f"from scratch (drop train.init)")
     validate_runtime(cfg.runtime)
     check_writable(cfg.train.out_dir, "train.out_dir")
     check_writable(cfg.data.cache_dir, "data.cache_dir")

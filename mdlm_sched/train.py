@@ -40,6 +40,7 @@ from mdlm_sched.data import load_sources, load_tokenizer, mask_token_id, tokeniz
 from mdlm_sched.distributed import ONE_PROCESS, DistContext, distributed
 from mdlm_sched.errors import CheckpointError, ConfigError, NonFiniteLossError
 from mdlm_sched.models import build_model
+from mdlm_sched.models.loading import load_denoiser
 from mdlm_sched.objectives import evaluate, make_objective
 from mdlm_sched.runtime import (STREAM_DROPOUT, STREAM_INIT, STREAM_NOISE, STREAM_VAL, autocast, autocast_dtype,
                                 configure_backends, rank_seed, step_generator, step_seed)
@@ -215,7 +216,8 @@ class _Trainer:
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         torch.manual_seed(step_seed(tc.seed, 0, STREAM_INIT))  # initial weights
         self.model = build_model(cfg, len(self.tokenizer), self.tokenizer.eos_token_id,
-                                 tokenizer_hash(self.tokenizer)).to(device)
+                                 tokenizer_hash(self.tokenizer)).to(device) if tc.init is None else \
+            self._initial_model(tc.init, device)
         self.objective = make_objective(cfg, mask_id=mask_token_id(self.tokenizer))
         data_args = dict(tokenizer=self.tokenizer, seq_len=cfg.data.seq_len, cache_dir=cfg.data.cache_dir,
                          text_field=cfg.data.text_field, max_docs=cfg.data.max_docs)
@@ -236,6 +238,22 @@ class _Trainer:
         self.step_loss = torch.compile(self.objective.loss) if cfg.runtime.compile else self.objective.loss
         self.tokens_per_step = tc.batch_size * cfg.data.seq_len
         self.result = TrainResult(self.run.root, self.run.model, 0, None)
+
+    def _initial_model(self, path: str, device: torch.device) -> torch.nn.Module:
+        """The denoiser at train.init, checked against the run's tokenizer and length, in training mode."""
+        model = load_denoiser(path, device)
+        c = model.config
+        if c.tokenizer_hash != tokenizer_hash(self.tokenizer):
+            raise ConfigError(f"train.init={path} was trained with another tokenizer than data.tokenizer="
+                              f"{self.cfg.data.tokenizer}; set data.tokenizer to the model's folder")
+        if self.cfg.data.seq_len > c.max_position_embeddings:
+            raise ConfigError(f"data.seq_len={self.cfg.data.seq_len} exceeds the length of train.init={path} "
+                              f"({c.max_position_embeddings}); set data.seq_len={c.max_position_embeddings}")
+        if (c.noise_schedule, c.noise_eps) != (self.cfg.noise.schedule, self.cfg.noise.eps):
+            raise ConfigError(f"train.init={path} was trained with noise {c.noise_schedule} (eps {c.noise_eps}); set "
+                              f"noise.schedule={c.noise_schedule} noise.eps={c.noise_eps}")
+        log.info("fine-tuning %s (%s attention); the model section of the config is not used", path, c.attention)
+        return model.train()
 
     # ----------------------------------------------------------------------------- resume
 
@@ -301,6 +319,8 @@ class _Trainer:
         """Take the steps from `start` to train.steps, logging, validating and saving on schedule."""
         tc, ctx = self.cfg.train, self.ctx
         self.model.train()
+        if start == 0 and tc.init is not None and ctx.is_main:
+            self.validate(0)  # the starting model's bound, on the same draws as every later validation
         bar = tqdm(range(start, tc.steps), initial=start, total=tc.steps, disable=not progress, desc="train")
         t_last, tokens_since = time.perf_counter(), 0
         for step in bar:

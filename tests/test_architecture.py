@@ -16,11 +16,12 @@ from conftest import REPO
 LAYERS = [
     {"errors", "artifacts", "schedule", "stats", "summary"},  # no torch: the analysis package reads through these
     {"noise", "config", "data", "diffusion", "runtime", "provenance", "distributed", "sampling_config", "hub",
-     "models.mla", "models.mha", "models.denoiser", "models.loading", "models.mdlm_format", "models", "flops",
+     "models.mla", "models.mha", "models.denoiser", "models.loading", "models.mdlm_format", "models.transmla",
+     "models", "flops",
      "objectives",
      "optimise"},  # maths, configs, models
     {"sampler", "cudagraph", "modelset", "metrics", "checkpoint"},  # sampling and loading
-    {"generate", "per_step", "sweep", "train"},  # stages
+    {"generate", "per_step", "sweep", "train", "convert"},  # stages
     {"pipeline"},
     {"cli", "__main__"},  # entry points
 ]

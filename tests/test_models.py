@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from mdlm_sched.flops import forward_flops
 from mdlm_sched.models.denoiser import DenoiserConfig, MDLMDenoiser
-from mdlm_sched.models.mla import MLADims, MultiHeadLatentAttention, rotary_cos_sin
+from mdlm_sched.models.mla import MLADims, MultiHeadLatentAttention, rotary_cos_sin, rotary_frequencies
 
 
 def reference_mla(layer: MultiHeadLatentAttention, x: torch.Tensor, theta: float) -> torch.Tensor:
@@ -61,7 +61,7 @@ def test_mla_matches_float64_reference(q_lora_rank: int) -> None:
     for p in layer.parameters():  # norms away from 1 so that their weights matter
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(2, 11, 48)
-    cos, sin = rotary_cos_sin(11, 6, 10000.0, x.device)
+    cos, sin = rotary_cos_sin(11, rotary_frequencies(6, 10000.0), x.device)
     out = layer(x, cos, sin)
     ref = reference_mla(layer, x, 10000.0)
     rel = (out.double() - ref).norm() / ref.norm()

@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrained
 from transformers import initialization as init
 
 from mdlm_sched.models.mha import GroupedQueryAttention
-from mdlm_sched.models.mla import MLADims, MultiHeadLatentAttention, rotary_cos_sin
+from mdlm_sched.models.mla import MLADims, MultiHeadLatentAttention, rotary_cos_sin, rotary_frequencies
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,8 @@ class DenoiserConfig(PreTrainedConfig):
         kv_lora_rank: rank of the joint key/value latent.
         qk_nope_head_dim, qk_rope_head_dim, v_head_dim: per-head key parts and value width;
             the rotary key part is shared by all heads.
+        kv_norm: RMSNorm on the key/value latent (DeepSeek-V2); off in models converted from multi-head
+            attention (TransMLA), where the latent holds the source's keys and values as they were.
         intermediate_size: MLP hidden width (MDLM: 4 x hidden_size).
         dropout: dropout on the attention and MLP outputs (MDLM: 0.1).
         time_conditioning: adaLN modulation from the noise level sigma(t) (MDLM default: off).
@@ -68,6 +70,8 @@ class DenoiserConfig(PreTrainedConfig):
         ada_ln: keep the adaLN layers without time conditioning, fed sigma = 0 (MDLM's DiT).
         head_bias: the output head has a bias (MDLM's DiT).
         rope_theta: rotary base.
+        rope_frequencies: the rotary pairs' frequencies (radians per position), one per pair; None = the
+            standard ladder from rope_theta. Set by convert-mla, which keeps the source's frequencies.
         noise_schedule, noise_eps: the forward process the model was trained with.
         vocab_pad_multiple: the output head is padded to a multiple of this (faster matmuls);
             padded logits are never returned.
@@ -91,6 +95,7 @@ class DenoiserConfig(PreTrainedConfig):
         qk_nope_head_dim: int = 64,
         qk_rope_head_dim: int = 32,
         v_head_dim: int = 64,
+        kv_norm: bool = True,
         intermediate_size: int = 3072,
         dropout: float = 0.1,
         time_conditioning: bool = False,
@@ -98,6 +103,7 @@ class DenoiserConfig(PreTrainedConfig):
         ada_ln: bool = False,
         head_bias: bool = False,
         rope_theta: float = 10000.0,
+        rope_frequencies: list[float] | None = None,
         rms_norm_eps: float = 1e-6,
         layer_norm_eps: float = 1e-5,
         initializer_range: float = 0.02,
@@ -120,6 +126,7 @@ class DenoiserConfig(PreTrainedConfig):
         self.qk_nope_head_dim = qk_nope_head_dim
         self.qk_rope_head_dim = qk_rope_head_dim
         self.v_head_dim = v_head_dim
+        self.kv_norm = kv_norm
         self.intermediate_size = intermediate_size
         self.dropout = dropout
         self.time_conditioning = time_conditioning
@@ -127,6 +134,7 @@ class DenoiserConfig(PreTrainedConfig):
         self.ada_ln = ada_ln
         self.head_bias = head_bias
         self.rope_theta = rope_theta
+        self.rope_frequencies = rope_frequencies
         self.rms_norm_eps = rms_norm_eps
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
@@ -156,6 +164,13 @@ class DenoiserConfig(PreTrainedConfig):
     def rope_dim(self) -> int:
         """Width that rotary embeddings act on: MLA's rotary key part, or the whole head of "mha"."""
         return self.qk_rope_head_dim if self.attention == "mla" else self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_frequencies(self) -> tuple[float, ...]:
+        """One frequency per rotated pair (rope_dim / 2): rope_frequencies, else the ladder from rope_theta."""
+        if self.rope_frequencies is not None:
+            return tuple(self.rope_frequencies)
+        return rotary_frequencies(self.rope_dim, self.rope_theta)
 
     @property
     def interface(self) -> Interface:
@@ -197,7 +212,8 @@ class DenoiserBlock(nn.Module):
         d = config.hidden_size
         self.norm1 = nn.LayerNorm(d, eps=config.layer_norm_eps, bias=False)
         if config.attention == "mla":
-            self.attn = MultiHeadLatentAttention(config.mla_dims, rms_norm_eps=config.rms_norm_eps)
+            self.attn = MultiHeadLatentAttention(config.mla_dims, rms_norm_eps=config.rms_norm_eps,
+                                                 kv_norm=config.kv_norm)
         else:
             self.attn = GroupedQueryAttention(d, config.num_attention_heads, config.num_key_value_heads)
         self.norm2 = nn.LayerNorm(d, eps=config.layer_norm_eps, bias=False)
@@ -295,7 +311,7 @@ class MDLMDenoiser(DenoiserPreTrainedModel):
             if not config.time_conditioning:  # MDLM's DiT without time conditioning: sigma = 0, a constant
                 sigma = torch.zeros((), device=input_ids.device)
             cond = F.silu(self.time_embed(sigma.expand(b)))  # [B, cond_dim]
-        cos, sin = rotary_cos_sin(l, config.rope_dim, config.rope_theta, input_ids.device)
+        cos, sin = rotary_cos_sin(l, config.rotary_frequencies, input_ids.device)
         x = self.embed_tokens(input_ids)
         for block in self.blocks:
             x = block(x, cos, sin, cond)

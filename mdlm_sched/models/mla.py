@@ -1,6 +1,7 @@
 """Multi-head Latent Attention (DeepSeek-V2, arXiv 2405.04434), bidirectional, naive form.
 
-Keys and values come from one compressed latent c_kv = RMSNorm(W_kv_a h) of rank kv_lora_rank;
+Keys and values come from one compressed latent c_kv = RMSNorm(W_kv_a h) of rank kv_lora_rank (without the
+RMSNorm in models converted from multi-head attention, as TransMLA's, where it would break the exact map);
 each head up-projects it to a non-rotary key part k_nope and a value v. A separate rotary key
 k_pe (qk_rope_head_dim) is computed from h directly and shared by all heads. Queries are either a
 full projection (q_lora_rank = 0) or low-rank with their own RMSNorm.
@@ -38,16 +39,27 @@ class MLADims:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
 
+def rotary_frequencies(rope_dim: int, theta: float) -> tuple[float, ...]:
+    """The standard ladder of rotary frequencies theta^(-2i / rope_dim), i < rope_dim / 2 (radians per position),
+    computed in float32 as the tables use them."""
+    return tuple((1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))).tolist())
+
+
 @torch.compiler.disable  # a graph input, not code: inductor would recompute sin/cos per element of q and k
-def rotary_cos_sin(seq_len: int, rope_dim: int, theta: float,
+def rotary_cos_sin(seq_len: int, frequencies: tuple[float, ...],
                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables for rotary embeddings, each [seq_len, rope_dim // 2], float32 (cached)."""
-    return _rotary_table(seq_len, rope_dim, theta, torch.device(device))
+    """cos and sin tables for rotary embeddings, each [seq_len, len(frequencies)], float32 (cached).
+
+    Pair i of the rotated width turns by frequencies[i] radians per position (rotary_frequencies gives the
+    standard ladder; a model converted from multi-head attention keeps the frequencies of the pairs it took).
+    """
+    return _rotary_table(seq_len, tuple(frequencies), torch.device(device))
 
 
 @lru_cache(maxsize=16)
-def _rotary_table(seq_len: int, rope_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, device=device, dtype=torch.float32) / rope_dim))
+def _rotary_table(seq_len: int, frequencies: tuple[float, ...],
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = torch.tensor(frequencies, dtype=torch.float32, device=device)
     angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
 
@@ -65,7 +77,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class MultiHeadLatentAttention(nn.Module):
     """Bidirectional MLA over a full sequence: [B, L, hidden] -> [B, L, hidden]."""
 
-    def __init__(self, dims: MLADims, rms_norm_eps: float = 1e-6, dropout: float = 0.0) -> None:
+    def __init__(self, dims: MLADims, rms_norm_eps: float = 1e-6, dropout: float = 0.0, kv_norm: bool = True) -> None:
         super().__init__()
         self.dims = dims
         d, h = dims.hidden_size, dims.num_attention_heads
@@ -77,7 +89,7 @@ class MultiHeadLatentAttention(nn.Module):
             self.wq = nn.Linear(d, h * dims.qk_head_dim, bias=False)
         # One projection gives the latent and the shared rotary key: [d] -> [kv_lora_rank + rope].
         self.wkv_a = nn.Linear(d, dims.kv_lora_rank + dims.qk_rope_head_dim, bias=False)
-        self.kv_norm = nn.RMSNorm(dims.kv_lora_rank, eps=rms_norm_eps)
+        self.kv_norm = nn.RMSNorm(dims.kv_lora_rank, eps=rms_norm_eps) if kv_norm else nn.Identity()
         self.wkv_b = nn.Linear(dims.kv_lora_rank, h * (dims.qk_nope_head_dim + dims.v_head_dim), bias=False)
         self.wo = nn.Linear(h * dims.v_head_dim, d, bias=False)
         self.dropout = dropout
