@@ -372,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TQDM_DISABLE", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = build_parser()
+    words = sys.argv[1:] if argv is None else argv
+    if words and words[0].startswith("-") and words[0] not in ("-h", "--help"):  # else: "COMMAND is required"
+        parser.error(f"unrecognized option {words[0]}: options follow a command (mdlm-sched COMMAND --help)")
     args, extra = parser.parse_known_args(argv)
     if extra:  # config words after an option (train model=tiny --no-progress train.steps=2) come back in order
         if not hasattr(args, "config") or any(word.startswith("-") for word in extra):

@@ -104,7 +104,8 @@ def convert_command(source: str, out: str, kv_lora_rank: int, rope_dim: int, cal
     amp = autocast_dtype(runtime, device)
     moments, bounds, blocks = None, (None, None), np.zeros((0, 0), dtype=np.int64)
     if calibration is not None:
-        blocks = load_sources([calibration], tokenizer, model.config.max_position_embeddings, cache_dir)
+        blocks = load_sources([calibration], tokenizer, model.config.max_position_embeddings, cache_dir,
+                              short_fix="give --calibration more text (blocks have the model's length)")
         blocks = blocks[:calibration_blocks]
         moments = attention_input_moments(model, blocks, CALIBRATION_BATCH, device, amp, progress)
     converted = convert_to_mla(model, kv_lora_rank, rope_dim, moments).to(device)

@@ -299,8 +299,12 @@ def tokenized_blocks(
     root: str | Path | None = None,
     text_field: str = "text",
     max_docs: int | None = None,
+    short_fix: str = "use a smaller data.seq_len or more documents",
 ) -> np.ndarray:
-    """Documents of source -> tokens -> wrapped blocks [n_blocks, seq_len], cached (read-only memmap)."""
+    """Documents of source -> tokens -> wrapped blocks [n_blocks, seq_len], cached (read-only memmap).
+
+    short_fix: what the caller's user should do when the source is shorter than one block (names their option).
+    """
     eos_id = tokenizer.eos_token_id
     if eos_id is None:
         raise DataError("the tokenizer has no EOS token; set data.tokenizer to one with an EOS token (e.g. GPT-2)")
@@ -320,7 +324,7 @@ def tokenized_blocks(
     if len(blocks) == 0:
         raise DataError(
             f"data source {source} gave no block: its text ({counts['docs']} documents, {counts['tokens']} tokens) "
-            f"is shorter than one block of {seq_len} tokens; use a smaller data.seq_len or more documents"
+            f"is shorter than one block of {seq_len} tokens; {short_fix}"
         )
     with atomic_file(path, "wb") as fh:  # a crash never leaves half a cache
         np.save(fh, blocks)
@@ -371,8 +375,9 @@ def load_sources(
     cache_dir: str | Path,
     text_field: str = "text",
     max_docs: int | None = None,
+    short_fix: str = "use a smaller data.seq_len or more documents",
 ) -> np.ndarray:
     """Blocks of several sources [sum of n_blocks, seq_len], each source wrapped (and cached) on its own."""
-    parts = [tokenized_blocks(s, tokenizer, seq_len, cache_dir, text_field=text_field, max_docs=max_docs)
-             for s in sources]
+    parts = [tokenized_blocks(s, tokenizer, seq_len, cache_dir, text_field=text_field, max_docs=max_docs,
+                              short_fix=short_fix) for s in sources]
     return parts[0] if len(parts) == 1 else np.concatenate(parts)

@@ -162,7 +162,8 @@ def _evaluate_states(model_set: ModelSet, x_t: torch.Tensor, targets: torch.Tens
 
 def _masked_states(model_set: ModelSet, settings: AnalysisConfig, steps: list[int], times: list[float],
                    sums: _UnitSums, progress: bool) -> int:
-    blocks = load_sources([settings.data], model_set.tokenizer, model_set.seq_len, settings.cache_dir)
+    blocks = load_sources([settings.data], model_set.tokenizer, model_set.seq_len, settings.cache_dir,
+                          short_fix="give --data more text or a smaller --seq-len")
     blocks = blocks[: settings.num_blocks]
     device = model_set.device
     n_batches = -(-len(blocks) // settings.batch_size)

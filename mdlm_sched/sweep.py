@@ -183,7 +183,8 @@ def run_point(point: Point, model_set: ModelSet, judge: Judge, cfg: SweepConfig,
 def _reference_rows(source: str, model_set: ModelSet, cfg: SweepConfig, ctx: DistContext) -> list[list[int]]:
     """The reference source's first validation blocks (same length and wrapping as samples)."""
     with ctx.main_first():  # rank 0 tokenises and caches; the other ranks then read its cache
-        blocks = load_sources([source], model_set.tokenizer, model_set.seq_len, cfg.cache_dir)
+        blocks = load_sources([source], model_set.tokenizer, model_set.seq_len, cfg.cache_dir,
+                              short_fix=f"give the reference source {source} more text")
     return np.asarray(blocks[: cfg.reference.num_samples], dtype=np.int64).tolist()
 
 

@@ -171,3 +171,12 @@ def test_files_and_folders_honour_the_umask(tmp_path):
         os.umask(saved)
     assert stat.S_IMODE((tmp_path / "f.txt").stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
+
+
+def test_an_option_before_the_command_is_named(capsys):
+    from mdlm_sched.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--no-such", "sample"])
+    assert exit_info.value.code == 2
+    assert "unrecognized option --no-such" in capsys.readouterr().err

@@ -125,6 +125,27 @@ def test_an_imported_mdlm_dit_computes_mdlms_forward(tmp_path, tokenizer, time_c
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_an_sdtt_hub_folder_loads_with_its_hydra_config(tmp_path, tokenizer):
+    # jdeschena/sdtt's layout: PyTorchModelHubMixin's config.json is the run's Hydra config (model settings in
+    # `model`, time_conditioning at the top) and model.safetensors the whole module's state dict.
+    state = {k: v.float().double() for k, v in mdlm_state(seed=3).items()}
+    folder = tmp_path / "sdtt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "mode": "train", "time_conditioning": True, "tokenizer": {"name": "gpt2"},
+        "model": {"name": "small", "type": "ddit", "hidden_size": DIM, "cond_dim": COND, "length": LENGTH,
+                  "n_blocks": BLOCKS, "n_heads": HEADS, "scale_by_sigma": True, "dropout": 0.1},
+        "parameterization": {"num_distill_steps": 2, "distill_mode": "kl-bwd"}}))
+    save_file({**{k: v.float().contiguous() for k, v in state.items()}, "sampling_eps_tensor": torch.tensor(1e-3)},
+              folder / "model.safetensors")
+    model = load_mdlm(str(folder), *tokenizer).double()
+    assert model.config.time_conditioning and model.config.max_position_embeddings == LENGTH
+    x = torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(2))
+    sigma = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(model(x, sigma=sigma, head_fp32=False), reference_logits(state, x, sigma),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_a_lightning_checkpoint_loads_its_ema_weights_by_default(tmp_path, tokenizer):
     state = {k: v.float() for k, v in mdlm_state().items()}
     params = [k for k in state if not k.endswith("inv_freq")]
@@ -138,6 +159,12 @@ def test_a_lightning_checkpoint_loads_its_ema_weights_by_default(tmp_path, token
     assert torch.equal(ema.blocks[1].attn.qkv.weight, torch.full((3 * DIM, DIM), 0.01))
     assert torch.equal(trained.blocks[1].attn.qkv.weight, state["backbone.blocks.1.attn_qkv.weight"])
     assert torch.equal(trained.lm_head.bias, state["backbone.output_layer.linear.bias"])
+    assert not trained.config.time_conditioning
+    # MDLM's time_conditioning sits at the top of its Hydra config, beside the model section.
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    ckpt["hyper_parameters"]["config"]["time_conditioning"] = True
+    torch.save(ckpt, tmp_path / "conditioned.ckpt")
+    assert load_mdlm(str(tmp_path / "conditioned.ckpt"), *tokenizer).config.time_conditioning
 
 
 def test_bad_mdlm_checkpoints_are_named(tmp_path, tokenizer):

@@ -186,7 +186,7 @@ def test_bad_convert_mla_input_is_one_line(dit_folder, shared_data, tmp_path, ca
         "wide": ([src, str(tmp_path / "o3"), "--qk-rope-head-dim", "64"], "above the source's key width"),
         "rank": ([src, str(tmp_path / "o4"), "--kv-lora-rank", "65"], r"must be in 1..64"),
         "missing": ([src, str(tmp_path / "o5"), "--calibration", str(tmp_path / "nope.jsonl")], "nope.jsonl"),
-        "short": ([src, str(tmp_path / "o6"), "--calibration", str(short)], "shorter than one block"),
+        "short": ([src, str(tmp_path / "o6"), "--calibration", str(short)], "give --calibration more text"),
         "exists": ([src, str(dit_folder)], "exists"),
     }
     from mdlm_sched.checkpoint import export_model

@@ -1,15 +1,19 @@
 """MDLM's own checkpoints (kuleshov-group/mdlm, Sahoo et al. 2024) as denoisers of this project.
 
 MDLM's DiT is this project's denoiser with attention="mha", ada_ln=True (adaLN fed sigma = 0 when
-not time-conditioned) and head_bias=True; only the weight names differ. Two layouts are read:
+not time-conditioned) and head_bias=True; only the weight names differ. Three layouts are read:
 
 - a Hugging Face folder (kuleshov-group/mdlm-owt, the BD3-LM release of an MDLM): config.json with
   vocab_size, model_length, hidden_dim, cond_dim, n_blocks, n_heads, dropout, time_conditioning, and
   model.safetensors (or pytorch_model.bin) with the DiT's weights under `backbone.`;
+- a folder saved by huggingface_hub's PyTorchModelHubMixin from MDLM-derived training code (the SDTT
+  teachers and students, jdeschena/sdtt branches such as teacher_400k_sm_step_400000): config.json is
+  the run's whole Hydra config (model settings in its `model` section, time_conditioning at the top),
+  model.safetensors the training module's state dict, the DiT's weights under `backbone.`;
 - a Lightning checkpoint (.ckpt) of MDLM's training code: the weights under `backbone.` in
   state_dict, the EMA of the parameters (used by default: MDLM evaluates with it) in
-  ema.shadow_params, in the order of the backbone's parameters, and the model settings in
-  hyper_parameters.config.model.
+  ema.shadow_params, in the order of the backbone's parameters, and the Hydra config in
+  hyper_parameters.config.
 
 A source is a local folder or file, or hf:REPO[@REVISION] (downloaded where there is network).
 """
@@ -87,6 +91,12 @@ def dit_config(model: Mapping[str, Any], vocab_size: int, tokenizer_hash: str, s
         vocab_pad_multiple=1)
 
 
+def _hydra_settings(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The model settings of an MDLM-style Hydra config: its `model` section, plus the top-level time_conditioning
+    (MDLM keeps it outside the model section)."""
+    return {**config["model"], "time_conditioning": config.get("time_conditioning", False)}
+
+
 def _resolve(source: str) -> Path:
     if source.startswith("hf:"):
         repo, _, revision = source[3:].partition("@")
@@ -113,6 +123,8 @@ def _read_hf_folder(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"MDLM model {folder} cannot be read ({type(exc).__name__}: "
                               f"{' '.join(str(exc).split())[:200]})") from None
+    if isinstance(settings.get("model"), dict):  # a whole Hydra config (PyTorchModelHubMixin, SDTT)
+        settings = _hydra_settings(settings)
     return settings, state
 
 
@@ -121,7 +133,7 @@ def _read_lightning(path: Path, ema: bool) -> tuple[dict[str, Any], dict[str, to
     # read only checkpoints you trust.
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        settings = dict(ckpt["hyper_parameters"]["config"]["model"])
+        settings = _hydra_settings(ckpt["hyper_parameters"]["config"])
         state = dict(ckpt["state_dict"])
     except Exception as exc:  # pickle, zip and key errors of a file that is not such a checkpoint each have their type
         raise CheckpointError(f"{path} is not an MDLM Lightning checkpoint ({type(exc).__name__}: "
