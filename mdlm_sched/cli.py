@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "L125,H750,L125 (H = heaviest model, L = lightest, or model names), or "
                                    "t-thresholds such as t:L>0.875,H>0.125,L.")
     p.add_argument("--model", action="append", default=[], metavar="NAME=PATH", required=True,
-                   help="a model by name: its folder or its training run folder (repeat for each model)")
+                   help="a model by name: its folder, its training run folder, or hf:REPO[@REVISION] of such a folder "
+                        "(repeat for each model)")
     p.add_argument("--schedule", default=sample.schedule, help="preset[@fraction], segments or t:thresholds")
     p.add_argument("--steps", type=int, default=sample.steps, help=f"denoising steps T (default {sample.steps})")
     p.add_argument("--num-samples", type=int, default=sample.num_samples)

@@ -3,7 +3,6 @@ calibration on noised data and the validation bound of source and result on the 
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +16,13 @@ from mdlm_sched.checkpoint import export_model
 from mdlm_sched.config import NoiseConfig, RuntimeConfig
 from mdlm_sched.data import load_sources, load_tokenizer
 from mdlm_sched.errors import ConfigError
+from mdlm_sched.hub import local_path
 from mdlm_sched.models.denoiser import MDLMDenoiser
 from mdlm_sched.models.loading import load_denoiser
 from mdlm_sched.models.transmla import check_conversion, convert_to_mla
 from mdlm_sched.noise import make_noise
 from mdlm_sched.objectives import MDLMObjective, evaluate
 from mdlm_sched.runtime import autocast, autocast_dtype, configure_backends, resolve_device
-
-log = logging.getLogger(__name__)
 
 CALIBRATION_SEED = 0  # noise draws of the calibration pass and of both bounds
 CALIBRATION_BATCH = 8  # sequences per forward: bounded memory on a CPU and a GPU alike
@@ -99,7 +97,7 @@ def convert_command(source: str, out: str, kv_lora_rank: int, rope_dim: int, cal
     configure_backends(device)
     model = load_denoiser(source, device)
     check_conversion(model.config, kv_lora_rank, rope_dim)  # before any data is read
-    tokenizer = load_tokenizer(str(model_folder(source)),
+    tokenizer = load_tokenizer(str(model_folder(local_path(source, f"model {source}"))),
                                fix="the source model must be saved with its tokenizer (import-mdlm and training do)")
     amp = autocast_dtype(runtime, device)
     moments, bounds, blocks = None, (None, None), np.zeros((0, 0), dtype=np.int64)
@@ -114,4 +112,3 @@ def convert_command(source: str, out: str, kv_lora_rank: int, rope_dim: int, cal
                                          seed=CALIBRATION_SEED)) for m in (model, converted))
     export_model(converted, tokenizer, out_path)
     return Conversion(kv_elements(model), kv_elements(converted), len(blocks), *bounds)
-

@@ -26,13 +26,13 @@ from tqdm import tqdm
 
 from mdlm_sched.artifacts import atomic_file, data_cache_file
 from mdlm_sched.errors import DataError
+from mdlm_sched.hub import HUB_PREFIX
 
 if TYPE_CHECKING:  # transformers takes seconds to import; only load_tokenizer needs it at run time
     from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
-HUB_PREFIX = "hf:"
 # MDLM holds out the last 100k documents of the OpenWebText hub train split as validation.
 OWT_VAL_DOCS = 100_000
 

@@ -30,6 +30,18 @@ def hub_reachable(timeout_s: float = 3.0) -> bool:
     return True
 
 
+HUB_PREFIX = "hf:"  # a model or data set named by its hub repository: hf:REPO[@REVISION]
+
+
+def local_path(name: str, what: str) -> Path:
+    """The local path of a model named `name`: hf:REPO[@REVISION] is fetched (the cache first), anything else is
+    a path as given. what: the setting that names it, for the error."""
+    if not name.startswith(HUB_PREFIX):
+        return Path(name).expanduser()
+    repo, _, revision = name[len(HUB_PREFIX):].partition("@")
+    return snapshot(repo, revision or None, what)
+
+
 def snapshot(repo: str, revision: str | None, what: str, allow_patterns: list[str] | None = None) -> Path:
     """The local folder of a hub repository at `revision` (the cache if it holds it, else a download).
 

@@ -21,6 +21,7 @@ from mdlm_sched.data import load_tokenizer
 
 from mdlm_sched.errors import CheckpointError
 from mdlm_sched.flops import names_light_to_heavy
+from mdlm_sched.hub import local_path
 from mdlm_sched.models.denoiser import DenoiserConfig, Interface
 from mdlm_sched.models.loading import load_denoiser
 from mdlm_sched.noise import LogLinearNoise, make_noise
@@ -130,7 +131,7 @@ def open_models(paths: Mapping[str, str], runtime: RuntimeConfig, seq_len: int |
                 for name, model in raw.items()},
         light_to_heavy=names_light_to_heavy(configs, length),
         noise=make_noise(config.noise_schedule, config.noise_eps),
-        tokenizer=load_tokenizer(str(model_folder(paths[first_name])),
+        tokenizer=load_tokenizer(str(model_folder(local_path(paths[first_name], f"model {first_name}"))),
                                  fix=f"model {first_name!r} must be saved with its tokenizer (training exports it)"),
         seq_len=length,
         device=device,

@@ -275,8 +275,9 @@ class _Trainer:
         if self.ctx.is_main:  # rank 0 alone writes the run folder
             self.run.root.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.run.config, to_yaml(self.cfg))
-            # Records past the resumed step are dropped: those steps are taken again.
-            kept = [r for r in read_jsonl(self.run.log) if r["step"] <= start]
+            # Records past the resumed step are dropped: those steps are taken again (from step 0, all of them:
+            # the start record and train.init's step-0 validation are written again).
+            kept = [r for r in read_jsonl(self.run.log) if r["step"] <= start] if start > 0 else []
             atomic_write_text(self.run.log, "".join(json.dumps(r) + "\n" for r in kept))
             # What the run sees, for reports (tokens seen, passes over the data): written at every (re)start.
             self._log(kind=LOG_RESUME if start > 0 else LOG_START, step=start, world_size=self.ctx.world_size,

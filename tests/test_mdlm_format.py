@@ -188,22 +188,22 @@ def test_bad_mdlm_checkpoints_are_named(tmp_path, tokenizer):
         load_mdlm(str(hf_folder(tmp_path / "missing", state, False)), *tokenizer)
 
 
-def test_import_mdlm_command_writes_a_model_that_samples(tmp_path):
+def test_import_mdlm_command_writes_a_model_that_samples(tmp_path, capsys):
+    from mdlm_sched.cli import main
+
     hf_folder(tmp_path / "src", mdlm_state(), False)
-    run = [sys.executable, "-m", "mdlm_sched"]
-    imported = subprocess.run([*run, "import-mdlm", str(tmp_path / "src"), str(tmp_path / "dit"),
-                               "--tokenizer", str(TOKENIZER)], cwd=REPO, capture_output=True, text=True)
+    imported = subprocess.run([sys.executable, "-m", "mdlm_sched", "import-mdlm", str(tmp_path / "src"),
+                               str(tmp_path / "dit"), "--tokenizer", str(TOKENIZER)], cwd=REPO, capture_output=True,
+                              text=True)
     assert imported.returncode == 0, imported.stderr
-    again = subprocess.run([*run, "import-mdlm", str(tmp_path / "src"), str(tmp_path / "dit"),
-                            "--tokenizer", str(TOKENIZER)], cwd=REPO, capture_output=True, text=True)
-    assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
-    no_tok = subprocess.run([*run, "import-mdlm", str(tmp_path / "src"), str(tmp_path / "dit2"),
-                             "--tokenizer", str(tmp_path / "no-tokenizer")], cwd=REPO, capture_output=True, text=True)
-    assert no_tok.returncode == 2 and "--tokenizer" in no_tok.stderr and not (tmp_path / "dit2").exists()
-    sampled = subprocess.run([*run, "sample", "--model", f"dit={tmp_path / 'dit'}", "--steps", "8", "--num-samples",
-                              "2", "--out", str(tmp_path / "samples"), "--no-progress"],
-                             cwd=REPO, capture_output=True, text=True)
-    assert sampled.returncode == 0, sampled.stderr
+    assert main(["import-mdlm", str(tmp_path / "src"), str(tmp_path / "dit"), "--tokenizer", str(TOKENIZER)]) == 2
+    err = capsys.readouterr().err
+    assert "exists" in err and "Traceback" not in err
+    assert main(["import-mdlm", str(tmp_path / "src"), str(tmp_path / "dit2"), "--tokenizer",
+                 str(tmp_path / "no-tokenizer")]) == 2
+    assert "--tokenizer" in capsys.readouterr().err and not (tmp_path / "dit2").exists()
+    assert main(["sample", "--model", f"dit={tmp_path / 'dit'}", "--steps", "8", "--num-samples", "2", "--device",
+                 "cpu", "--out", str(tmp_path / "samples"), "--no-progress"]) == 0
     assert len((tmp_path / "samples" / "samples.jsonl").read_text().splitlines()) == 2
 
 
@@ -237,3 +237,32 @@ def test_a_dit_and_an_mla_model_share_a_schedule():
     result = sample(models, schedule, LogLinearNoise(1e-3), SamplerSettings(), torch.Generator().manual_seed(0), 4, 32)
     assert not (result.tokens == 299).any()
     assert {r.model for r in result.trace} == {"dit", "mla"}
+
+
+def test_models_named_on_the_hub_load_from_its_cache(tmp_path, saved_models, monkeypatch, capsys):
+    # hf:REPO[@REV] in --model: a folder of this project's layout in the Hugging Face cache samples; MDLM's own
+    # layout is refused with the import command to run (a name the cache lacks: tests/test_bad_input.py).
+    import shutil
+
+    from huggingface_hub import constants
+
+    from mdlm_sched.cli import main
+
+    cache = tmp_path / "hub"
+
+    def cached(repo: str, files_from) -> None:
+        root = cache / f"models--me--{repo}"
+        shutil.copytree(files_from, root / "snapshots" / ("0" * 40))
+        (root / "refs").mkdir()
+        (root / "refs" / "main").write_text("0" * 40)
+
+    cached("tiny", saved_models["small"])
+    cached("dit", hf_folder(tmp_path / "dit", mdlm_state(), False))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = ["sample", "--steps", "4", "--num-samples", "1", "--device", "cpu", "--no-progress"]
+    assert main([*run, "--model", "m=hf:me/tiny", "--out", str(tmp_path / "s")]) == 0
+    assert (tmp_path / "s" / "samples.jsonl").is_file()
+    capsys.readouterr()
+    assert main([*run, "--model", "m=hf:me/dit", "--out", str(tmp_path / "dit-samples")]) == 2
+    assert "mdlm-sched import-mdlm hf:me/dit OUT" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from mdlm_sched.artifacts import HF_CONFIG, HF_WEIGHTS, model_folder
 from mdlm_sched.errors import CheckpointError
+from mdlm_sched.hub import local_path
 from mdlm_sched.models.denoiser import DenoiserConfig, MDLMDenoiser
 
 
@@ -35,8 +36,9 @@ def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], 
 
 
 def load_denoiser(path: str | Path, device: torch.device | str = "cpu") -> MDLMDenoiser:
-    """Load a denoiser saved by training (a model folder or a training run folder), eval mode, float32 weights."""
-    folder = model_folder(path)
+    """Load a denoiser saved by training (a model folder, a training run folder, or hf:REPO[@REVISION] of such a
+    folder), eval mode, float32 weights."""
+    folder = model_folder(local_path(str(path), f"model {path}"))
     config_file = folder / HF_CONFIG
     if not config_file.is_file():
         raise CheckpointError(f"no model at {path} (no {HF_CONFIG}); give a trained model folder or a training "
@@ -45,6 +47,9 @@ def load_denoiser(path: str | Path, device: torch.device | str = "cpu") -> MDLMD
         raw = json.loads(config_file.read_text())
     except (UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"{config_file} is not valid JSON ({exc}); re-export the model") from None
+    if raw.get("model_type") == "mdlm" or isinstance(raw.get("model"), dict):  # MDLM's or SDTT's own layout
+        raise CheckpointError(f"{path} is a checkpoint of MDLM's code, not a model folder of this project; import it "
+                              f"first: mdlm-sched import-mdlm {path} OUT --tokenizer gpt2")
     if raw.get("model_type") != DenoiserConfig.model_type:
         raise CheckpointError(f"{folder} holds a {raw.get('model_type')!r} model, not a denoiser of this project "
                               f"({DenoiserConfig.model_type!r}); give the folder of a trained MDLM")

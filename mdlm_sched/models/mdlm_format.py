@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from mdlm_sched.errors import CheckpointError
-from mdlm_sched.hub import snapshot
+from mdlm_sched.hub import local_path
 from mdlm_sched.models.denoiser import DenoiserConfig, MDLMDenoiser
 from mdlm_sched.models.loading import check_state_dict
 
@@ -98,10 +98,7 @@ def _hydra_settings(config: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _resolve(source: str) -> Path:
-    if source.startswith("hf:"):
-        repo, _, revision = source[3:].partition("@")
-        return snapshot(repo, revision or None, f"MDLM checkpoint {source}")
-    path = Path(source).expanduser()
+    path = local_path(source, f"MDLM checkpoint {source}")
     if not path.exists():
         raise CheckpointError(f"MDLM checkpoint {source} does not exist; give a folder, a .ckpt file or hf:REPO")
     return path
