@@ -123,11 +123,11 @@ def ablate(args: argparse.Namespace) -> None:
     import torch
 
     from mdlm_sched.config import load
-    from mdlm_sched.convert import attention_input_moments, objective_of
+    from mdlm_sched.convert import attention_input_moments
     from mdlm_sched.data import load_sources, load_tokenizer
     from mdlm_sched.models.loading import load_denoiser
     from mdlm_sched.models.transmla import convert_to_mla
-    from mdlm_sched.objectives import evaluate
+    from mdlm_sched.objectives import denoiser_objective, evaluate
     from mdlm_sched.runtime import STREAM_VAL, step_seed
     from mdlm_sched.train import train
 
@@ -148,7 +148,7 @@ def ablate(args: argparse.Namespace) -> None:
 
     def bound(model: torch.nn.Module) -> float:
         with torch.no_grad():
-            return math.exp(evaluate(model, objective_of(model), val, 32, device, amp,
+            return math.exp(evaluate(model, denoiser_objective(model.config), val, 32, device, amp,
                                      seed=step_seed(0, 0, STREAM_VAL)))
 
     rows.append({"model": "source", "bound": bound(source), "steps": args.source_steps})

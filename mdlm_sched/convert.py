@@ -13,15 +13,14 @@ from tqdm import tqdm
 
 from mdlm_sched.artifacts import check_writable, model_folder
 from mdlm_sched.checkpoint import export_model
-from mdlm_sched.config import NoiseConfig, RuntimeConfig
+from mdlm_sched.config import RuntimeConfig
 from mdlm_sched.data import load_sources, load_tokenizer
 from mdlm_sched.errors import ConfigError
 from mdlm_sched.hub import local_path
 from mdlm_sched.models.denoiser import MDLMDenoiser
 from mdlm_sched.models.loading import load_denoiser
 from mdlm_sched.models.transmla import check_conversion, convert_to_mla
-from mdlm_sched.noise import make_noise
-from mdlm_sched.objectives import MDLMObjective, evaluate
+from mdlm_sched.objectives import denoiser_objective, evaluate
 from mdlm_sched.runtime import autocast, autocast_dtype, configure_backends, resolve_device
 
 CALIBRATION_SEED = 0  # noise draws of the calibration pass and of both bounds
@@ -48,18 +47,12 @@ def kv_elements(model: MDLMDenoiser) -> int:
     return 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
 
 
-def objective_of(model: MDLMDenoiser) -> MDLMObjective:
-    """The NELBO of a loaded denoiser, with the forward process it was trained with."""
-    c = model.config
-    return MDLMObjective(make_noise(c.noise_schedule, c.noise_eps), c.mask_token_id, NoiseConfig().sampling_eps)
-
-
 @torch.no_grad()
 def attention_input_moments(model: MDLMDenoiser, blocks: np.ndarray, batch_size: int, device: torch.device,
                             amp: torch.dtype | None, progress: bool = True) -> list[torch.Tensor]:
     """E[x x^T] [d, d] (float64) of every block's attention input over the tokens of blocks [N, L], each block
     masked at a random time as in training (the denoiser sees noised inputs, so the statistics must too)."""
-    objective = objective_of(model)
+    objective = denoiser_objective(model.config)
     sums = [torch.zeros(model.config.hidden_size, model.config.hidden_size, dtype=torch.float64, device=device)
             for _ in model.blocks]
 
@@ -108,7 +101,7 @@ def convert_command(source: str, out: str, kv_lora_rank: int, rope_dim: int, cal
         moments = attention_input_moments(model, blocks, CALIBRATION_BATCH, device, amp, progress)
     converted = convert_to_mla(model, kv_lora_rank, rope_dim, moments).to(device)
     if calibration is not None:
-        bounds = tuple(math.exp(evaluate(m, objective_of(m), blocks, CALIBRATION_BATCH, device, amp,
+        bounds = tuple(math.exp(evaluate(m, denoiser_objective(m.config), blocks, CALIBRATION_BATCH, device, amp,
                                          seed=CALIBRATION_SEED)) for m in (model, converted))
     export_model(converted, tokenizer, out_path)
     return Conversion(kv_elements(model), kv_elements(converted), len(blocks), *bounds)

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mdlm_sched.config import RunConfig
+from mdlm_sched.config import NoiseConfig, RunConfig
 from mdlm_sched.diffusion import corrupt, nelbo_terms, sample_times
+from mdlm_sched.models.denoiser import DenoiserConfig
 from mdlm_sched.noise import LogLinearNoise, make_noise
 from mdlm_sched.runtime import autocast
 
@@ -64,6 +65,12 @@ def make_objective(cfg: RunConfig, mask_id: int) -> Objective:
     if cfg.model.arch == "gpt2":
         return AutoregressiveObjective()
     return MDLMObjective(make_noise(cfg.noise.schedule, cfg.noise.eps), mask_id, cfg.noise.sampling_eps)
+
+
+def denoiser_objective(config: DenoiserConfig) -> MDLMObjective:
+    """The NELBO of a saved denoiser, with the forward process it was trained with (its config's)."""
+    return MDLMObjective(make_noise(config.noise_schedule, config.noise_eps), config.mask_token_id,
+                         NoiseConfig().sampling_eps)
 
 
 @torch.no_grad()

@@ -106,12 +106,13 @@ def rope_counts(scores: list[torch.Tensor], rope_dim: int) -> torch.Tensor:
     return kept.view(total.shape).sum(1)
 
 
-def convert_layer(qkv: torch.Tensor, heads: int, kv_heads: int, counts: torch.Tensor, kv_lora_rank: int,
-                  moment: torch.Tensor) -> ConvertedLayer:
+def convert_layer(qkv: torch.Tensor, heads: int, kv_heads: int, counts: torch.Tensor, scores: torch.Tensor,
+                  kv_lora_rank: int, moment: torch.Tensor) -> ConvertedLayer:
     """One block's fused qkv weight [(H + 2G) hd, d] (float64) -> its MLA weights.
 
     counts [half]: rotary axes kept per frequency (rope_counts); in this block, the counts[i] axes of largest
-    score of frequency i are kept. moment: E[x x^T] [d, d] of the attention input.
+    score (scores [half, G]: this block's pair_scores) of frequency i are kept. moment: E[x x^T] [d, d] of the
+    attention input.
     """
     hd = qkv.shape[0] // (heads + 2 * kv_heads)
     half, rope_dim = hd // 2, 2 * int(counts.sum())
@@ -119,7 +120,7 @@ def convert_layer(qkv: torch.Tensor, heads: int, kv_heads: int, counts: torch.Te
     q, k, v = _split_qkv(qkv, heads, kv_heads, hd)
     qp = q.view(heads, 2, half, -1)  # [H, 2, half, d]
     _, axes, mixed = _rorope(k, moment)
-    order = pair_scores(qkv, heads, kv_heads, moment).argsort(dim=1, descending=True)  # [half, G]
+    order = scores.argsort(dim=1, descending=True)  # [half, G]
     kept = torch.arange(kv_heads)[None, :] < counts[:, None]  # [half, G] in score order
     kept = torch.zeros_like(kept).scatter(1, order, kept)  # [half, G (c)]
     fi, fc = kept.nonzero(as_tuple=True)  # kept pairs, by frequency then axis: [rope / 2] each
@@ -159,8 +160,10 @@ def convert_to_mla(source: MDLMDenoiser, kv_lora_rank: int, rope_dim: int,
     if moments is None:
         moments = [torch.eye(d, dtype=torch.float64)] * len(weights)
     moments = [m.double().cpu() for m in moments]
-    counts = rope_counts([pair_scores(w, heads, kv_heads, m) for w, m in zip(weights, moments)], rope_dim)
-    layers = [convert_layer(w, heads, kv_heads, counts, kv_lora_rank, m) for w, m in zip(weights, moments)]
+    scores = [pair_scores(w, heads, kv_heads, m) for w, m in zip(weights, moments)]
+    counts = rope_counts(scores, rope_dim)
+    layers = [convert_layer(w, heads, kv_heads, counts, sc, kv_lora_rank, m)
+              for w, sc, m in zip(weights, scores, moments)]
     frequencies = [f for f, n in zip(config.rotary_frequencies, counts.tolist()) for _ in range(n)]
     target = DenoiserConfig(**{
         **config.to_dict(), "attention": "mla", "q_lora_rank": 0, "kv_lora_rank": kv_lora_rank,
