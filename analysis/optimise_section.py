@@ -30,13 +30,19 @@ def is_hand_preset(label: str) -> bool:
     return label in PRESETS or placement_of(label) in PRESETS
 
 
+def _rho(predicted: np.ndarray, measured: np.ndarray) -> float:
+    """Spearman's rho, NaN where it is undefined (one side constant: no ranks to correlate)."""
+    if np.ptp(predicted) == 0 or np.ptp(measured) == 0:
+        return math.nan
+    return float(spearmanr(predicted, measured).statistic)
+
+
 def _rank_correlation(predicted: np.ndarray, measured: np.ndarray) -> tuple[float, float, float]:
-    """Spearman's rho with a bootstrap 95% interval over schedules."""
-    rho = float(spearmanr(predicted, measured).statistic)
+    """Spearman's rho with a bootstrap 95% interval over schedules (resamples of under 3 schedules left out)."""
+    rho = _rho(predicted, measured)
     rng = np.random.default_rng(0)
     picks = rng.integers(0, len(predicted), (RHO_RESAMPLES, len(predicted)))
-    draws = np.array([spearmanr(predicted[p], measured[p]).statistic if len(set(p)) > 2 else math.nan
-                      for p in picks])
+    draws = np.array([_rho(predicted[p], measured[p]) if len(set(p)) > 2 else math.nan for p in picks])
     low, high = interval(draws)
     return rho, float(low), float(high)
 

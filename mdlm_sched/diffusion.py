@@ -44,25 +44,32 @@ def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> tor
     return torch.where(unmasked[..., None], carry, log_probs)
 
 
-def masked_nll(logits: torch.Tensor, x0: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """-log p_theta(x_0 | x_t) [B, L] under SUBS at every position (the caller keeps the masked ones).
+def masked_positions(x_t: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """Flat indices [M] into x_t [B, L] of its [MASK] tokens, in order (reading M costs a host sync)."""
+    return (x_t == mask_id).flatten().nonzero().squeeze(1)
 
-    Cheaper than subs_log_probs for training: one cross-entropy, no [B, L, V] carry-over tensor.
-    The [MASK] column is excluded from the softmax (zero masking probability).
+
+def masked_nll(logits: torch.Tensor, x0: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """-log p_theta(x_0 | x_t) under SUBS at every position of logits [..., V], targets x0 [...].
+
+    The caller keeps the masked positions. Cheaper than subs_log_probs for training: one cross-entropy,
+    no carry-over tensor. The [MASK] column is excluded from the softmax (zero masking probability).
     """
     logits = forbid_mask(logits, mask_id)
-    return F.cross_entropy(logits.flatten(0, 1), x0.flatten(), reduction="none").view_as(x0)
+    return F.cross_entropy(logits.flatten(0, -2), x0.flatten(), reduction="none").view_as(x0)
 
 
-def nelbo_terms(logits: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+def nelbo_terms(logits: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, positions: torch.Tensor,
                 noise: LogLinearNoise, mask_id: int) -> torch.Tensor:
-    """Per-token continuous-time NELBO [B, L]: w(t) * -log p(x_0 | x_t) at masked positions, 0 elsewhere.
+    """Continuous-time NELBO terms [M] of the masked positions: w(t) * -log p(x_0 | x_t).
 
-    The mean over all tokens is the NELBO per token; exp of it bounds the perplexity.
+    positions [M] are masked_positions(x_t) and logits [M, V] the network's there; x0 [B, L], t [B].
+    Every other position costs 0 under SUBS (carry-over), so the NELBO per token is
+    terms.sum() / x0.numel(), and exp of it bounds the perplexity.
     """
-    nll = masked_nll(logits, x0, mask_id)
-    weight = noise.loss_weight(t)[:, None]  # [B, 1]
-    return torch.where(x_t == mask_id, weight * nll, torch.zeros_like(nll))
+    nll = masked_nll(logits, x0.flatten().index_select(0, positions), mask_id)  # [M]
+    weight = noise.loss_weight(t).index_select(0, positions // x0.shape[1])  # [M]: the row's time
+    return weight * nll
 
 
 # ----------------------------------------------------------------------------- sampling

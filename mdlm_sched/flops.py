@@ -9,6 +9,8 @@ For sampling runs (trace_flops) "full" counts the head where it ran: this sample
 the positions it decodes, so "full" is close to blocks-only there; "head everywhere" counts the
 head at every position of every sequence run, as MDLM's sampler runs it (the sandwich then saves
 about 12% rather than 16.7%, because the head is the same for both models).
+Training runs the head only at the masked positions (objectives.MDLMObjective): training_flops_per_token
+prices it at the expected masked fraction (noise.masked_fraction), about half.
 The embedding lookup costs no FLOPs; norms, activations and softmax are not matrix products and
 are left out (well under 1% at every size here).
 """
@@ -78,6 +80,12 @@ def forward_flops(config: DenoiserConfig, seq_len: int, batch: int = 1, head_tok
         c = config.cond_dim
         other = 2 * (TIME_FREQ_DIM * c + c * c + 2 * d * c) * batch
     return ForwardFlops(blocks=blocks, head=head, other=other)
+
+
+def training_flops_per_token(config: DenoiserConfig, seq_len: int, masked_fraction: float) -> float:
+    """FLOPs a training step executes per token: 3 x forward, the head at the masked fraction of positions."""
+    fwd = forward_flops(config, seq_len)  # one sequence, the head at every position
+    return 3 * (fwd.full - fwd.head * (1 - masked_fraction)) / seq_len
 
 
 @dataclass

@@ -29,6 +29,10 @@ class LogLinearNoise:
         """Total noise -log alpha(t)."""
         return -torch.log1p(-(1 - self.eps) * t)
 
+    def masked_fraction(self, sampling_eps: float) -> float:
+        """Expected fraction of tokens masked in training, E[(1 - eps) t] over t ~ U[sampling_eps, 1]."""
+        return (1 - self.eps) * (1 + sampling_eps) / 2
+
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor:
         """NELBO weight -alpha'(t) / (1 - alpha(t)) of a masked token's -log p(x_0 | x_t); = 1/t here."""
         return (1 - self.eps) / ((1 - self.eps) * t)

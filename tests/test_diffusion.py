@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from mdlm_sched.diffusion import corrupt, masked_nll, nelbo_terms, sample_times, subs_log_probs
+from mdlm_sched.diffusion import corrupt, masked_nll, masked_positions, nelbo_terms, sample_times, subs_log_probs
 from mdlm_sched.noise import LogLinearNoise, make_noise
 
 EPS = 1e-3
@@ -206,28 +206,51 @@ def test_masked_nll_matches_float64_reference() -> None:
     torch.testing.assert_close(nll[m], -lp.gather(-1, x0[..., None]).squeeze(-1)[m], rtol=1e-5, atol=1e-5)
 
 
+def test_masked_positions_are_the_mask_tokens_in_order() -> None:
+    _, _, xt, _, mask_id = _batch(24)
+    positions = masked_positions(xt, mask_id)
+    flat = xt.flatten()
+    assert (flat[positions] == mask_id).all()
+    assert int((flat == mask_id).sum()) == len(positions)
+    assert (positions.diff() > 0).all()
+
+
 def test_nelbo_terms_matches_float64_reference() -> None:
     logits, x0, xt, t, mask_id = _batch(22)
     masked = xt == mask_id
     assert masked.any() and (~masked).any()
-    terms = nelbo_terms(logits, x0, xt, t, NOISE, mask_id)
-    assert terms.shape == x0.shape
-    assert (terms[~masked] == 0).all()
-    ref = (1 / t.double())[:, None] * ref_nll64(logits, x0, mask_id)
-    torch.testing.assert_close(terms[masked].double(), ref[masked], rtol=1e-5, atol=1e-5)
-    assert (terms[masked] > 0).all()
+    positions = masked_positions(xt, mask_id)
+    terms = nelbo_terms(logits.flatten(0, 1)[positions], x0, t, positions, NOISE, mask_id)
+    assert terms.shape == positions.shape
+    ref = (1 / t.double())[:, None] * ref_nll64(logits, x0, mask_id)  # [B, L]
+    torch.testing.assert_close(terms.double(), ref[masked], rtol=1e-5, atol=1e-5)  # masked in row-major order
+    assert (terms > 0).all()
 
 
-def test_nelbo_gradients_are_finite_and_skip_unmasked_and_mask_column() -> None:
+def test_nelbo_gradients_are_finite_and_skip_mask_column() -> None:
     logits, x0, xt, t, mask_id = _batch(23)
-    logits.requires_grad_(True)
-    nelbo_terms(logits, x0, xt, t, NOISE, mask_id).mean().backward()
-    grad = logits.grad
+    positions = masked_positions(xt, mask_id)
+    head = logits.flatten(0, 1)[positions].requires_grad_(True)
+    nelbo_terms(head, x0, t, positions, NOISE, mask_id).sum().backward()
+    grad = head.grad
     assert torch.isfinite(grad).all()
-    masked = xt == mask_id
-    assert (grad[~masked] == 0).all()  # carry-over positions contribute nothing
-    assert (grad[..., mask_id] == 0).all()  # the -inf [MASK] logit gets no gradient
-    assert (grad[masked].abs().sum(-1) > 0).all()
+    assert (grad[:, mask_id] == 0).all()  # the -inf [MASK] logit gets no gradient
+    assert (grad.abs().sum(-1) > 0).all()
+
+
+@pytest.mark.parametrize("sampling_eps", [1e-3, 0.5])
+def test_masked_fraction_is_the_share_masked_in_training(sampling_eps: float) -> None:
+    """E[(1 - eps) t], t ~ U[sampling_eps, 1]: 0.5 at the defaults, 0.75 when t starts at 0.5. With 1024 strata
+    the times' mean is within 1/2048 of its expectation; the masking draws add sd sqrt(sum p(1-p)) / N."""
+    batch, length = 1024, 256
+    g = gen(41)
+    t = sample_times(batch, g, sampling_eps)
+    xt = corrupt(torch.zeros(batch, length, dtype=torch.long), t, NOISE, 1, g)
+    share = float((xt == 1).double().mean())
+    p = (1 - EPS) * t.double()
+    sd = math.sqrt(float((length * p * (1 - p)).sum())) / (batch * length)
+    expected = NOISE.masked_fraction(sampling_eps)
+    assert abs(share - expected) < 5 * sd + 1 / (2 * batch), (share, expected, sd)
 
 
 def test_uniform_predictor_nelbo_is_one_minus_eps_log_v_minus_1() -> None:
@@ -245,9 +268,9 @@ def test_uniform_predictor_nelbo_is_one_minus_eps_log_v_minus_1() -> None:
     x0 = torch.randint(0, mask_id, (batch, length), generator=g)
     t = sample_times(batch, g)
     xt = corrupt(x0, t, NOISE, mask_id, g)
-    logits = torch.zeros(batch, length, vocab)
-    terms = nelbo_terms(logits, x0, xt, t, NOISE, mask_id)
-    mean = terms.double().mean().item()
+    positions = masked_positions(xt, mask_id)
+    terms = nelbo_terms(torch.zeros(len(positions), vocab), x0, t, positions, NOISE, mask_id)
+    mean = terms.double().sum().item() / x0.numel()
 
     log_v = math.log(vocab - 1)
     target = (1 - EPS) * log_v
@@ -257,5 +280,4 @@ def test_uniform_predictor_nelbo_is_one_minus_eps_log_v_minus_1() -> None:
     assert sd < 0.02 * target  # the check is not vacuous
     assert abs(mean - target) < 5 * sd + 1e-4, (mean, target, sd)
     # per masked token the cost is exactly log(V-1) / t
-    masked = xt == mask_id
-    torch.testing.assert_close(terms[masked], (log_v / t[:, None].expand_as(terms))[masked], rtol=1e-6, atol=0)
+    torch.testing.assert_close(terms, log_v / t[positions // length], rtol=1e-6, atol=0)

@@ -10,9 +10,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
-from mdlm_sched.flops import forward_flops
+from mdlm_sched.flops import forward_flops, training_flops_per_token
 from mdlm_sched.models.denoiser import DenoiserConfig, MDLMDenoiser
 from mdlm_sched.models.mla import MLADims, MultiHeadLatentAttention, rotary_cos_sin, rotary_frequencies
+from mdlm_sched.noise import LogLinearNoise
+from mdlm_sched.objectives import MDLMObjective
 
 
 def reference_mla(layer: MultiHeadLatentAttention, x: torch.Tensor, theta: float) -> torch.Tensor:
@@ -93,6 +95,35 @@ def test_time_conditioning(tiny_denoiser_kwargs: dict) -> None:
         cond(x)
 
 
+def test_nelbo_with_the_head_at_masked_positions_equals_the_full_head_nelbo(tiny_denoiser_kwargs: dict) -> None:
+    """The objective runs the head only where x_t is masked; value and gradients match the NELBO written out
+    over every position (float64 log-softmax without the [MASK] column, weight 1/t, 0 where unmasked)."""
+    torch.manual_seed(0)
+    model = MDLMDenoiser(DenoiserConfig(**tiny_denoiser_kwargs, time_conditioning=True)).double()
+    for block in model.blocks:  # adaLN away from its zero init, so that sigma matters
+        torch.nn.init.normal_(block.ada_ln.weight, std=0.05)
+    objective = MDLMObjective(LogLinearNoise(1e-3), mask_id=299, sampling_eps=1e-3)
+    x0 = torch.randint(0, 299, (6, 32))
+    x0, xt, t = objective.prepare(x0, torch.Generator().manual_seed(3))
+    masked = xt == 299
+    assert 0 < masked.sum() < masked.numel()
+
+    loss = objective.loss(model, x0, xt, t, training=True)
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+
+    logits = model(xt, sigma=objective.noise.sigma(t), head_fp32=False)  # [B, L, V] float64: the head everywhere
+    log_p = logits[..., :299].log_softmax(-1).gather(-1, x0[..., None]).squeeze(-1)  # [MASK] column left out
+    ref = torch.where(masked, -log_p / t[:, None], torch.zeros_like(log_p)).mean()
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()), allow_unused=True)
+    # the objective's cross-entropy runs in float32 (forbid_mask), hence float32 tolerances
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-6, atol=0)
+    for g, r in zip(grads, ref_grads):
+        if r is None:
+            assert g is None or not g.any()
+        else:
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5 * float(r.abs().max()))
+
+
 @pytest.mark.parametrize("time_conditioning", [False, True])
 def test_save_load_identical_logits_and_auto_classes(tmp_path, tiny_denoiser_kwargs: dict,
                                                      time_conditioning: bool) -> None:
@@ -120,6 +151,22 @@ def _counted_flops(model: MDLMDenoiser, x: torch.Tensor, sigma: torch.Tensor) ->
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(x, sigma=sigma)
     return counter.get_total_flops()
+
+
+def test_flops_with_the_head_at_some_positions_match_flop_counter(tiny_denoiser_kwargs: dict) -> None:
+    """forward(positions=...) runs the head at M positions only; training_flops_per_token prices it there."""
+    config = DenoiserConfig(**tiny_denoiser_kwargs)
+    model = MDLMDenoiser(config).eval()
+    x = torch.randint(0, 299, (3, 32))
+    positions = torch.tensor([0, 5, 40, 95])  # 4 of the 96 positions
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        logits = model(x, positions=positions)
+    assert logits.shape == (4, 300)
+    analytic = forward_flops(config, 32, 3, head_tokens=4)
+    assert abs(analytic.full - counter.get_total_flops()) / counter.get_total_flops() < 0.01
+    assert forward_flops(config, 32, 3).full - analytic.full == 2 * 64 * 384 * 92  # d x padded V, 92 positions fewer
+    per_token = training_flops_per_token(config, 32, masked_fraction=4 / 96)
+    assert per_token * 96 == pytest.approx(3 * analytic.full, rel=1e-12)
 
 
 @pytest.mark.parametrize("overrides", [

@@ -336,13 +336,19 @@ class MDLMDenoiser(DenoiserPreTrainedModel):
         input_ids: torch.Tensor,
         sigma: torch.Tensor | None = None,
         head_fp32: bool = True,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits of p(x_0 | x_t) [B, L, vocab_size], float32 when head_fp32 (the default).
 
         head_fp32=False keeps the output head in the autocast dtype (training throughput);
         sampling and evaluation keep the default float32 head (REFERENCE.md section 3).
+        positions: flat indices [M] into the B * L positions; the head then runs only there and the
+        logits are [M, vocab_size] (the NELBO needs them at the masked positions only).
         """
-        return self.logits_from_hidden(self.hidden(input_ids, sigma), head_fp32)
+        hidden = self.hidden(input_ids, sigma)  # [B, L, d]
+        if positions is not None:
+            hidden = hidden.flatten(0, 1).index_select(0, positions)  # [M, d]
+        return self.logits_from_hidden(hidden, head_fp32)
 
 
 AutoConfig.register(DenoiserConfig.model_type, DenoiserConfig, exist_ok=True)
