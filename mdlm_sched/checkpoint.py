@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from mdlm_sched.artifacts import Checkpoint, TrainRun, atomic_dir, atomic_write_text
-from mdlm_sched.errors import CheckpointError
+from mdlm_sched.artifacts import Checkpoint, TrainRun, atomic_dir, atomic_write_text, check_writable
+from mdlm_sched.errors import CheckpointError, ConfigError
 
 TrainingState = tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]
 
@@ -64,6 +64,16 @@ def load_latest_state(run: TrainRun, stems: Sequence[str]) -> TrainingState | No
         raise CheckpointError(f"checkpoint {folder} cannot be read ({type(exc).__name__}: "
                               f"{' '.join(str(exc).split())[:200]}); {fix}") from exc
     return tensors, optimizer, meta
+
+
+def check_new_model_folder(folder: str, what: str) -> Path:
+    """The folder a command is to export a model to (export_model), checked before any work: it must not exist
+    yet, and its place must be writable. what: the model it will hold, for the message."""
+    path = Path(folder)
+    if path.exists():
+        raise ConfigError(f"{folder} exists; give a new folder for the {what}")
+    check_writable(path, "out")
+    return path
 
 
 def export_model(model: Any, tokenizer: Any, path: Path) -> None:

@@ -175,16 +175,11 @@ def _optimise(args: argparse.Namespace) -> int:
 
 
 def _import_mdlm(args: argparse.Namespace) -> int:
-    from mdlm_sched.artifacts import check_writable
-
-    out = Path(args.out)
-    if out.exists():
-        raise UserError(f"{out} exists; give a new folder for the imported model")
-    check_writable(out, "out")
-    from mdlm_sched.checkpoint import export_model
+    from mdlm_sched.checkpoint import check_new_model_folder, export_model
     from mdlm_sched.data import load_tokenizer, tokenizer_hash
     from mdlm_sched.models.mdlm_format import load_mdlm
 
+    out = check_new_model_folder(args.out, "imported model")
     tokenizer = load_tokenizer(args.tokenizer, fix="give --tokenizer the folder (or hub name) of the tokenizer the "
                                                    "model was trained with")
     model = load_mdlm(args.source, tokenizer, tokenizer_hash(tokenizer), ema=not args.no_ema)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from mdlm_sched.artifacts import check_writable, model_folder
-from mdlm_sched.checkpoint import export_model
+from mdlm_sched.artifacts import model_folder
+from mdlm_sched.checkpoint import check_new_model_folder, export_model
 from mdlm_sched.config import RuntimeConfig
 from mdlm_sched.data import load_sources, load_tokenizer
 from mdlm_sched.errors import ConfigError
@@ -80,10 +79,7 @@ def convert_command(source: str, out: str, kv_lora_rank: int, rope_dim: int, cal
                     calibration_blocks: int, cache_dir: str, runtime: RuntimeConfig,
                     progress: bool = True) -> Conversion:
     """Convert the model at `source` and export it to the new folder `out` (written only once finished)."""
-    out_path = Path(out)
-    if out_path.exists():
-        raise ConfigError(f"{out} exists; give a new folder for the converted model")
-    check_writable(out_path, "out")
+    out_path = check_new_model_folder(out, "converted model")
     if calibration_blocks < 1:
         raise ConfigError(f"--calibration-blocks {calibration_blocks} must be at least 1")
     device = resolve_device(runtime)

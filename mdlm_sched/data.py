@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # transformers takes seconds to import; only load_tokenizer n
 
 log = logging.getLogger(__name__)
 
+# What to do when a source is shorter than one block, for the training config (commands name their own option).
+SHORT_DATA_FIX = "use a smaller data.seq_len or more documents"
 # MDLM holds out the last 100k documents of the OpenWebText hub train split as validation.
 OWT_VAL_DOCS = 100_000
 
@@ -299,7 +301,7 @@ def tokenized_blocks(
     root: str | Path | None = None,
     text_field: str = "text",
     max_docs: int | None = None,
-    short_fix: str = "use a smaller data.seq_len or more documents",
+    short_fix: str = SHORT_DATA_FIX,
 ) -> np.ndarray:
     """Documents of source -> tokens -> wrapped blocks [n_blocks, seq_len], cached (read-only memmap).
 
@@ -375,7 +377,7 @@ def load_sources(
     cache_dir: str | Path,
     text_field: str = "text",
     max_docs: int | None = None,
-    short_fix: str = "use a smaller data.seq_len or more documents",
+    short_fix: str = SHORT_DATA_FIX,
 ) -> np.ndarray:
     """Blocks of several sources [sum of n_blocks, seq_len], each source wrapped (and cached) on its own."""
     parts = [tokenized_blocks(s, tokenizer, seq_len, cache_dir, text_field=text_field, max_docs=max_docs,
