@@ -151,7 +151,7 @@ def ablate(args: argparse.Namespace) -> None:
     def bound(model: torch.nn.Module) -> float:
         with torch.no_grad():
             return math.exp(evaluate(model, denoiser_objective(model.config), val, 32, device, amp,
-                                     seed=step_seed(0, 0, STREAM_VAL)))
+                                     seed=step_seed(0, 0, STREAM_VAL)).mean())
 
     rows.append({"model": "source", "bound": bound(source), "steps": args.source_steps})
     print(json.dumps(rows[-1]), flush=True)

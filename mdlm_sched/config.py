@@ -71,8 +71,11 @@ class ModelConfig:
     dropout: float = 0.1
     time_conditioning: bool = False
     cond_dim: int = 128
-    ada_ln: bool = False  # adaLN layers without time conditioning, fed sigma = 0 (MDLM's DiT)
+    # The gated (adaLN-Zero) block of MDLM's DiT, its adaLN layers fed sigma = 0 when not time-conditioned;
+    # false = plain pre-norm blocks (ablations). docs/models.md says why the gates matter.
+    ada_ln: bool = True
     head_bias: bool = False  # a bias on the output head (MDLM's DiT)
+    zero_head: bool = False  # the output head initialised at zero (MDLM's DiT's final layer)
     max_seq_len: int = 1024  # positions the model supports; data.seq_len must not exceed it
     vocab_size: int | None = None  # None = from the tokenizer (+1 for [MASK] in an mdlm)
     vocab_pad_multiple: int = 128

@@ -37,15 +37,6 @@ class Conversion:
     bound_converted: float | None
 
 
-def kv_elements(model: MDLMDenoiser) -> int:
-    """Key/value elements per token and block that a KV cache would hold: K and V of every kv head (MHA/GQA), or the
-    latent plus the shared rotary key (MLA)."""
-    c = model.config
-    if c.attention == "mla":
-        return c.kv_lora_rank + c.qk_rope_head_dim
-    return 2 * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
-
-
 @torch.no_grad()
 def attention_input_moments(model: MDLMDenoiser, blocks: np.ndarray, batch_size: int, device: torch.device,
                             amp: torch.dtype | None, progress: bool = True) -> list[torch.Tensor]:
@@ -98,6 +89,6 @@ def convert_command(source: str, out: str, kv_lora_rank: int, rope_dim: int, cal
     converted = convert_to_mla(model, kv_lora_rank, rope_dim, moments).to(device)
     if calibration is not None:
         bounds = tuple(math.exp(evaluate(m, denoiser_objective(m.config), blocks, CALIBRATION_BATCH, device, amp,
-                                         seed=CALIBRATION_SEED)) for m in (model, converted))
+                                         seed=CALIBRATION_SEED).mean()) for m in (model, converted))
     export_model(converted, tokenizer, out_path)
-    return Conversion(kv_elements(model), kv_elements(converted), len(blocks), *bounds)
+    return Conversion(model.config.kv_cache_elements, converted.config.kv_cache_elements, len(blocks), *bounds)

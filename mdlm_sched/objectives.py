@@ -27,6 +27,9 @@ class Objective(Protocol):
     def loss(self, model: torch.nn.Module, *inputs: torch.Tensor, training: bool) -> torch.Tensor:
         """Mean loss per token of one micro-batch (float32 scalar)."""
 
+    def block_losses(self, model: torch.nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+        """Loss per token of each sequence [B] (evaluation: float32 head); its mean is loss(training=False)."""
+
 
 @dataclass(frozen=True)
 class MDLMObjective:
@@ -41,15 +44,26 @@ class MDLMObjective:
         t = sample_times(x0.shape[0], generator, self.sampling_eps, device=x0.device)
         return x0, corrupt(x0, t, self.noise, self.mask_id, generator), t
 
-    def loss(self, model: torch.nn.Module, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *,
-             training: bool) -> torch.Tensor:
+    def _terms(self, model: torch.nn.Module, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+               training: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """NELBO terms [M] at the masked positions [M] (flat indices into x0 [B, L]), and those positions."""
         # Unmasked positions cost nothing under SUBS, so the output head (a quarter of the FLOPs of a
         # 12 x 768 model) runs only at the masked ones: about half of them. Under torch.compile the
         # data-dependent M splits the graph here; the part after it compiles with M dynamic.
         positions = masked_positions(x_t, self.mask_id)  # [M]
         # Training keeps the output head in the autocast dtype for speed; evaluation uses float32.
         logits = model(x_t, sigma=self.noise.sigma(t), head_fp32=not training, positions=positions)  # [M, V]
-        return nelbo_terms(logits, x0, t, positions, self.noise, self.mask_id).sum() / x0.numel()
+        return nelbo_terms(logits, x0, t, positions, self.noise, self.mask_id), positions
+
+    def loss(self, model: torch.nn.Module, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *,
+             training: bool) -> torch.Tensor:
+        return self._terms(model, x0, x_t, t, training)[0].sum() / x0.numel()
+
+    def block_losses(self, model: torch.nn.Module, x0: torch.Tensor, x_t: torch.Tensor,
+                     t: torch.Tensor) -> torch.Tensor:
+        terms, positions = self._terms(model, x0, x_t, t, training=False)
+        rows = torch.zeros(x0.shape[0], device=terms.device, dtype=terms.dtype)
+        return rows.index_add_(0, positions // x0.shape[1], terms) / x0.shape[1]  # [B]
 
 
 @dataclass(frozen=True)
@@ -62,6 +76,11 @@ class AutoregressiveObjective:
     def loss(self, model: torch.nn.Module, x0: torch.Tensor, *, training: bool) -> torch.Tensor:
         logits = model(input_ids=x0).logits  # [B, L, V]
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x0[:, 1:].flatten())
+
+    def block_losses(self, model: torch.nn.Module, x0: torch.Tensor) -> torch.Tensor:
+        logits = model(input_ids=x0).logits  # [B, L, V]
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x0[:, 1:].flatten(), reduction="none")
+        return nll.view(x0.shape[0], -1).mean(dim=1)  # [B]
 
 
 def make_objective(cfg: RunConfig, mask_id: int) -> Objective:
@@ -79,17 +98,17 @@ def denoiser_objective(config: DenoiserConfig) -> MDLMObjective:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, objective: Objective, blocks: np.ndarray, micro_batch_size: int,
-             device: torch.device, amp: torch.dtype | None, seed: int) -> float:
-    """Mean loss per token over blocks [N, L] (the same noise draws at every call for a given seed)."""
+             device: torch.device, amp: torch.dtype | None, seed: int) -> np.ndarray:
+    """Loss per token of each of blocks [N, L]: float64 [N], whose mean is the validation loss (every block has
+    the same length). The same noise draws at every call for a given seed and micro-batch size, so two models
+    evaluated alike are paired block by block (intervals over blocks: stats.paired_mean_difference)."""
     was_training = model.training
     model.eval()
     generator = torch.Generator(device=device).manual_seed(seed)
-    total, count = 0.0, 0
+    losses = []
     for start in range(0, len(blocks), micro_batch_size):
         x0 = torch.from_numpy(blocks[start:start + micro_batch_size].astype(np.int64)).to(device)
         with autocast(device, amp):
-            loss = objective.loss(model, *objective.prepare(x0, generator), training=False)
-        total += float(loss) * len(x0)  # every block has the same length, so weight by blocks
-        count += len(x0)
+            losses.append(objective.block_losses(model, *objective.prepare(x0, generator)).double())
     model.train(was_training)
-    return total / count
+    return torch.cat(losses).cpu().numpy()

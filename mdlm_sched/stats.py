@@ -72,6 +72,14 @@ def paired_mean_difference(a: Sequence[np.ndarray], b: Sequence[np.ndarray], res
     return point, float(low), float(high)
 
 
+def mean_interval(values: np.ndarray, resamples: int = RESAMPLES, seed: int = SEED) -> tuple[float, float, float]:
+    """The mean of values [n] over units (e.g. the validation loss of each block) and its 95% interval."""
+    values = np.asarray(values, dtype=np.float64)
+    counts = resample_counts(len(values), resamples, np.random.default_rng(seed))
+    low, high = interval(counts @ values / len(values))
+    return float(values.mean()), float(low), float(high)
+
+
 def pooled_ppl_interval(nll: np.ndarray, tokens: np.ndarray, resamples: int = RESAMPLES,
                         seed: int = SEED) -> tuple[float, float, float]:
     """Pooled gen PPL exp(sum NLL / sum tokens) of one set of samples and its 95% interval (unpaired)."""

@@ -44,6 +44,7 @@ from mdlm_sched.models.loading import load_denoiser
 from mdlm_sched.objectives import evaluate, make_objective
 from mdlm_sched.runtime import (STREAM_DROPOUT, STREAM_INIT, STREAM_NOISE, STREAM_VAL, autocast, autocast_dtype,
                                 configure_backends, rank_seed, step_generator, step_seed)
+from mdlm_sched.stats import mean_interval
 
 log = logging.getLogger(__name__)
 
@@ -296,12 +297,16 @@ class _Trainer:
         kind = "perplexity bound" if self.cfg.model.arch == "mdlm" else "perplexity"
         with self.ema.applied(self.model) if self.ema is not None else nullcontext():
             for i, (name, blocks) in enumerate(self.val_blocks.items()):
-                loss = evaluate(self.model, self.objective, blocks, tc.micro_batch_size, self.device, self.amp,
-                                seed=step_seed(tc.seed, i, STREAM_VAL))  # the same draws at every validation
+                losses = evaluate(self.model, self.objective, blocks, tc.micro_batch_size, self.device, self.amp,
+                                  seed=step_seed(tc.seed, i, STREAM_VAL))  # the same draws at every validation
+                loss, low, high = mean_interval(losses)  # 95% interval over the validation blocks
                 self.result.val[name] = math.exp(loss)
-                self._log(kind=LOG_VAL, step=step, source=name, loss=loss, ppl=math.exp(loss), blocks=len(blocks))
-                log.info("step %d val/%s: loss %.4f, %s %.2f (%d blocks)", step, name, loss, kind, math.exp(loss),
-                         len(blocks))
+                # The blocks' own losses let two runs validated on the same draws be compared block by block.
+                self._log(kind=LOG_VAL, step=step, source=name, loss=loss, ppl=math.exp(loss),
+                          ppl_ci=[math.exp(low), math.exp(high)], blocks=len(blocks),
+                          block_losses=[round(float(x), 6) for x in losses])
+                log.info("step %d val/%s: loss %.4f, %s %.2f [95%% CI %.2f-%.2f over %d blocks]", step, name, loss,
+                         kind, math.exp(loss), math.exp(low), math.exp(high), len(blocks))
 
     def checkpoint(self, step: int) -> None:
         """A resumable state, then the Hugging Face export of the EMA weights (rank 0)."""

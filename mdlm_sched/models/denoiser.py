@@ -3,10 +3,19 @@ configuration: Multi-head Latent Attention (attention="mla", the project's model
 grouped-query attention with a fused qkv projection (attention="mha", MDLM's DiT).
 
 Backbone features follow MDLM's DiT (REFERENCE.md section 2): rotary positions, pre-norm blocks
-without norm biases, MLP ratio 4 and GELU-tanh, dropout, and adaLN modulation. The modulation is
-computed from the noise level when time_conditioning is on; MDLM's DiT keeps the adaLN layers when
-it is off and feeds them sigma = 0, a constant vector (ada_ln=True). Without time conditioning the
-network ignores t, which is what lets a sampler reuse a prediction when a step unmasks nothing.
+without norm biases, MLP ratio 4 and GELU-tanh, dropout, and adaLN modulation.
+
+Two blocks (docs/models.md):
+- gated (ada_ln=True or time_conditioning; the presets' default): DiT's adaLN-Zero block. A per-block
+  Linear(cond_dim, 6 d) gives a shift, a scale and a gate for each residual branch,
+  h + gate * branch(norm(h) * (1 + scale) + shift); it is zero-initialised, so every block starts as the
+  identity and each branch's contribution is learned from zero. The final norm is modulated the same way
+  (shift and scale). The conditioning comes from the noise level when time_conditioning is on; MDLM's DiT
+  keeps the layers when it is off and feeds them sigma = 0, so the gates are learned constants.
+- plain (ada_ln=False, no time conditioning): h + branch(norm(h)), kept for ablations and for models
+  saved before the gated block became the default.
+Without time conditioning the network ignores t, which is what lets a sampler reuse a prediction when a
+step unmasks nothing.
 
 Input: token ids x_t [B, L] (with [MASK] = mask_token_id). Output: logits [B, L, vocab_size] of
 p(x_0 | x_t); the SUBS parameterisation (no [MASK] predictions, carry-over) lives in diffusion.py.
@@ -67,8 +76,12 @@ class DenoiserConfig(PreTrainedConfig):
         dropout: dropout on the attention and MLP outputs (MDLM: 0.1).
         time_conditioning: adaLN modulation from the noise level sigma(t) (MDLM default: off).
         cond_dim: width of the time embedding when time_conditioning or ada_ln is on (MDLM: 128).
-        ada_ln: keep the adaLN layers without time conditioning, fed sigma = 0 (MDLM's DiT).
+        ada_ln: the gated (adaLN-Zero) block without time conditioning, its adaLN layers fed sigma = 0
+            (MDLM's DiT). The default is False because a config.json without the field was written before
+            the gated block existed and describes plain blocks; every model saved now writes it.
         head_bias: the output head has a bias (MDLM's DiT).
+        zero_head: the output head starts at zero (MDLM's DiT's final layer), so every logit starts at 0;
+            an initialisation only, nothing changes in the forward pass.
         rope_theta: rotary base.
         rope_frequencies: the rotary pairs' frequencies (radians per position), one per pair; None = the
             standard ladder from rope_theta. Set by convert-mla, which keeps the source's frequencies.
@@ -102,6 +115,7 @@ class DenoiserConfig(PreTrainedConfig):
         cond_dim: int = 128,
         ada_ln: bool = False,
         head_bias: bool = False,
+        zero_head: bool = False,
         rope_theta: float = 10000.0,
         rope_frequencies: list[float] | None = None,
         rms_norm_eps: float = 1e-6,
@@ -133,6 +147,7 @@ class DenoiserConfig(PreTrainedConfig):
         self.cond_dim = cond_dim
         self.ada_ln = ada_ln
         self.head_bias = head_bias
+        self.zero_head = zero_head
         self.rope_theta = rope_theta
         self.rope_frequencies = rope_frequencies
         self.rms_norm_eps = rms_norm_eps
@@ -173,6 +188,14 @@ class DenoiserConfig(PreTrainedConfig):
         return rotary_frequencies(self.rope_dim, self.rope_theta)
 
     @property
+    def kv_cache_elements(self) -> int:
+        """Key/value elements per token and block that a KV cache would hold: K and V of every kv head (MHA/GQA),
+        or the latent plus the shared rotary key (MLA; REFERENCE.md section 4)."""
+        if self.attention == "mla":
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return 2 * self.num_key_value_heads * (self.hidden_size // self.num_attention_heads)
+
+    @property
     def interface(self) -> Interface:
         """The fields a schedule's models must share (modelset.check_compatible compares them)."""
         return Interface(**{f.name: getattr(self, f.name) for f in fields(Interface)})
@@ -205,7 +228,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class DenoiserBlock(nn.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); adaLN-modulated when conditioned."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)); gated (adaLN-Zero) when config.modulated."""
 
     def __init__(self, config: DenoiserConfig) -> None:
         super().__init__()
@@ -263,7 +286,7 @@ class DenoiserPreTrainedModel(PreTrainedModel):
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
             init_role = getattr(module, "init_role", "default")
-            if init_role == "zero":  # DiT: adaLN modulation starts at identity
+            if init_role == "zero":  # DiT: adaLN modulation starts at identity (and the head at zero logits)
                 init.zeros_(module.weight)
             elif init_role == "residual":  # GPT-2 / nanoGPT: residual outputs scaled by 1/sqrt(2 n_layer)
                 init.normal_(module.weight, mean=0.0, std=std / math.sqrt(2 * self.config.num_hidden_layers))
@@ -292,6 +315,8 @@ class MDLMDenoiser(DenoiserPreTrainedModel):
             self.final_ada_ln.init_role = "zero"
         # Padded rows of the head are real parameters but their logits are cut off before returning.
         self.lm_head = nn.Linear(d, config.padded_vocab_size, bias=config.head_bias)
+        if config.zero_head:
+            self.lm_head.init_role = "zero"
         self.post_init()
 
     def hidden(self, input_ids: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,269 @@
+"""MDLM's gated block around MLA, measured against MDLM's DiT at the same recipe (reports/mla-recipe).
+
+Every run trains a 12 x 768 (or 4 x 768) MDLM through the real trainer on the default mixture with one
+recipe: batch 32 x 1024, lr 6e-4 with 300 warm-up steps then a cosine to 0.1 of it, betas (0.9, 0.95),
+no dropout, EMA 0.9999, bf16, torch.compile. Every run validates on the same blocks with the same noise
+draws (train.seed 0, micro-batch 32), so two runs are compared block by block: the difference of their
+OWT bounds gets a paired 95% bootstrap interval over the validation blocks. The training seed is the same
+for every run and there is one run per shape: the intervals cover the choice of validation blocks and
+masks, not the spread between training seeds.
+
+    # on the GPU: train the named runs (NAME:STEPS), several at once; rerunning resumes unfinished runs
+    python benchmarks/mla_recipe.py run --data-root .carry --out /tmp/recipe --runs dit12:1000 gated12:1000 \
+        --collect $OUT/data
+    # tables and the figure from the collected logs
+    python benchmarks/mla_recipe.py report reports/mla-recipe/data --out reports/mla-recipe
+
+Runs launched together share the GPU: their tokens/s are what each got while sharing it (runs.json records
+which ran together), not the speed of the shape alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def gated_mla(preset: str, latent: int = 256, rope: int = 32, nope: int = 64, *extra: str) -> list[str]:
+    """Model words of a gated MLA model of the preset's depth, its shape pinned."""
+    return [f"model={preset}", "model.ada_ln=true", f"model.kv_lora_rank={latent}", f"model.qk_rope_head_dim={rope}",
+            f"model.qk_nope_head_dim={nope}", *extra]
+
+
+# The shapes measured: name -> model words after the recipe. Each pins its shape, so that a run repeats what
+# reports/mla-recipe measured whatever the presets say now.
+RUNS: dict[str, list[str]] = {
+    "dit12": ["model=dit_small"],  # MDLM's DiT: MHA, 12 heads of 64, rotary on the whole head, gated, head bias
+    "dit4": ["model=dit_small", "model.num_hidden_layers=4"],
+    "plain12": [*gated_mla("large"), "model.ada_ln=false"],  # the MLA preset before the gated block
+    "gated12": gated_mla("large"),
+    "rope64": gated_mla("large", rope=64),
+    "latent320": gated_mla("large", latent=320, rope=64),
+    "nope32": gated_mla("large", rope=64, nope=32),
+    "nokvnorm": gated_mla("large", 256, 32, 64, "model.kv_norm=false"),
+    "mdlmhead": gated_mla("large", 256, 32, 64, "model.head_bias=true", "model.zero_head=true"),
+    "small": gated_mla("small"),
+    "small_rope64": gated_mla("small", rope=64),
+}
+VAL_BATCHES = 12  # 384 validation blocks per source (fewer where a source has fewer)
+
+
+def recipe(root: str, out: Path, steps: int) -> list[str]:
+    """The training words every run shares (before its model words)."""
+    return ["data=mixture", f"data.root={root}", f"data.cache_dir={out.parent / 'cache'}", "train=h200",
+            "runtime=h200", "train.batch_size=32", "train.micro_batch_size=32", "train.lr=6e-4",
+            "train.lr_schedule=cosine", "train.lr_final=0.1", "train.warmup_steps=300", "train.betas=[0.9,0.95]",
+            "train.log_every=50", "train.val_every=250", f"train.ckpt_every={min(steps, 500)}",
+            f"train.val_batches={VAL_BATCHES}", "train.keep_checkpoints=1", f"train.steps={steps}",
+            f"train.out_dir={out}"]
+
+
+def run_words(root: str, out: Path, name: str, steps: int, override: list[str]) -> list[str]:
+    """A run's words: the recipe, its model (a preset resets the model section, so dropout comes after it), and
+    --override (e.g. tiny sizes on a CPU)."""
+    return [*recipe(root, out / f"{name}-{steps}", steps), *RUNS[name], "model.dropout=0.0", *override]
+
+
+def run(args: argparse.Namespace) -> None:
+    from mdlm_sched.config import load
+    from mdlm_sched.data import load_sources, load_tokenizer
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = []
+    for item in args.runs:
+        name, _, steps = item.partition(":")
+        if name not in RUNS or not steps.isdigit():
+            raise SystemExit(f"--runs {item}: give NAME:STEPS with NAME one of {', '.join(RUNS)}")
+        plan.append((name, int(steps)))
+    # Tokenise and cache the data once, before the runs start, so that they do not all tokenise it at once.
+    cfg = load(run_words(args.data_root, out, *plan[0], args.override))
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    for source in [*cfg.data.train, *cfg.data.val.values()]:
+        load_sources([source], tokenizer, cfg.data.seq_len, cfg.data.cache_dir, cfg.data.text_field,
+                     cfg.data.max_docs)
+
+    record_file = out / "runs.json"
+    records = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    group = [f"{n}-{s}" for n, s in plan]
+    procs = []
+    for (name, steps), key in zip(plan, group):
+        console = open(out / f"{key}.console.log", "a")
+        words = run_words(args.data_root, out, name, steps, args.override)
+        procs.append((key, subprocess.Popen([sys.executable, "-m", "mdlm_sched", "train", *words, "--no-progress"],
+                                            stdout=console, stderr=subprocess.STDOUT, env=os.environ.copy())))
+        records.setdefault(key, {"words": words, "launches": []})["launches"].append(
+            {"with": group, "start": time.strftime("%Y-%m-%dT%H:%M:%S")})
+        print(f"[{time.strftime('%H:%M:%S')}] started {key}", flush=True)
+    for key, proc in procs:
+        code = proc.wait()
+        records[key]["launches"][-1].update(end=time.strftime("%Y-%m-%dT%H:%M:%S"), returncode=code)
+        print(f"[{time.strftime('%H:%M:%S')}] {key} exited {code}", flush=True)
+        if args.collect:
+            collect(out, key, Path(args.collect))
+    record_file.write_text(json.dumps(records, indent=1))
+    if args.collect:
+        shutil.copy(record_file, Path(args.collect) / "runs.json")
+
+
+def collect(out: Path, key: str, dest: Path) -> None:
+    """Copy a run's log, config and console output (no weights) to dest as <key>_log.jsonl etc."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for src, name in ((out / key / "log.jsonl", f"{key}_log.jsonl"), (out / key / "config.yaml", f"{key}_config.yaml"),
+                      (out / f"{key}.console.log", f"{key}.console.log")):
+        if src.is_file():
+            shutil.copy(src, dest / name)
+
+
+# --------------------------------------------------------------------------------------------- report
+
+def read_run(data: Path, key: str) -> dict:
+    """One run's facts from its collected log and config."""
+    from omegaconf import OmegaConf
+
+    from mdlm_sched.artifacts import TrainingLog
+    from mdlm_sched.models.denoiser import DenoiserConfig
+
+    log = TrainingLog.read(data / f"{key}_log.jsonl")
+    m = OmegaConf.to_container(OmegaConf.load(data / f"{key}_config.yaml"))["model"]
+    shape = DenoiserConfig(attention=m["attention"], hidden_size=m["hidden_size"],
+                           num_attention_heads=m["num_attention_heads"], num_key_value_heads=m["num_key_value_heads"],
+                           kv_lora_rank=m["kv_lora_rank"], qk_rope_head_dim=m["qk_rope_head_dim"])
+    rates = [r["tokens_per_s"] for r in log.train][2:]  # the first intervals hold compilation and warm-up
+    return {"key": key, "model": m, "parameters": log.starts[0]["parameters"],
+            "cache": shape.kv_cache_elements, "steps": log.train[-1]["step"] if log.train else 0,
+            "tokens": log.train[-1]["tokens_seen"] if log.train else 0,
+            "tokens_per_s": statistics.median(rates) if rates else None, "val": log.val}
+
+
+def final(run: dict, source: str) -> dict:
+    """The last validation record of a source."""
+    return run["val"][source][-1]
+
+
+def report(args: argparse.Namespace) -> None:
+    import math
+
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mdlm_sched.stats import paired_mean_difference
+
+    data, out = Path(args.data), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    launches = json.loads((data / "runs.json").read_text()) if (data / "runs.json").is_file() else {}
+    found = {p.name.removesuffix("_log.jsonl"): read_run(data, p.name.removesuffix("_log.jsonl"))
+             for p in sorted(data.glob("*_log.jsonl"))}
+    runs = {k: r for k, r in found.items() if r["val"]}  # a run that failed before validating has nothing to show
+    keys = sorted(runs)
+    for key in sorted(set(found) - set(runs)):
+        print(f"{key}: no validation record (the run failed before its first validation; see {key}.console.log)")
+    # The headline source (OWT in the mixture) first, then the others, as the runs validated them.
+    sources = list(dict.fromkeys(s for r in runs.values() for s in r["val"]))
+    head_src = sources[0]
+
+    def budget(key: str) -> int:
+        return int(key.rsplit("-", 1)[1])
+
+    def reference(key: str) -> str | None:
+        """The DiT (multi-head attention) run of the same depth and budget, if one was made."""
+        depth = runs[key]["model"]["num_hidden_layers"]
+        refs = [k for k in keys if k != key and runs[k]["model"]["attention"] == "mha" and budget(k) == budget(key)
+                and runs[k]["model"]["num_hidden_layers"] == depth]
+        return refs[0] if refs else None
+
+    rows, summary = [], {}
+    for key in sorted(keys, key=lambda k: (runs[k]["model"]["num_hidden_layers"], budget(k), k)):
+        r = runs[key]
+        owt = final(r, head_src)
+        cells = [f"{final(r, s)['ppl']:.2f}" if s in r["val"] else "" for s in sources]
+        ci = owt.get("ppl_ci", [math.nan, math.nan])
+        delta = ""
+        ref = reference(key)
+        entry = {"bound": owt["ppl"], "bound_ci": ci, "blocks": owt["blocks"], "cache": r["cache"],
+                 "parameters": r["parameters"], "tokens": r["tokens"], "tokens_per_s": r["tokens_per_s"],
+                 "other_sources": {s: final(r, s)["ppl"] for s in sources[1:] if s in r["val"]}}
+        if ref is not None:
+            d, lo, hi = paired_mean_difference([np.array(owt["block_losses"])],
+                                               [np.array(final(runs[ref], head_src)["block_losses"])])
+            delta = f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+            entry.update(vs=ref, delta_nats=d, delta_ci=[lo, hi])
+        summary[key] = entry
+        shared = [k for k in launches.get(key, {}).get("launches", [{}])[-1].get("with", []) if k != key]
+        rate = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else ""
+        cols = [key, r["model"]["num_hidden_layers"], describe(r["model"]), r["steps"], f"{r['tokens'] / 1e6:.1f}M",
+                f"{r['parameters'] / 1e6:.1f}M", r["cache"], f"{owt['ppl']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]", *cells[1:],
+                delta, f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "", len(shared) + 1]
+        rows.append("| " + " | ".join(str(c) for c in cols) + " |")
+    names = ["run", "blocks", "attention and block", "steps", "tokens", "parameters", "cache / token / layer",
+             f"{head_src} bound [95% CI]", *sources[1:], f"{head_src} loss vs DiT, nats [paired 95% CI]", "tokens/s",
+             "runs launched together"]
+    head = "| " + " | ".join(names) + " |\n|" + " --- |" * len(names)
+    (out / "table.md").write_text(head + "\n" + "\n".join(rows) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, depth in zip(axes, (12, 4)):
+        for key in keys:
+            r = runs[key]
+            if r["model"]["num_hidden_layers"] != depth:
+                continue
+            curve = r["val"][head_src]
+            tokens = [v["step"] * r["tokens"] / max(1, r["steps"]) / 1e6 for v in curve]
+            style = "--" if r["model"]["attention"] == "mha" else "-"
+            ax.plot(tokens, [v["ppl"] for v in curve], style, marker="o", ms=3, label=key)
+        ax.set_yscale("log")
+        ax.set_xlabel("training tokens (M)")
+        ax.set_ylabel(f"{head_src} validation perplexity bound")
+        ax.set_title(f"{depth} x 768: MLA (solid) and MDLM's DiT (dashed)")
+        ax.grid(alpha=0.3, which="both")
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    for ext in ("png", "pdf"):
+        fig.savefig(out / f"validation_curves.{ext}", dpi=130)
+    print((out / "table.md").read_text())
+
+
+def describe(m: dict) -> str:
+    """A short description of a model section: attention shape and block kind."""
+    block = "gated" if m["ada_ln"] or m["time_conditioning"] else "plain"
+    if m["attention"] == "mha":
+        kv = m["num_key_value_heads"] or m["num_attention_heads"]
+        return f"MHA {m['num_attention_heads']}x{m['hidden_size'] // m['num_attention_heads']} (kv {kv}), {block}"
+    extras = [x for x, on in (("no kv_norm", not m["kv_norm"]), ("head bias", m["head_bias"]),
+                              ("zero head", m.get("zero_head", False))) if on]
+    return (f"MLA {m['num_attention_heads']} heads, latent {m['kv_lora_rank']}, qk {m['qk_nope_head_dim']}+"
+            f"{m['qk_rope_head_dim']}, v {m['v_head_dim']}, {block}" + "".join(f", {x}" for x in extras))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="train the named runs (on the GPU), several at once")
+    p.add_argument("--data-root", required=True, help="a folder with the files of ../shared/data")
+    p.add_argument("--out", required=True)
+    p.add_argument("--runs", nargs="+", required=True, help="NAME:STEPS, launched together")
+    p.add_argument("--collect", help="copy each finished run's log and config here")
+    p.add_argument("--override", nargs="*", default=[], help="train words applied after each run's own")
+    p.set_defaults(fn=run)
+    p = sub.add_parser("report", help="table.md, summary.json and the validation-curve figure")
+    p.add_argument("data", help="the folder --collect filled")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=report)
+    args = parser.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""benchmarks/mla_recipe.py on a CPU at tiny sizes, so that the script cannot rot: runs launched together, their logs
+collected, and the report's paired comparison against the DiT of the same depth."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import REPO, SHARED_DATA
+
+TINY = ["model.hidden_size=64", "model.num_attention_heads=4", "model.kv_lora_rank=32", "model.qk_nope_head_dim=16",
+        "model.qk_rope_head_dim=8", "model.v_head_dim=16", "model.max_seq_len=64", "model.vocab_pad_multiple=1",
+        "model.num_hidden_layers=2", "runtime=cpu", "data=owt_tiny", f"data.root={SHARED_DATA}", "data.seq_len=64",
+        "train.val_every=2", "train.val_batches=1", "train.micro_batch_size=4", "train.batch_size=4",
+        "train.log_every=1"]
+
+
+def test_mla_recipe_runs_and_reports(tmp_path):
+    script = str(REPO / "benchmarks" / "mla_recipe.py")
+    data = tmp_path / "data"
+    run = subprocess.run([sys.executable, script, "run", "--data-root", str(SHARED_DATA), "--out", str(tmp_path / "r"),
+                          "--runs", "dit12:2", "gated12:2", "--collect", str(data), "--override", *TINY],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    launches = json.loads((data / "runs.json").read_text())
+    assert launches["gated12-2"]["launches"][0]["with"] == ["dit12-2", "gated12-2"]
+    report = subprocess.run([sys.executable, script, "report", str(data), "--out", str(tmp_path / "rep")], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    gated = summary["gated12-2"]
+    assert gated["vs"] == "dit12-2" and gated["delta_ci"][0] <= gated["delta_nats"] <= gated["delta_ci"][1]
+    assert "vs" not in summary["dit12-2"]
+    assert summary["gated12-2"]["cache"] == 32 + 8 and summary["dit12-2"]["cache"] == 2 * 4 * 16
+    assert summary["gated12-2"]["blocks"] >= 1 and (tmp_path / "rep" / "validation_curves.png").is_file()
