@@ -77,6 +77,9 @@ def _prompt_file(path: str) -> tuple[list[str], list[list[int]]]:
             ids.append(item["token_ids"])
         else:
             raise UserError(f"{path}:{n} has neither a \"text\" string nor a \"token_ids\" list of integers")
+    if not (texts or ids):
+        raise UserError(f"prompts file {path} holds no prompts; write one {{\"text\": ...}} per line, or leave "
+                        f"--prompts-file out to sample unconditionally")
     return texts, ids
 
 
@@ -116,6 +119,9 @@ def _analyze(args: argparse.Namespace) -> int:
     from mdlm_sched.summary import band_text
 
     out = AnalysisDir(Path(args.out))
+    if out.csv.exists() or out.json.exists():  # an analysis is hours of work on big models: never overwrite it
+        raise UserError(f"--out {args.out} already holds a per-step analysis ({out.csv.name}); give a new --out, or "
+                        f"delete that folder to analyse again")
     record = analyze_models(_models(args.model), settings, _runtime(args), out, args.seq_len,
                             progress=not args.no_progress)
     figures = per_step_figures(out.root, out.root)
@@ -245,6 +251,13 @@ def _add_sampling_run_args(p: argparse.ArgumentParser, out: str) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in one line (what is wrong, and where the usage is), not the whole usage."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mdlm_sched.config import DataConfig, ModelConfig, RuntimeConfig
     from mdlm_sched.optimise import DEFAULT_BINS, FLOPS_CONVENTIONS
@@ -252,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample, analysis = SampleConfig(), AnalysisConfig()
     # No abbreviated options: with config words between options, "--no-progres" must be an error, not a guess.
-    parser = argparse.ArgumentParser(prog="mdlm-sched", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = _Parser(prog="mdlm-sched", description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")  # a usage line that does not wrap
     sub.add_parser = functools.partial(sub.add_parser, allow_abbrev=False)
     p = sub.add_parser("train", help="train an MLA-MDLM (model.arch=mdlm) or the GPT-2 judge (model.arch=gpt2)")

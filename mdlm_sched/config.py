@@ -13,6 +13,7 @@ names the field and the fix. Interpolations such as ${data.root} are resolved; n
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -31,6 +32,12 @@ from mdlm_sched.noise import NOISE_SCHEDULES
 ARCHS = ("mdlm", "gpt2")
 LR_SCHEDULES = ("constant", "cosine")
 T = TypeVar("T")
+
+# Seeds are non-negative and below 2^31: every random stream is seeded from (seed, step, stream)
+# (runtime.step_seed), which must stay inside the 64-bit range torch generators take.
+MAX_SEED = 2**31 - 1
+# The most tokens one optimizer step may build on the device (batch_size x seq_len int64 ids: 16 GiB).
+MAX_STEP_TOKENS = 2**31
 
 # Field metadata flags. RESUME: a training run resumes only with the same value (train.py).
 RESUME = {"resume": True}
@@ -167,9 +174,13 @@ def _read_yaml(path: Path, what: str) -> Any:
     if not path.is_file():
         raise ConfigError(f"{what}: no such file {path}; check the name (presets live in {configs_dir()})")
     try:
-        return OmegaConf.load(path)
+        loaded = OmegaConf.load(path)
     except Exception as exc:  # YAML syntax errors come in many types
         raise ConfigError(f"{what}: cannot parse {path}: {str(exc).splitlines()[0]}; fix the YAML") from exc
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{what}: {path} holds a YAML list, not a mapping of settings; write it as key: value "
+                          f"lines (e.g. train: {{steps: 100}})")
+    return loaded
 
 
 def _override(cfg: Any, arg: str) -> Any:
@@ -318,7 +329,8 @@ def _validate_train(t: TrainConfig) -> None:
     require(t.batch_size % t.micro_batch_size == 0,
              f"train.batch_size={t.batch_size} is not a multiple of train.micro_batch_size={t.micro_batch_size}; "
              f"make it one")
-    require(t.lr > 0, f"train.lr={t.lr} must be > 0")
+    require(math.isfinite(t.lr) and t.lr > 0, f"train.lr={t.lr} must be a finite number > 0")
+    require(0 <= t.seed <= MAX_SEED, f"train.seed={t.seed} must be in [0, {MAX_SEED}]")
     require(len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas),
              f"train.betas={t.betas} must be two numbers in [0, 1)")
     require(t.warmup_steps >= 0, f"train.warmup_steps={t.warmup_steps} must be >= 0")
@@ -349,6 +361,9 @@ def validate(cfg: RunConfig) -> None:
     require(0 < cfg.noise.sampling_eps < 1, f"noise.sampling_eps={cfg.noise.sampling_eps} must be in (0, 1)")
     _validate_data(cfg.data, cfg.model)
     _validate_train(cfg.train)
+    require(cfg.train.batch_size * cfg.data.seq_len <= MAX_STEP_TOKENS,
+            f"train.batch_size={cfg.train.batch_size} x data.seq_len={cfg.data.seq_len} tokens per step is above "
+            f"{MAX_STEP_TOKENS:,}, more than one step's batch can hold in memory; lower train.batch_size")
     require(cfg.train.init is None or cfg.model.arch == "mdlm",
              f"train.init={cfg.train.init} starts a denoiser, but model.arch={cfg.model.arch!r}; train the judge "
              f"from scratch (drop train.init)")

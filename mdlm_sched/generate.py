@@ -150,7 +150,9 @@ def trace_table(trace: Sequence[StepRecord]) -> list[dict[str, Any]]:
 def text_prompts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     """Token ids of text prompts, each with [BOS] first (training blocks start with it)."""
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    return [[bos, *tokenizer.encode(text)] for text in texts]
+    # verbose=False: a prompt longer than the model is refused by check_prompts with its own one-line message,
+    # without the tokenizer's warning about the length first.
+    return [[bos, *tokenizer.encode(text, verbose=False)] for text in texts]
 
 
 def write_samples(path: Path, tokens: torch.Tensor, tokenizer: Any, seed: int, batch_size: int) -> None:

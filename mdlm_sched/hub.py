@@ -48,8 +48,14 @@ def snapshot(repo: str, revision: str | None, what: str, allow_patterns: list[st
     what: what the repository is for, in the error ("judge gpt2-large", "model large=hf:...").
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+    from huggingface_hub.utils import validate_repo_id
 
+    try:
+        validate_repo_id(repo)
+    except HFValidationError:
+        raise CheckpointError(f"{what}: {repo!r} is not a hub repository name; write NAME or OWNER/NAME, e.g. "
+                              f"hf:kuleshov-group/mdlm-owt[@REVISION]") from None
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=allow_patterns, local_files_only=True))
     except LocalEntryNotFoundError:

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from mdlm_sched.artifacts import HF_CONFIG, model_folder
 from mdlm_sched.distributed import ONE_PROCESS, DistContext
 from mdlm_sched.errors import CheckpointError, ConfigError
-from mdlm_sched.hub import snapshot
+from mdlm_sched.hub import HUB_PREFIX, local_path, snapshot
 from mdlm_sched.sampling_config import TOKEN_RULES
 
 PROTOCOL_CONTEXT = 1024  # the field's chunk length
@@ -81,7 +81,10 @@ def load_judge(name_or_path: str, device: torch.device | str = "cpu", context: i
     if looks_local and not (local / HF_CONFIG).is_file():
         raise CheckpointError(f"judge {name_or_path}: no {HF_CONFIG} there; give a trained judge's folder "
                               f"(or its training run folder) or a hub name such as gpt2-large")
-    source = local if looks_local else snapshot(name_or_path, None, f"judge {name_or_path}")
+    if str(name_or_path).startswith(HUB_PREFIX):  # hf:REPO[@REVISION], as models are named
+        source = local_path(str(name_or_path), f"judge {name_or_path}")
+    else:
+        source = local if looks_local else snapshot(name_or_path, None, f"judge {name_or_path}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model, info = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, output_loading_info=True)

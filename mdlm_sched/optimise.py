@@ -37,7 +37,7 @@ import numpy as np
 
 from mdlm_sched.artifacts import AnalysisDir, OptimiseDir, SweepDir, atomic_write_json, check_writable
 from mdlm_sched.errors import ConfigError
-from mdlm_sched.schedule import parse_schedule, time_grid
+from mdlm_sched.schedule import check_steps, parse_schedule, time_grid
 from mdlm_sched.summary import summarize
 
 FEATURES = {  # name -> (per_step source, metric, model column given (heavy, light))
@@ -311,6 +311,11 @@ def run_optimise(analysis: AnalysisDir, out: OptimiseDir, savings: Sequence[floa
     if not (savings or tolerances):
         raise ConfigError("give at least one FLOPs saving (--saving 0.25) or gen-PPL tolerance (--tolerance 0.05)")
     check_targets(savings, tolerances, bins, flops)
+    if steps is not None:  # None: the analysis's T
+        check_steps(steps, "--steps")
+    if sweep is not None and not sweep.results.is_file():
+        raise ConfigError(f"--sweep {sweep.root} holds no sweep results ({sweep.results.name}); give the out folder "
+                          f"of a mdlm-sched sweep, or leave --sweep out for the uncalibrated cost model")
     if not analysis.exists():
         raise ConfigError(f"{analysis.root} holds no per-step analysis ({analysis.csv.name} and {analysis.json.name})")
     check_writable(out.root, "--out")

@@ -13,16 +13,19 @@ must share (`shared_settings`); a rerun with other values is refused rather than
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mdlm_sched.artifacts import check_writable
-from mdlm_sched.config import RuntimeConfig, load_structured, require, validate_runtime
+from mdlm_sched.artifacts import SampleRun, check_writable
+from mdlm_sched.config import MAX_SEED, RuntimeConfig, load_structured, require, validate_runtime
 from mdlm_sched.data import check_source
-from mdlm_sched.schedule import DEFAULT_T_MIN, PAPER_PLACEMENTS, grid_steps
+from mdlm_sched.schedule import DEFAULT_T_MIN, PAPER_PLACEMENTS, check_steps, grid_steps
 from mdlm_sched.errors import ConfigError, DataError, SamplingError
 
 SHARED = {"shared": True}
+# Every sample is held in memory until it is written: a typo must not become an allocation that cannot succeed.
+MAX_SAMPLES = 10_000_000
 # Which judged tokens gen PPL counts (metrics.py defines each; "mdlm" is the field's).
 TOKEN_RULES = ("mdlm", "first-eos", "every-token")
 
@@ -147,6 +150,15 @@ def shared_settings(cfg: SweepConfig) -> dict:
     return {f.name: resolved[f.name] for f in fields(SweepConfig) if f.metadata.get("shared")}
 
 
+def check_seed(seed: int, what: str = "seed") -> None:
+    require(0 <= seed <= MAX_SEED, f"{what}={seed} must be in [0, {MAX_SEED}]")
+
+
+def check_num_samples(n: int, what: str = "num_samples") -> None:
+    require(1 <= n <= MAX_SAMPLES, f"{what}={n} must be in [1, {MAX_SAMPLES:,}]; split a larger run into several "
+                                   f"runs with other seeds")
+
+
 def validate_sampling(cfg: SamplingConfig) -> SamplerSettings:
     """Check the shared sampling section; return the sampler's settings (built, so checked, here)."""
     require(len(cfg.models) > 0, "no models given; name at least one, e.g. --model large=runs/large")
@@ -159,16 +171,22 @@ def validate_sampling(cfg: SamplingConfig) -> SamplerSettings:
 def validate_sample(cfg: SampleConfig) -> SamplerSettings:
     """Check a SampleConfig; return the sampler's settings."""
     settings = validate_sampling(cfg)
-    require(cfg.steps >= 1, f"steps={cfg.steps} must be >= 1")
-    require(cfg.num_samples >= 1, f"num_samples={cfg.num_samples} must be >= 1")
+    check_steps(cfg.steps)
+    check_num_samples(cfg.num_samples)
+    check_seed(cfg.seed)
     require(not (cfg.prompts and cfg.prompt_token_ids), "give prompts as texts or as token ids, not both")
     check_writable(cfg.out_dir, "out_dir")
+    written = [p.name for p in (SampleRun(Path(cfg.out_dir)).samples, SampleRun(Path(cfg.out_dir)).record)
+               if p.exists()]
+    require(not written, f"out_dir={cfg.out_dir} already holds a sampling run ({', '.join(written)}); give a new "
+                         f"--out, or delete that folder to sample it again")
     return settings
 
 
 def validate_analysis(cfg: AnalysisConfig) -> None:
     """Check an AnalysisConfig's values (its schedules to shade are parsed once the models are known)."""
-    require(cfg.steps >= 1, f"analysis steps={cfg.steps} must be >= 1")
+    check_steps(cfg.steps, "analysis steps")
+    check_seed(cfg.seed, "analysis seed")
     grid_steps(cfg.steps, cfg.grid)
     require(0.0 <= cfg.t_min < 1.0, f"t_min={cfg.t_min} must be in [0, 1)")
     for name in ("num_blocks", "batch_size"):
@@ -193,16 +211,23 @@ def validate_sweep(cfg: SweepConfig) -> SamplerSettings:
         require(bool(group.placements) == bool(group.fractions),
                 f"groups.{name}: placements and fractions go together; give both or neither")
         require(group.segments >= 0, f"groups.{name}.segments={group.segments} must be >= 0")
-        require(group.num_samples is None or group.num_samples >= 1,
-                f"groups.{name}.num_samples={group.num_samples} must be >= 1")
-        require(group.step_counts is None or (len(group.step_counts) > 0 and min(group.step_counts) >= 1),
-                f"groups.{name}.step_counts={group.step_counts} must list step counts >= 1")
+        if group.num_samples is not None:
+            check_num_samples(group.num_samples, f"groups.{name}.num_samples")
+        require(group.step_counts is None or len(group.step_counts) > 0,
+                f"groups.{name}.step_counts is empty; list at least one step count")
+        for steps in group.step_counts or []:
+            check_steps(steps, f"groups.{name}.step_counts entry")
         require(group.seeds is None or len(group.seeds) > 0, f"groups.{name}.seeds is empty; list at least one")
-    require(len(cfg.step_counts) > 0 and min(cfg.step_counts) >= 1,
-            f"step_counts={cfg.step_counts} must list step counts >= 1")
+        for seed in group.seeds or []:
+            check_seed(seed, f"groups.{name}.seeds entry")
+    require(len(cfg.step_counts) > 0, "step_counts is empty; list at least one step count")
+    for steps in cfg.step_counts:
+        check_steps(steps, "step_counts entry")
     require(len(cfg.seeds) > 0, "seeds is empty; list at least one seed")
-    for name in ("num_samples", "judge_batch_size"):
-        require(getattr(cfg, name) >= 1, f"{name}={getattr(cfg, name)} must be >= 1")
+    for seed in cfg.seeds:
+        check_seed(seed, "seeds entry")
+    check_num_samples(cfg.num_samples)
+    require(cfg.judge_batch_size >= 1, f"judge_batch_size={cfg.judge_batch_size} must be >= 1")
     require(cfg.token_rule in TOKEN_RULES, f"token_rule={cfg.token_rule!r} is unknown; use one of "
                                            f"{', '.join(TOKEN_RULES)}")
     require(not cfg.mauve or (bool(cfg.reference.sources) and len(cfg.mauve_seeds) > 0),

@@ -39,6 +39,14 @@ PLACEMENTS = tuple(p for p in PRESETS if not p.startswith("all-"))
 PAPER_PLACEMENTS = ("early-small", "late-small", "sandwich", "small-in-the-middle")
 DEFAULT_FRACTION = 0.25
 DEFAULT_T_MIN = 1e-5  # MDLM samples on linspace(1, 1e-5, T + 1)
+# The most denoising steps a schedule may have: it is a list of T steps, so a typo must not become a huge one.
+MAX_STEPS = 1_000_000
+
+
+def check_steps(steps: int, what: str = "steps") -> None:
+    """T must be a step count a schedule can hold: 1 to MAX_STEPS (ScheduleError otherwise)."""
+    if not 1 <= steps <= MAX_STEPS:
+        raise ScheduleError(f"{what}={steps} must be in [1, {MAX_STEPS:,}] (denoising steps T)")
 
 _SEGMENT = re.compile(r"^([A-Za-z][A-Za-z0-9_\-]*?):?(\d+)$")
 _THRESHOLD = re.compile(r"^([A-Za-z][A-Za-z0-9_\-]*?)>([0-9.eE+\-]+)$")
@@ -180,8 +188,7 @@ def parse_schedule(spec: str, steps: int, names_light_to_heavy: Sequence[str],
     names_light_to_heavy: the models, lightest first (presets and the H/L keys use both ends).
     t_min: the end of the sampler's time grid (t-thresholds are placed on it).
     """
-    if steps < 1:
-        raise ScheduleError(f"steps={steps} must be >= 1")
+    check_steps(steps)
     if not names_light_to_heavy:
         raise ScheduleError("a schedule needs at least one model")
     spec = spec.strip()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import lzma
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -63,7 +64,36 @@ def _cases(tmp: Path, models: dict[str, Path]) -> dict[str, tuple[list[str], str
     split_yaml = tmp / "split.yaml"
     split_yaml.write_text(sweep_yaml.read_text().replace("[all-large]", "[L2,H6]").replace(
         str(bad["not_xz"]), str(OWT_VAL)).replace("sweep_ref", "sweep_split"))
+    yaml_list = tmp / "list.yaml"
+    yaml_list.write_text("- model=tiny\n- train.steps=2\n")
+    analysed = tmp / "analysed"
+    analysed.mkdir()
+    (analysed / "per_step.csv").write_text("earlier analysis\n")
+    analyze = ["analyze", "--model", f"small={small}", "--model", f"large={large}", "--steps", "8", "--grid", "2",
+               "--seq-len", "64", "--data", str(OWT_VAL), "--cache-dir", str(tmp / "c7")]
     return {
+        "train_seed_negative": (_train_words(tmp / "t6", tmp / "c8", "train.seed=-1"),
+                                "train.seed=-1 must be in [0, 2147483647]", tmp / "t6"),
+        "train_lr_inf": (_train_words(tmp / "t7", tmp / "c9", "train.lr=inf"),
+                         "train.lr=inf must be a finite number > 0", tmp / "t7"),
+        "train_batch_huge": (_train_words(tmp / "t8", tmp / "c10", "train.batch_size=100000000"),
+                             "tokens per step is above 2,147,483,648", tmp / "t8"),
+        "config_yaml_list": (["train", str(yaml_list)], "holds a YAML list, not a mapping", tmp / "nothing"),
+        "sample_num_samples_not_int": ([*sample, "--num-samples", "1e12", "--out", str(tmp / "s4")],
+                                       "argument --num-samples: invalid int value: '1e12'", tmp / "s4"),
+        "sample_prompt_too_long": ([*sample, "--prompt", "word " * 300, "--out", str(tmp / "s5")],
+                                   "prompt 0 has", tmp / "s5"),
+        "sweep_hub_judge": (["sweep", str(sweep_yaml), "judge=hf:gpt2-large", f"reference.sources.owt={OWT_VAL}",
+                             f"out_dir={tmp / 'sweep_hf'}"],
+                            "gpt2-large is not in the local Hugging Face cache", tmp / "sweep_hf" / "results.jsonl"),
+        "optimise_missing_sweep": (["optimise", "--analysis", str(analysed), "--sweep", str(tmp / "no_sweep"),
+                                    "--saving", "0.25", "--out", str(tmp / "o1")], "holds no sweep results", tmp / "o1"),
+        "optimise_steps_zero": (["optimise", "--analysis", str(analysed), "--steps", "0", "--saving", "0.25",
+                                 "--out", str(tmp / "o2")], "--steps=0 must be in [1, 1,000,000]", tmp / "o2"),
+        "analyze_out_exists": ([*analyze, "--out", str(analysed)], "already holds a per-step analysis",
+                               analysed / "per_step.json"),
+        "analyze_too_many_blocks": ([*analyze, "--num-blocks", "100000", "--out", str(tmp / "a2")],
+                                    "asks for more blocks than", tmp / "a2"),
         "train_truncated_xz": (_train_words(tmp / "t1", tmp / "c1", f"data.train=[{bad['truncated']}]"),
                                f"{bad['truncated']} is not an xz file or is cut short", tmp / "t1"),
         "train_not_xz": (_train_words(tmp / "t2", tmp / "c2", f"data.train=[{bad['not_xz']}]"),
@@ -98,13 +128,18 @@ def _cases(tmp: Path, models: dict[str, Path]) -> dict[str, tuple[list[str], str
     }
 
 
+def _quiet(words: list[str]) -> list[str]:
+    """--no-progress for every command that shows progress (optimise shows none, and has no such option)."""
+    return [] if words[0] == "optimise" else ["--no-progress"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, saved_models) -> dict[str, tuple[int, str, str, Path]]:
     tmp = tmp_path_factory.mktemp("bad_input")
     # The hub is this machine's port 9 (nothing listens): "cannot be reached" at once, and no traffic leaves.
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp / "hf_home")}
     env.pop("HF_HUB_OFFLINE", None)
-    procs = {name: (subprocess.Popen([sys.executable, "-m", "mdlm_sched", *words, "--no-progress"], cwd=REPO, env=env,
+    procs = {name: (subprocess.Popen([sys.executable, "-m", "mdlm_sched", *words, *_quiet(words)], cwd=REPO, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), fragment, absent)
              for name, (words, fragment, absent) in _cases(tmp, saved_models).items()}
     return {name: (proc.wait(timeout=300), proc.stdout.read(), proc.stderr.read(), fragment, absent)
@@ -115,16 +150,19 @@ def runs(tmp_path_factory, saved_models) -> dict[str, tuple[int, str, str, Path]
                                   "override_not_yaml", "option_between_config_words", "prompts_not_utf8",
                                   "sample_out_under_a_file",
                                   "config_and_weights_disagree", "analysis_data_truncated", "reference_not_xz",
-                                  "yaml_split_segments", "hub_judge_offline"])
+                                  "yaml_split_segments", "hub_judge_offline", "train_seed_negative", "train_lr_inf",
+                                  "train_batch_huge", "config_yaml_list", "sample_num_samples_not_int",
+                                  "sample_prompt_too_long", "sweep_hub_judge", "optimise_missing_sweep",
+                                  "optimise_steps_zero", "analyze_out_exists", "analyze_too_many_blocks"])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing_behind(runs, name):
     code, stdout, stderr, fragment, absent = runs[name]
     assert code == 2, stderr[-3000:]
     assert "Traceback" not in stderr and "Traceback" not in stdout
-    lines = stderr.strip().splitlines()
-    if name == "option_between_config_words":  # argparse's own error: its usage line, then the error
-        assert len(lines) == 2 and lines[0].startswith("usage: ") and fragment in lines[1], stderr
-    else:  # one line and nothing else: no progress bars, no warnings
-        assert len(lines) == 1 and lines[0].startswith("mdlm-sched: error: ") and fragment in lines[0], stderr
+    # The run's own log records (timestamped, e.g. a data cache miss) may come first; apart from them, one line and
+    # nothing else: no usage, no progress bars, no warnings (argparse's errors name the subcommand).
+    lines = [line for line in stderr.strip().splitlines() if not re.match(r"\d\d:\d\d:\d\d mdlm_sched\.", line)]
+    assert len(lines) == 1 and lines[0].startswith("mdlm-sched") and ": error: " in lines[0], stderr
+    assert fragment in lines[0], stderr
     assert not absent.exists(), f"{absent} was written for refused input"
 
 

@@ -77,6 +77,8 @@ def bad_cases(paths: dict[str, Path], tmp: Path) -> list[tuple[list[str], str]]:
     small, large = f"small={paths['small']}", f"large={paths['large']}"
     long_prompt = tmp / "long.jsonl"
     long_prompt.write_text(json.dumps({"token_ids": [464] * 128}) + "\n")
+    empty_prompts = tmp / "empty.jsonl"
+    empty_prompts.write_text("\n\n")
     bad_ids = tmp / "ids.jsonl"
     bad_ids.write_text(json.dumps({"token_ids": [464, 50300]}) + "\n")
     corrupt = tmp / "corrupt"
@@ -88,7 +90,13 @@ def bad_cases(paths: dict[str, Path], tmp: Path) -> list[tuple[list[str], str]]:
     return [
         (["--model", large, "--prompts-file", str(long_prompt)], "prompt 0 has 128 tokens but sequences have 128"),
         (["--model", large, "--prompts-file", str(bad_ids)], "token id 50300 outside the vocabulary"),
-        (["--model", large, "--steps", "0"], "steps=0 must be >= 1"),
+        (["--model", large, "--steps", "0"], "steps=0 must be in [1, 1,000,000]"),
+        (["--model", large, "--steps", str(10**12)], "steps=1000000000000 must be in [1, 1,000,000]"),
+        (["--model", large, "--seed", "-1"], "seed=-1 must be in [0, 2147483647]"),
+        (["--model", large, "--seed", str(2**63)], "seed=9223372036854775808 must be in [0, 2147483647]"),
+        (["--model", large, "--prompts-file", str(empty_prompts)], "holds no prompts"),
+        (["--model", "large=hf:"], "'' is not a hub repository name"),
+        (["--model", "large=hf:a/b/c/d"], "'a/b/c/d' is not a hub repository name"),
         (["--model", large, "--top-p", "0"], "top_p=0.0 must be in (0, 1]"),
         (["--model", large, "--top-p", "1.5"], "top_p=1.5 must be in (0, 1]"),
         (["--model", small, "--model", large, "--schedule", "sandwitch"], "is not a preset"),
@@ -98,7 +106,8 @@ def bad_cases(paths: dict[str, Path], tmp: Path) -> list[tuple[list[str], str]]:
         (["--model", f"judge={paths['judge']}"], "holds a 'gpt2' model"),
         (["--model", small, "--model", f"short={paths['short']}"], "differ in max_position_embeddings"),
         (["--model", "large"], "is not NAME=PATH"),
-        (["--model", large, "--num-samples", "0"], "num_samples=0 must be >= 1"),
+        (["--model", large, "--num-samples", "0"], "num_samples=0 must be in [1, 10,000,000]"),
+        (["--model", large, "--num-samples", str(10**12)], "num_samples=1000000000000 must be in [1, 10,000,000]"),
     ]
 
 
@@ -117,4 +126,14 @@ def test_exit_code_through_the_console_script(saved_models, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mdlm_sched", "sample", "--model", f"large={saved_models['large']}",
                            "--steps", "0"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == "mdlm-sched: error: steps=0 must be >= 1"
+    assert proc.stderr.strip().splitlines()[-1] == "mdlm-sched: error: steps=0 must be in [1, 1,000,000] (denoising steps T)"
+
+
+def test_sample_refuses_an_out_folder_that_holds_samples(saved_models, tmp_path, capsys):
+    out = tmp_path / "done"
+    out.mkdir()
+    (out / "samples.jsonl").write_text("earlier samples\n")
+    code, _, err = cli(capsys, "--model", f"large={saved_models['large']}", "--steps", "8", "--out", str(out))
+    assert code == 2 and f"out_dir={out} already holds a sampling run (samples.jsonl)" in err, err
+    assert (out / "samples.jsonl").read_text() == "earlier samples\n" and sorted(p.name for p in out.iterdir()) == [
+        "samples.jsonl"]

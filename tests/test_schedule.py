@@ -97,7 +97,8 @@ def test_segments_str_and_spec_are_kept():
     ("t:L>0.5", 1000, "the last part must be a model key"),
     ("t:L0.5,H", 1000, "is not KEY>t"),
     ("L125,H,L125", 1000, "is not KEY followed by a step count"),
-    ("all-large", 0, "steps=0 must be >= 1"),
+    ("all-large", 0, "steps=0 must be in [1, 1,000,000]"),
+    ("all-large", 10**12, "steps=1000000000000 must be in [1, 1,000,000]"),
 ])
 def test_bad_schedules_name_the_problem(spec, steps, fragment):
     with pytest.raises(ScheduleError) as info:
