@@ -4,7 +4,7 @@ No other module spells a file name. Each kind of folder has a small class that n
 
     TrainRun(out_dir)      config.yaml, log.jsonl, checkpoints/step-NNNNNNNN/, checkpoints/latest, model/
     Checkpoint(folder)     {model,ema}.safetensors, optimizer.pt, state.json
-    SampleRun(out)         samples.jsonl, trace.csv, record.json
+    SampleRun(out)         samples.jsonl, trace.csv, record.json; batches/batch-NNNNNN.json until it is done
     AnalysisDir(out)       per_step.csv, per_step.json
     SweepDir(out)          results.jsonl, failures.jsonl, sweep.json, samples/<point>.jsonl
     OptimiseDir(out)       optimise.json
@@ -276,6 +276,9 @@ class SampleRun:
     samples = _file("samples.jsonl")
     trace = _file("trace.csv")
     record = _file("record.json")
+
+    def batch(self, k: int) -> Path:  # an unfinished run's finished batch k (generate.BatchStore)
+        return self.root / "batches" / f"batch-{k:06d}.json"
 
 
 # ------------------------------------------------------------------------------ per-step analysis

@@ -4,22 +4,26 @@ A run of N samples is split into batches of `batch_size` (the last one may be sm
 dropped). Batch k draws from its own generator, seeded from (seed, k), so a run is reproducible
 from its seed and batch size, and batches can be spread over processes without changing a sample:
 under torchrun, `run_schedule` deals the batches out to the ranks and gathers them back in order.
+`mdlm-sched sample` writes each finished batch as it completes (BatchStore), so that a killed run
+resumes from its finished batches with the same samples as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from mdlm_sched.artifacts import SampleRun, atomic_file, atomic_write_json, atomic_write_text
+from mdlm_sched.artifacts import SampleRun, atomic_file, atomic_write_json, atomic_write_text, read_json
 from mdlm_sched.distributed import ONE_PROCESS, DistContext
+from mdlm_sched.errors import ConfigError
 from mdlm_sched.flops import forward_flops, trace_flops
 from mdlm_sched.modelset import ModelSet, open_models
 from mdlm_sched.provenance import provenance
@@ -39,6 +43,48 @@ class SamplingOutput:
     batch_wall_s: list[float]  # each batch's own wall-clock, in batch order (timed where it ran)
 
 
+Batch = tuple[torch.Tensor, list[StepRecord], float]  # tokens [b, L] on the CPU, its trace, its seconds
+
+
+@dataclass(frozen=True)
+class BatchStore:
+    """The finished batches of an unfinished sampling run, one file each (SampleRun.batch), each with the settings
+    that made it. Nothing is written before the first batch is done, so a run refused on the way leaves nothing."""
+
+    run: SampleRun
+    settings: dict[str, Any]  # what the samples depend on
+
+    @property
+    def folder(self) -> Path:
+        return self.run.batch(0).parent
+
+    def check(self) -> int:
+        """How many batches an earlier run with the same settings finished (ConfigError if its settings differ)."""
+        files = sorted(self.folder.glob("batch-*.json"))
+        if files and read_json(files[0], "a batch of an unfinished sampling run")["settings"] != \
+                json.loads(json.dumps(self.settings)):  # compared as they read back from the file
+            raise ConfigError(f"{self.run.root} holds an unfinished sampling run with other settings; rerun it with "
+                              f"the same settings to resume it, or give a new --out")
+        return len(files)
+
+    def load(self, k: int) -> Batch | None:
+        """Batch k if it was finished earlier."""
+        path = self.run.batch(k)
+        if not path.is_file():
+            return None
+        saved = read_json(path, f"batch {k} of an unfinished sampling run (delete it to sample it again)")
+        return torch.tensor(saved["tokens"]), [StepRecord(**r) for r in saved["trace"]], saved["seconds"]
+
+    def save(self, k: int, batch: Batch) -> None:
+        tokens, trace, seconds = batch
+        atomic_write_json(self.run.batch(k), {"settings": self.settings, "tokens": tokens.tolist(),
+                                              "trace": [asdict(r) for r in trace], "seconds": seconds})
+
+    def close(self) -> None:
+        """The run's files are written: its batches are no longer needed."""
+        shutil.rmtree(self.folder)
+
+
 def warm_up(model_set: ModelSet, settings: SamplerSettings, batch_size: int, steps: int = 8) -> None:
     """A few untimed steps of every model at this batch size, and the capture of its CUDA graphs, so that
     compilation and capture are in no timing."""
@@ -51,12 +97,13 @@ def warm_up(model_set: ModelSet, settings: SamplerSettings, batch_size: int, ste
 
 def run_schedule(model_set: ModelSet, schedule: ModelSchedule, settings: SamplerSettings, num_samples: int,
                  batch_size: int, seed: int, prompts: Sequence[Sequence[int]] = (), progress: bool = True,
-                 ctx: DistContext = ONE_PROCESS) -> SamplingOutput:
+                 ctx: DistContext = ONE_PROCESS, store: BatchStore | None = None) -> SamplingOutput:
     """Sample num_samples sequences in batches of batch_size (the last may be smaller; prompts cycled over samples).
 
     A batch's samples depend only on (seed, batch index, batch size). Under torchrun, each rank runs its
     share of the batches and every rank gets the whole output, the same as one process's; wall_s then runs
-    from a common start until the last rank's samples have been gathered.
+    from a common start until the last rank's samples have been gathered. With a store, batches finished by an
+    earlier run are read back instead of sampled, and each new one is written as soon as it is done.
     """
     if prompts:
         check_prompts(prompts, model_set.config, model_set.seq_len)
@@ -65,7 +112,9 @@ def run_schedule(model_set: ModelSet, schedule: ModelSchedule, settings: Sampler
     bar = tqdm(total=len(ctx.share(n_batches)) * len(schedule), desc=f"sampling {schedule.spec}", unit="step",
                disable=not progress, leave=False)
 
-    def run_batch(k: int) -> tuple[torch.Tensor, list[StepRecord], float]:
+    def run_batch(k: int) -> Batch:
+        if store is not None and (done := store.load(k)) is not None:
+            return done
         first = k * batch_size
         size = min(batch_size, num_samples - first)
         batch_prompts = [prompts[(first + j) % len(prompts)] for j in range(size)] if prompts else None
@@ -73,8 +122,10 @@ def run_schedule(model_set: ModelSet, schedule: ModelSchedule, settings: Sampler
         result = sample(model_set.models, schedule, model_set.noise, settings,
                         step_generator(seed, k, STREAM_SAMPLE, device), size, model_set.seq_len, batch_prompts,
                         on_step=lambda record: bar.update(1) if record.step < len(schedule) else None)
-        tokens = result.tokens.cpu()  # waits for the device
-        return tokens, result.trace, time.perf_counter() - start
+        batch = result.tokens.cpu(), result.trace, time.perf_counter() - start  # .cpu() waits for the device
+        if store is not None:
+            store.save(k, batch)
+        return batch
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
@@ -169,15 +220,18 @@ def sample_command(cfg: SampleConfig, progress: bool = True,
     from omegaconf import OmegaConf
 
     settings = validate_sample(cfg)  # before loading models: bad settings fail fast
+    out = SampleRun(Path(cfg.out_dir))
+    store = BatchStore(out, {k: v for k, v in OmegaConf.to_container(OmegaConf.structured(cfg)).items()
+                             if k not in ("runtime", "out_dir")})
+    resumed = store.check()
     model_set = open_models(cfg.models, cfg.runtime, cfg.seq_len)
     schedule = model_set.schedule(cfg.schedule, cfg.steps, cfg.t_min)
     prompts = text_prompts(model_set.tokenizer, cfg.prompts) if cfg.prompts else cfg.prompt_token_ids
     if model_set.needs_warm_up:
         warm_up(model_set, settings, cfg.batch_size)
     output = run_schedule(model_set, schedule, settings, cfg.num_samples, cfg.batch_size, cfg.seed, prompts,
-                          progress)
+                          progress, store=store)
 
-    out = SampleRun(Path(cfg.out_dir))
     flops = flops_summary(model_set, output)
     cache = cache_summary(output, cfg.steps)
     n_tokens = output.tokens.numel()
@@ -193,8 +247,10 @@ def sample_command(cfg: SampleConfig, progress: bool = True,
         "seed": cfg.seed,
         "flops": flops,
         "cache": cache,
-        "wall_s": output.wall_s,
-        "tokens_per_s": n_tokens / output.wall_s if output.wall_s > 0 else None,
+        "wall_s": output.wall_s,  # of this invocation: batches resumed from an earlier one took no time here
+        "resumed_batches": resumed,
+        # a resumed run's wall-clock does not cover the batches it read back: no rate from it
+        "tokens_per_s": n_tokens / output.wall_s if output.wall_s > 0 and not resumed else None,
         "provenance": provenance(model_set.device),
     }
     write_samples(out.samples, output.tokens, model_set.tokenizer, cfg.seed, cfg.batch_size)
@@ -203,6 +259,7 @@ def sample_command(cfg: SampleConfig, progress: bool = True,
         f"{r['step']},{r['t']:.6f},{r['s']:.6f},{r['model']},{r['run']},{r['skipped']},{r['unmasked']}\n"
         for r in rows))
     atomic_write_json(out.record, record)
+    store.close()
 
     heavy = flops["baseline_model"]
     echo(f"sampled {cfg.num_samples} x {model_set.seq_len} tokens, T={cfg.steps}, schedule {schedule.spec} "
@@ -215,7 +272,9 @@ def sample_command(cfg: SampleConfig, progress: bool = True,
     echo(f"  cache: {cache['skipped_share']:.1%} of {cache['sequence_steps']} sequence-steps needed no network call")
     echo(f"  FLOPs: blocks-only {flops['blocks_only']:.3e} ({flops['saving_blocks_only']:.1%} saved vs all-{heavy}), "
          f"full {flops['full']:.3e} ({flops['saving_full']:.1%} saved)")
-    echo(f"  wall-clock {output.wall_s:.2f} s, {record['tokens_per_s']:.0f} tokens/s on {model_set.device}")
+    rate = f"{record['tokens_per_s']:.0f} tokens/s" if record["tokens_per_s"] else \
+        f"{resumed} batches resumed from an earlier run"
+    echo(f"  wall-clock {output.wall_s:.2f} s, {rate} on {model_set.device}")
     first_text = model_set.tokenizer.decode(output.tokens[0].tolist()).replace("\n", " ")
     echo(f"  sample 0: {first_text[:160]!r}")
     echo(f"  wrote {out.samples}, {out.trace}, {out.record}")

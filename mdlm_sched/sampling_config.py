@@ -176,8 +176,8 @@ def validate_sample(cfg: SampleConfig) -> SamplerSettings:
     check_seed(cfg.seed)
     require(not (cfg.prompts and cfg.prompt_token_ids), "give prompts as texts or as token ids, not both")
     check_writable(cfg.out_dir, "out_dir")
-    written = [p.name for p in (SampleRun(Path(cfg.out_dir)).samples, SampleRun(Path(cfg.out_dir)).record)
-               if p.exists()]
+    run = SampleRun(Path(cfg.out_dir))
+    written = [p.name for p in (run.samples, run.record) if p.exists()]  # a finished run is never overwritten
     require(not written, f"out_dir={cfg.out_dir} already holds a sampling run ({', '.join(written)}); give a new "
                          f"--out, or delete that folder to sample it again")
     return settings

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -137,3 +138,34 @@ def test_sample_refuses_an_out_folder_that_holds_samples(saved_models, tmp_path,
     assert code == 2 and f"out_dir={out} already holds a sampling run (samples.jsonl)" in err, err
     assert (out / "samples.jsonl").read_text() == "earlier samples\n" and sorted(p.name for p in out.iterdir()) == [
         "samples.jsonl"]
+
+
+def test_a_killed_sample_run_keeps_its_finished_batches_and_resumes_to_the_same_samples(saved_models, tmp_path):
+    words = [sys.executable, "-m", "mdlm_sched", "sample", "--model", f"large={saved_models['large']}", "--steps",
+             "1000", "--num-samples", "8", "--batch-size", "1", "--seq-len", "64", "--no-progress"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*words, "--out", str(killed)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed / "batches" / "batch-000001.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait()
+    kept = sorted(p.name for p in (killed / "batches").glob("batch-*.json"))
+    assert len(kept) >= 2 and not (killed / "samples.jsonl").exists(), kept
+    assert len(kept) < 8, "the run finished before it was killed; the test needs slower batches"
+
+    changed = subprocess.run([*words[:-1], "--seed", "1", "--out", str(killed)], cwd=REPO, capture_output=True,
+                             text=True, timeout=300)
+    assert changed.returncode == 2 and "unfinished sampling run with other settings" in changed.stderr
+
+    for out in (killed, tmp_path / "whole"):
+        done = subprocess.run([*words, "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    resumed = json.loads((killed / "record.json").read_text())["resumed_batches"]
+    assert resumed >= len(kept) and not (killed / "batches").exists()
+
+    def samples(out):
+        return [json.loads(line)["token_ids"] for line in (out / "samples.jsonl").read_text().splitlines()]
+
+    assert samples(killed) == samples(tmp_path / "whole")
