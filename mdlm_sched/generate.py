@@ -221,8 +221,9 @@ def sample_command(cfg: SampleConfig, progress: bool = True,
 
     settings = validate_sample(cfg)  # before loading models: bad settings fail fast
     out = SampleRun(Path(cfg.out_dir))
+    # Samples depend on every setting but the folder (the runtime too: device generators and precision).
     store = BatchStore(out, {k: v for k, v in OmegaConf.to_container(OmegaConf.structured(cfg)).items()
-                             if k not in ("runtime", "out_dir")})
+                             if k != "out_dir"})
     resumed = store.check()
     model_set = open_models(cfg.models, cfg.runtime, cfg.seq_len)
     schedule = model_set.schedule(cfg.schedule, cfg.steps, cfg.t_min)
