@@ -151,10 +151,12 @@ def shared_settings(cfg: SweepConfig) -> dict:
 
 
 def check_seed(seed: int, what: str = "seed") -> None:
+    """A seed must be in [0, MAX_SEED] (config.py says why)."""
     require(0 <= seed <= MAX_SEED, f"{what}={seed} must be in [0, {MAX_SEED}]")
 
 
 def check_num_samples(n: int, what: str = "num_samples") -> None:
+    """A run holds at most MAX_SAMPLES samples."""
     require(1 <= n <= MAX_SAMPLES, f"{what}={n} must be in [1, {MAX_SAMPLES:,}]; split a larger run into several "
                                    f"runs with other seeds")
 
