@@ -212,11 +212,12 @@ def report(args: argparse.Namespace) -> None:
     (out / "table.md").write_text(head + "\n" + "\n".join(rows) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, depth in zip(axes, (12, 4)):
+    shapes = sorted({(r["model"]["num_hidden_layers"], r["model"]["hidden_size"]) for r in runs.values()}, reverse=True)
+    fig, axes = plt.subplots(1, len(shapes), figsize=(6 * len(shapes), 4.5), squeeze=False)
+    for ax, (depth, width) in zip(axes[0], shapes):
         for key in keys:
             r = runs[key]
-            if r["model"]["num_hidden_layers"] != depth:
+            if (r["model"]["num_hidden_layers"], r["model"]["hidden_size"]) != (depth, width):
                 continue
             curve = r["val"][head_src]
             tokens = [v["step"] * r["tokens"] / max(1, r["steps"]) / 1e6 for v in curve]
@@ -225,10 +226,9 @@ def report(args: argparse.Namespace) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("training tokens (M)")
         ax.set_ylabel(f"{head_src} validation perplexity bound")
-        ax.set_title(f"{depth} x 768: MLA (solid) and MDLM's DiT (dashed)")
+        ax.set_title(f"{depth} x {width}: MLA (solid) and MDLM's DiT (dashed)")
         ax.grid(alpha=0.3, which="both")
-        if ax.lines:
-            ax.legend(fontsize=7)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     for ext in ("png", "pdf"):
         fig.savefig(out / f"validation_curves.{ext}", dpi=130)

@@ -165,9 +165,9 @@ def _masked_states(model_set: ModelSet, settings: AnalysisConfig, steps: list[in
     blocks = load_sources([settings.data], model_set.tokenizer, model_set.seq_len, settings.cache_dir,
                           short_fix="give --data more text or a smaller --seq-len")
     if len(blocks) < settings.num_blocks:
-        raise ConfigError(f"num_blocks={settings.num_blocks} (--num-blocks) asks for more blocks than {settings.data} holds "
-                          f"({len(blocks)} of {model_set.seq_len} tokens); lower it to {len(blocks)} or give more "
-                          f"data")
+        raise ConfigError(f"num_blocks={settings.num_blocks} (--num-blocks) asks for more blocks than {settings.data} "
+                          f"holds ({len(blocks)} of {model_set.seq_len} tokens); lower it to {len(blocks)} or give "
+                          f"more data")
     blocks = blocks[: settings.num_blocks]
     device = model_set.device
     n_batches = -(-len(blocks) // settings.batch_size)

@@ -127,7 +127,8 @@ def test_exit_code_through_the_console_script(saved_models, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mdlm_sched", "sample", "--model", f"large={saved_models['large']}",
                            "--steps", "0"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == "mdlm-sched: error: steps=0 must be in [1, 1,000,000] (denoising steps T)"
+    assert proc.stderr.strip().splitlines()[-1] == \
+        "mdlm-sched: error: steps=0 must be in [1, 1,000,000] (denoising steps T)"
 
 
 def test_sample_refuses_an_out_folder_that_holds_samples(saved_models, tmp_path, capsys):
