@@ -16,8 +16,9 @@ from typing import Any
 from analysis import plots
 from analysis.optimise_section import optimise_section
 from analysis.sweep_section import SweepView, ratio_text, sweep_section, verdict, wall_text
-from mdlm_sched.artifacts import AnalysisDir, OptimiseDir, ReportDir, SweepDir, atomic_write_text, check_writable
+from mdlm_sched.artifacts import AnalysisDir, OptimiseDir, ReportDir, SweepDir
 from mdlm_sched.errors import ConfigError
+from mdlm_sched.fileio import atomic_write_text, check_writable
 from mdlm_sched.schedule import PAPER_PLACEMENTS
 from mdlm_sched.stats import change_verdict
 from mdlm_sched.summary import all_heavy, band_text, light_against_heavy, main_steps, paired

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from analysis import plots
-from mdlm_sched.artifacts import ReportDir, SweepDir, atomic_write_text
+from mdlm_sched.artifacts import ReportDir, SweepDir
+from mdlm_sched.fileio import atomic_write_text
 from mdlm_sched.stats import RESAMPLES, change_verdict, pooled_ppl_interval
 from mdlm_sched.summary import (fraction_rows, light_against_heavy, main_steps, pareto_front, per_sample,
                                 placement_of, summarize, token_rule)

@@ -8,7 +8,7 @@ OWT bounds gets a paired 95% bootstrap interval over the validation blocks. The 
 for every run and there is one run per shape: the intervals cover the choice of validation blocks and
 masks, not the spread between training seeds.
 
-    # on the GPU: train the named runs (NAME:STEPS), several at once; rerunning resumes unfinished runs
+    # on the GPU: train the named runs (NAME:STEPS), --parallel at a time; rerunning resumes unfinished runs
     python benchmarks/mla_recipe.py run --data-root .carry --out /tmp/recipe --runs dit12:1000 gated12:1000 \
         --collect $OUT/data
     # tables and the figure from the collected logs
@@ -47,6 +47,8 @@ RUNS: dict[str, list[str]] = {
     "rope64": gated_mla("large", rope=64),
     "latent320": gated_mla("large", latent=320, rope=64),
     "nope32": gated_mla("large", rope=64, nope=32),
+    "latent352": gated_mla("large", latent=352),  # cache 384: the 4x limit, spent on the latent
+    "v96": gated_mla("large", 256, 32, 64, "model.v_head_dim=96"),
     "nokvnorm": gated_mla("large", 256, 32, 64, "model.kv_norm=false"),
     "mdlmhead": gated_mla("large", 256, 32, 64, "model.head_bias=true", "model.zero_head=true"),
     "small": gated_mla("small"),
@@ -92,25 +94,35 @@ def run(args: argparse.Namespace) -> None:
 
     record_file = out / "runs.json"
     records = json.loads(record_file.read_text()) if record_file.is_file() else {}
-    group = [f"{n}-{s}" for n, s in plan]
-    procs = []
-    for (name, steps), key in zip(plan, group):
-        console = open(out / f"{key}.console.log", "a")
-        words = run_words(args.data_root, out, name, steps, args.override)
-        procs.append((key, subprocess.Popen([sys.executable, "-m", "mdlm_sched", "train", *words, "--no-progress"],
-                                            stdout=console, stderr=subprocess.STDOUT, env=os.environ.copy())))
-        records.setdefault(key, {"words": words, "launches": []})["launches"].append(
-            {"with": group, "start": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        print(f"[{time.strftime('%H:%M:%S')}] started {key}", flush=True)
-    for key, proc in procs:
-        code = proc.wait()
-        records[key]["launches"][-1].update(end=time.strftime("%Y-%m-%dT%H:%M:%S"), returncode=code)
-        print(f"[{time.strftime('%H:%M:%S')}] {key} exited {code}", flush=True)
-        if args.collect:
-            collect(out, key, Path(args.collect))
+    pending = [(f"{n}-{s}", n, s) for n, s in plan]
+    running: dict[str, subprocess.Popen] = {}
+    limit = args.parallel or len(pending)
+    while pending or running:
+        while pending and len(running) < limit:
+            key, name, steps = pending.pop(0)
+            console = open(out / f"{key}.console.log", "a")
+            words = run_words(args.data_root, out, name, steps, args.override)
+            running[key] = subprocess.Popen([sys.executable, "-m", "mdlm_sched", "train", *words, "--no-progress"],
+                                            stdout=console, stderr=subprocess.STDOUT, env=os.environ.copy())
+            # "with": every run that shared the GPU with this one at some time (filled in as others start).
+            records.setdefault(key, {"words": words, "launches": []})["launches"].append(
+                {"with": sorted(running), "start": time.strftime("%Y-%m-%dT%H:%M:%S")})
+            for other in running:
+                launch = records[other]["launches"][-1]
+                launch["with"] = sorted({*launch["with"], key})
+            print(f"[{time.strftime('%H:%M:%S')}] started {key}", flush=True)
+        time.sleep(5)
+        for key, proc in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[key]
+            records[key]["launches"][-1].update(end=time.strftime("%Y-%m-%dT%H:%M:%S"), returncode=proc.returncode)
+            print(f"[{time.strftime('%H:%M:%S')}] {key} exited {proc.returncode}", flush=True)
+            record_file.write_text(json.dumps(records, indent=1))
+            if args.collect:
+                collect(out, key, Path(args.collect))
+                shutil.copy(record_file, Path(args.collect) / "runs.json")
     record_file.write_text(json.dumps(records, indent=1))
-    if args.collect:
-        shutil.copy(record_file, Path(args.collect) / "runs.json")
 
 
 def collect(out: Path, key: str, dest: Path) -> None:
@@ -207,7 +219,7 @@ def report(args: argparse.Namespace) -> None:
         rows.append("| " + " | ".join(str(c) for c in cols) + " |")
     names = ["run", "blocks", "attention and block", "steps", "tokens", "parameters", "cache / token / layer",
              f"{head_src} bound [95% CI]", *sources[1:], f"{head_src} loss vs DiT, nats [paired 95% CI]", "tokens/s",
-             "runs launched together"]
+             "runs sharing the GPU"]
     head = "| " + " | ".join(names) + " |\n|" + " --- |" * len(names)
     (out / "table.md").write_text(head + "\n" + "\n".join(rows) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -253,7 +265,9 @@ def main() -> None:
     p = sub.add_parser("run", help="train the named runs (on the GPU), several at once")
     p.add_argument("--data-root", required=True, help="a folder with the files of ../shared/data")
     p.add_argument("--out", required=True)
-    p.add_argument("--runs", nargs="+", required=True, help="NAME:STEPS, launched together")
+    p.add_argument("--runs", nargs="+", required=True, help="NAME:STEPS, launched in this order")
+    p.add_argument("--parallel", type=int, default=0,
+                   help="at most this many runs at once (the next starts as one ends); default: all at once")
     p.add_argument("--collect", help="copy each finished run's log and config here")
     p.add_argument("--override", nargs="*", default=[], help="train words applied after each run's own")
     p.set_defaults(fn=run)

@@ -1,6 +1,6 @@
 """Training checkpoints: resumable states and Hugging Face model exports, never half-written.
 
-A state is a folder written whole under a temporary name and renamed into place (artifacts.atomic_dir);
+A state is a folder written whole under a temporary name and renamed into place (fileio.atomic_dir);
 the newest is named by the run's `latest` file, itself replaced atomically once the folder is
 complete. Loading checks that every file a state needs is there before using any of it.
 """
@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from mdlm_sched.artifacts import Checkpoint, TrainRun, atomic_dir, atomic_write_text, check_writable
+from mdlm_sched.artifacts import Checkpoint, TrainRun
 from mdlm_sched.errors import CheckpointError, ConfigError
+from mdlm_sched.fileio import atomic_dir, atomic_write_text, check_writable
 
 TrainingState = tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any], dict[str, Any]]
 

@@ -203,7 +203,11 @@ def _convert_mla(args: argparse.Namespace) -> int:
 
     runtime = RuntimeConfig(device=args.device, precision=args.precision)
     result = convert_command(args.source, args.out, args.kv_lora_rank, args.qk_rope_head_dim, args.calibration,
-                             args.calibration_blocks, args.cache_dir, runtime, progress=not args.no_progress)
+                             args.calibration_blocks, args.cache_dir, runtime, progress=not args.no_progress,
+                             **({} if args.save_every is None else {"save_every_s": args.save_every}))
+    if result.resumed_blocks:
+        print(f"resumed an unfinished conversion: {result.resumed_blocks} of {result.blocks} calibration blocks "
+              f"were done")
     print(f"converted {args.source} to MLA (latent {args.kv_lora_rank}, rotary key {args.qk_rope_head_dim}): "
           f"{result.kv_converted} key/value elements per token and block, against {result.kv_source}; "
           f"written to {args.out}")
@@ -215,7 +219,7 @@ def _convert_mla(args: argparse.Namespace) -> int:
 
 def _report(args: argparse.Namespace) -> int:
     from analysis.report import build_report
-    from mdlm_sched.artifacts import read_json
+    from mdlm_sched.fileio import read_json
 
     experiment = None
     if args.experiment:
@@ -358,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", help="data source (a local file or a hub dataset) whose noised blocks give the "
                                          "attention inputs' statistics; default: none (the weights alone)")
     p.add_argument("--calibration-blocks", type=int, default=64, help="blocks of calibration data used (default 64)")
+    p.add_argument("--save-every", type=float, metavar="SECONDS",
+                   help="seconds between saves of the calibration's progress to OUT.unfinished, from which a killed "
+                        "run resumes (default: convert.SAVE_EVERY_S, a minute)")
     p.add_argument("--cache-dir", default=data_defaults.cache_dir, help="tokenised data cache")
     p.add_argument("--device", default=runtime_defaults.device, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--precision", default=runtime_defaults.precision, help="auto (bf16 on cuda) | bf16 | fp32")
@@ -391,10 +398,10 @@ def main(argv: list[str] | None = None) -> int:
         args.config += extra
     from mdlm_sched.distributed import launch_context
 
+    # The project's own progress at INFO; libraries (matplotlib's font cache, fontTools' PDF subsetting) only warn.
     # Under torchrun, the other ranks log only warnings and errors: rank 0 speaks for the run.
-    level = logging.INFO if launch_context().is_main else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("fontTools").setLevel(logging.WARNING)  # PDF font subsetting reports every table
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("mdlm_sched").setLevel(logging.INFO if launch_context().is_main else logging.WARNING)
     try:
         return args.func(args)
     except UserError as exc:

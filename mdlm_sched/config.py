@@ -24,9 +24,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from mdlm_sched.artifacts import check_writable
 from mdlm_sched.data import check_source
 from mdlm_sched.errors import ConfigError, DataError
+from mdlm_sched.fileio import check_writable
 from mdlm_sched.noise import NOISE_SCHEDULES
 
 ARCHS = ("mdlm", "gpt2")

@@ -35,7 +35,7 @@ class GraphedHidden:
 
     def __init__(self, fn: HiddenFn, max_rows: int) -> None:
         self.fn, self.max_rows = fn, max_rows
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool: tuple[int, int] | None = None  # made at the first capture: calls above max_rows need no GPU
         self.graphs: dict[tuple[int, int, bool], _Graph] = {}
 
     def __call__(self, input_ids: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
@@ -61,6 +61,8 @@ class GraphedHidden:
                 self.graphs[(n, length, with_sigma)] = self._capture(ids, sigma)
 
     def _capture(self, input_ids: torch.Tensor, sigma: torch.Tensor | None) -> _Graph:
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
         static_ids = input_ids.clone()
         static_sigma = sigma.clone() if sigma is not None else None
         # Warm up on a side stream (compilation, autotuning, cuBLAS workspaces), as capture requires.

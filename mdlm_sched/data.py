@@ -24,8 +24,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from tqdm import tqdm
 
-from mdlm_sched.artifacts import atomic_file, data_cache_file
+from mdlm_sched.artifacts import data_cache_file
 from mdlm_sched.errors import DataError
+from mdlm_sched.fileio import atomic_file
 from mdlm_sched.hub import HUB_PREFIX
 
 if TYPE_CHECKING:  # transformers takes seconds to import; only load_tokenizer needs it at run time

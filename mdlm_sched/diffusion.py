@@ -33,17 +33,6 @@ def forbid_mask(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
     return logits.float().masked_fill(is_mask, float("-inf"))
 
 
-def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """SUBS: log p_theta(x_0 | x_t) [B, L, V] in float32.
-
-    [MASK] gets zero probability; unmasked positions copy their input token (carry-over).
-    """
-    log_probs = forbid_mask(logits, mask_id).log_softmax(dim=-1)
-    unmasked = (x_t != mask_id)
-    carry = torch.full_like(log_probs, float("-inf")).scatter_(-1, x_t[..., None], 0.0)
-    return torch.where(unmasked[..., None], carry, log_probs)
-
-
 def masked_positions(x_t: torch.Tensor, mask_id: int) -> torch.Tensor:
     """Flat indices [M] into x_t [B, L] of its [MASK] tokens, in order (reading M costs a host sync)."""
     return (x_t == mask_id).flatten().nonzero().squeeze(1)
@@ -52,8 +41,8 @@ def masked_positions(x_t: torch.Tensor, mask_id: int) -> torch.Tensor:
 def masked_nll(logits: torch.Tensor, x0: torch.Tensor, mask_id: int) -> torch.Tensor:
     """-log p_theta(x_0 | x_t) under SUBS at every position of logits [..., V], targets x0 [...].
 
-    The caller keeps the masked positions. Cheaper than subs_log_probs for training: one cross-entropy,
-    no carry-over tensor. The [MASK] column is excluded from the softmax (zero masking probability).
+    The caller keeps the masked positions (SUBS carries the unmasked ones over, at zero loss). The [MASK] column
+    is excluded from the softmax (zero masking probability).
     """
     logits = forbid_mask(logits, mask_id)
     return F.cross_entropy(logits.flatten(0, -2), x0.flatten(), reduction="none").view_as(x0)

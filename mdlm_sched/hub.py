@@ -1,33 +1,14 @@
 """The Hugging Face hub, where there is network: files of a repository, from the local cache first.
 
-Without network, huggingface_hub retries a download for about a minute and prints a page of
-warnings; here a name that is not in the local cache fails at once, with one line, when the hub
-cannot be reached.
+Whether the hub can be reached is huggingface_hub's own judgement (its endpoint, proxy settings and
+HF_HUB_OFFLINE): when it cannot, and the local cache lacks the repository, the error is one line.
 """
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 from mdlm_sched.errors import CheckpointError
-
-
-def hub_reachable(timeout_s: float = 3.0) -> bool:
-    """Whether a connection to the hub's endpoint can be opened now (False when HF_HUB_OFFLINE is set)."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return False
-    from huggingface_hub import constants
-
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
-                                 timeout=timeout_s).close()
-    except OSError:
-        return False
-    return True
 
 
 HUB_PREFIX = "hf:"  # a model or data set named by its hub repository: hf:REPO[@REVISION]
@@ -60,12 +41,12 @@ def snapshot(repo: str, revision: str | None, what: str, allow_patterns: list[st
         return Path(snapshot_download(repo, revision=revision, allow_patterns=allow_patterns, local_files_only=True))
     except LocalEntryNotFoundError:
         pass
-    if not hub_reachable():
-        raise CheckpointError(f"{what}: {repo} is not in the local Hugging Face cache and the hub cannot be reached; "
-                              f"give a local folder, or download it where there is network "
-                              f"(huggingface-cli download {repo})")
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=allow_patterns))
+    except LocalEntryNotFoundError:  # huggingface_hub's answer when the hub cannot be reached (or HF_HUB_OFFLINE)
+        raise CheckpointError(f"{what}: {repo} is not in the local Hugging Face cache and the hub cannot be reached; "
+                              f"give a local folder, or download it where there is network "
+                              f"(huggingface-cli download {repo})") from None
     except (HfHubHTTPError, OSError, ValueError) as exc:
         raise CheckpointError(f"{what}: {repo}{'@' + revision if revision else ''} cannot be downloaded "
                               f"({' '.join(str(exc).split())[:200]}); check the name and revision") from None

@@ -132,11 +132,6 @@ def first_eos_cut(ids: Sequence[int], eos_id: int) -> list[int]:
     return list(ids)
 
 
-def chunks(ids: Sequence[int], context: int) -> list[list[int]]:
-    """Consecutive pieces of at most `context` tokens; pieces of one token (nothing to score) are left out."""
-    return [list(ids[i:i + context]) for i in range(0, len(ids), context) if len(ids[i:i + context]) >= 2]
-
-
 @dataclass
 class GenPPL:
     """Generative perplexity of a set of samples under one token rule, with what it was computed from."""

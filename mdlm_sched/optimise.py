@@ -35,8 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from mdlm_sched.artifacts import AnalysisDir, OptimiseDir, SweepDir, atomic_write_json, check_writable
+from mdlm_sched.artifacts import AnalysisDir, OptimiseDir, SweepDir
 from mdlm_sched.errors import ConfigError
+from mdlm_sched.fileio import atomic_write_json, check_writable
 from mdlm_sched.schedule import check_steps, parse_schedule, time_grid
 from mdlm_sched.summary import summarize
 

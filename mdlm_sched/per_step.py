@@ -37,11 +37,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mdlm_sched.artifacts import AnalysisDir, check_writable
+from mdlm_sched.artifacts import AnalysisDir
 from mdlm_sched.config import RuntimeConfig, validate_runtime
 from mdlm_sched.data import load_sources
 from mdlm_sched.diffusion import corrupt, forbid_mask
 from mdlm_sched.errors import ConfigError
+from mdlm_sched.fileio import check_writable
 from mdlm_sched.flops import forward_flops
 from mdlm_sched.modelset import ModelSet, open_models
 from mdlm_sched.provenance import provenance

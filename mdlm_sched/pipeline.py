@@ -29,11 +29,11 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from mdlm_sched.artifacts import (PipelineDir, ReportDir, SweepResults, TrainingLog, TrainRun, atomic_write_json,
-                                  check_writable, read_json)
+from mdlm_sched.artifacts import PipelineDir, ReportDir, SweepResults, TrainingLog, TrainRun
 from mdlm_sched.config import RunConfig, RuntimeConfig, load, load_structured
 from mdlm_sched.data import load_tokenizer, tokenizer_hash
 from mdlm_sched.errors import ConfigError
+from mdlm_sched.fileio import atomic_write_json, check_writable, read_json
 from mdlm_sched.flops import forward_flops, names_light_to_heavy
 from mdlm_sched.models import denoiser_config
 from mdlm_sched.optimise import DEFAULT_BINS, FLOPS_CONVENTIONS, check_targets, run_optimise

@@ -93,8 +93,16 @@ class SampleResult:
     trace: list[StepRecord]
 
 
+def _float64_uniforms(u: torch.Tensor) -> torch.Tensor:
+    """u itself, refused unless it is float64: a float32 uniform has 2^24 levels, so upcasting it would pass the
+    checks while the draws it makes lose the tail (tokens below 6e-8 could never be drawn)."""
+    if u.dtype != torch.float64:
+        raise TypeError(f"sampling uniforms must be drawn in float64, got {u.dtype}")
+    return u
+
+
 def draw_tokens(logits: torch.Tensor, u: torch.Tensor, top_p: float = 1.0) -> torch.Tensor:
-    """One categorical draw per row of logits [K, V] by inverse CDF in float64; u [K] uniform in [0, 1).
+    """One categorical draw per row of logits [K, V] by inverse CDF in float64; u [K] float64 uniform in [0, 1).
 
     Float64 keeps the tail exact: a token of probability 1e-6 is drawn at that rate, where float32
     noise truncates the tail (Zheng et al. 2024). top_p < 1 keeps the smallest set of most likely
@@ -107,7 +115,7 @@ def draw_tokens(logits: torch.Tensor, u: torch.Tensor, top_p: float = 1.0) -> to
         mass_before = probs.cumsum(dim=-1) - probs
         probs = probs.masked_fill(mass_before >= top_p, 0.0)
     cdf = probs.cumsum(dim=-1)  # [K, V]
-    target = (u.double() * cdf[:, -1])[:, None]  # scaled by the total, which rounding keeps near 1
+    target = (_float64_uniforms(u) * cdf[:, -1])[:, None]  # scaled by the total, which rounding keeps near 1
     idx = torch.searchsorted(cdf, target, right=True)  # [K, 1] first cdf > target; V if rounding put it past the end
     # Past the end, the draw is the last token of nonzero probability (never the [MASK] id, whose probability is 0).
     last = probs.shape[-1] - 1 - (probs > 0).flip(-1).to(torch.int8).argmax(dim=-1, keepdim=True)  # [K, 1]
@@ -139,12 +147,12 @@ def check_length(seq_len: int, config: DenoiserConfig) -> None:
 def unmask_steps(u: torch.Tensor, p_unmask: Sequence[float]) -> torch.Tensor:
     """The step at which each position unmasks, [B, L] long (T = len(p_unmask): masked through all T steps).
 
-    u [B, L] uniform in [0, 1); p_unmask [T] the per-step unmask probabilities of a masked position.
+    u [B, L] float64 uniform in [0, 1); p_unmask [T] the per-step unmask probabilities of a masked position.
     A position is still masked after step i with probability S_i = prod_{j <= i} (1 - p_j); it unmasks at
     the first step with S_i <= u, which is the number of steps with S_i > u (S is non-increasing).
     """
     survival = torch.tensor(np.cumprod(1.0 - np.asarray(p_unmask, dtype=np.float64)), dtype=torch.float64)  # [T]
-    return len(p_unmask) - torch.searchsorted(survival.flip(0).to(u.device), u.double(), right=True)
+    return len(p_unmask) - torch.searchsorted(survival.flip(0).to(u.device), _float64_uniforms(u), right=True)
 
 
 @dataclass(frozen=True)

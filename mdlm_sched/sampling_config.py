@@ -17,11 +17,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from mdlm_sched.artifacts import SampleRun, check_writable
+from mdlm_sched.artifacts import SampleRun
 from mdlm_sched.config import MAX_SEED, RuntimeConfig, load_structured, require, validate_runtime
 from mdlm_sched.data import check_source
-from mdlm_sched.schedule import DEFAULT_T_MIN, PAPER_PLACEMENTS, check_steps, grid_steps
 from mdlm_sched.errors import ConfigError, DataError, SamplingError
+from mdlm_sched.fileio import check_writable
+from mdlm_sched.schedule import DEFAULT_T_MIN, PAPER_PLACEMENTS, check_steps, grid_steps
 
 SHARED = {"shared": True}
 # Every sample is held in memory until it is written: a typo must not become an allocation that cannot succeed.

@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from mdlm_sched.artifacts import (POINT, REFERENCE, TIMING, SweepDir, SweepResults, append_jsonl, atomic_file,
-                                  atomic_write_json, read_json)
+from mdlm_sched.artifacts import POINT, REFERENCE, TIMING, SweepDir, SweepResults
 from mdlm_sched.data import load_sources
 from mdlm_sched.distributed import ONE_PROCESS, DistContext, distributed
 from mdlm_sched.errors import ConfigError, ScheduleError
+from mdlm_sched.fileio import append_jsonl, atomic_file, atomic_write_json, read_json
 from mdlm_sched.generate import cache_summary, flops_summary, run_schedule, warm_up
 from mdlm_sched.metrics import (Judge, entropy_summary, judge_features, judge_tokens, load_judge, mauve_scores,
                                 score_token_ids)

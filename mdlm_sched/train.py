@@ -32,13 +32,13 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from mdlm_sched.artifacts import (LOG_RESUME, LOG_START, LOG_TRAIN, LOG_VAL, TrainRun, append_jsonl,
-                                  atomic_write_text, read_jsonl)
+from mdlm_sched.artifacts import LOG_RESUME, LOG_START, LOG_TRAIN, LOG_VAL, TrainRun
 from mdlm_sched.checkpoint import export_model, load_latest_state, save_state
 from mdlm_sched.config import RunConfig, TrainConfig, flagged_fields, to_yaml
 from mdlm_sched.data import load_sources, load_tokenizer, mask_token_id, tokenizer_hash
 from mdlm_sched.distributed import ONE_PROCESS, DistContext, distributed
 from mdlm_sched.errors import CheckpointError, ConfigError, NonFiniteLossError
+from mdlm_sched.fileio import append_jsonl, atomic_write_text, read_jsonl
 from mdlm_sched.models import build_model
 from mdlm_sched.models.loading import load_denoiser
 from mdlm_sched.objectives import evaluate, make_objective

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from mdlm_sched.artifacts import AnalysisDir, append_jsonl, read_jsonl
+from mdlm_sched.artifacts import AnalysisDir
 from mdlm_sched.cli import main
 from mdlm_sched.config import RuntimeConfig
 from mdlm_sched.errors import ConfigError, DataError, ScheduleError
+from mdlm_sched.fileio import append_jsonl, read_jsonl
 from mdlm_sched.flops import forward_flops
 from mdlm_sched.modelset import open_models
-from mdlm_sched.per_step import _kl, analyze
+from mdlm_sched.per_step import _evaluate_states, _kl, _UnitSums, analyze
 from mdlm_sched.sampling_config import AnalysisConfig, load_sweep
 from mdlm_sched.schedule import coarse_segment_specs, grid_steps
 from mdlm_sched.summary import pareto_front
@@ -104,6 +105,34 @@ def test_sweep_plan_dedups_points_and_rejects_bad_input(trained_tiny, tmp_path):
     bad = load_sweep([str(tmp_path / "s.yaml"), "groups={g: {schedules: [middle-small]}}"])
     with pytest.raises(ScheduleError, match="middle-small"):
         plan(bad, model_set.light_to_heavy)
+
+
+def test_the_kls_and_ces_of_a_batch_of_states_against_the_models_own_logits(trained_tiny):
+    # Two different models: KL(large || small) and KL(small || large) differ, so a swapped direction shows.
+    model_set = open_models({"small": str(trained_tiny["small"]), "large": str(trained_tiny["large"])}, CPU,
+                            seq_len=64)
+    mask_id = model_set.config.mask_token_id
+    targets = torch.randint(0, mask_id, (3, 64), generator=torch.Generator().manual_seed(0))
+    masked = torch.rand(3, 64, generator=torch.Generator().manual_seed(1)) < 0.4
+    x_t = targets.masked_fill(masked, mask_id)
+    sums = _UnitSums()
+    with torch.no_grad():
+        _evaluate_states(model_set, x_t, targets, 0.5, "masked", 0, sums)
+        logits = {n: m.model(x_t).double() for n, m in model_set.models.items()}  # [B, L, V], the plain forward
+    for logit in logits.values():
+        logit[..., mask_id] = -torch.inf  # SUBS: [MASK] has zero probability
+    dist = {n: torch.distributions.Categorical(logits=v) for n, v in logits.items()}
+    for a, b in (("large", "small"), ("small", "large")):
+        per_position = torch.distributions.kl_divergence(dist[a], dist[b]) * masked  # [B, L]
+        ((totals, counts),) = sums.values["masked", 0, "kl", f"{a}||{b}"]
+        assert totals == pytest.approx(per_position.sum(dim=1).numpy(), rel=1e-9)
+        assert counts.tolist() == masked.sum(dim=1).tolist()
+    for name, d in dist.items():
+        ce = -(d.log_prob(targets) * masked).sum(dim=1)
+        assert sums.values["masked", 0, "ce", name][0][0] == pytest.approx(ce.numpy(), rel=1e-9)
+    ((forward, _),), ((backward, _),) = sums.values["masked", 0, "kl", "large||small"], \
+        sums.values["masked", 0, "kl", "small||large"]
+    assert np.abs(forward - backward).max() > 1e-6 * forward.max()  # the two directions differ beyond tolerance
 
 
 def test_identical_models_have_zero_kl_and_gap(trained_tiny, tmp_path):

@@ -14,7 +14,8 @@ from conftest import REPO
 # import graph has no cycle. The command-line entry points sit on top and alone compose the library with the
 # report (the analysis package).
 LAYERS = [
-    {"errors", "artifacts", "schedule", "stats", "summary"},  # no torch: the analysis package reads through these
+    # no torch: the analysis package reads through these
+    {"errors", "fileio", "artifacts", "schedule", "stats", "summary"},
     {"noise", "config", "data", "diffusion", "runtime", "provenance", "distributed", "sampling_config", "hub",
      "models.mla", "models.mha", "models.denoiser", "models.loading", "models.mdlm_format", "models.transmla",
      "models", "flops",

@@ -10,14 +10,11 @@ import lzma
 import os
 import re
 import shutil
-import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-from mdlm_sched.artifacts import atomic_dir, atomic_file
 
 from conftest import REPO, SHARED_DATA
 
@@ -197,19 +194,6 @@ def test_a_sweep_that_failed_while_setting_up_accepts_the_corrected_rerun(runs, 
                            "--no-progress"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp / "results.jsonl").is_file()
-
-
-def test_files_and_folders_honour_the_umask(tmp_path):
-    saved = os.umask(0o022)
-    try:
-        with atomic_file(tmp_path / "f.txt") as fh:
-            fh.write("x")
-        with atomic_dir(tmp_path / "d") as d:
-            (d / "inner.txt").write_text("y")
-    finally:
-        os.umask(saved)
-    assert stat.S_IMODE((tmp_path / "f.txt").stat().st_mode) == 0o644
-    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
 
 
 def test_an_option_before_the_command_is_named(capsys):

@@ -1,4 +1,5 @@
-"""Captured CUDA graphs of the network (GPU only: skipped on a machine without CUDA, such as CI's).
+"""Captured CUDA graphs of the network. The graphs themselves need a GPU (those tests are skipped on a machine
+without CUDA, such as CI's); the paths that run the network directly are tested everywhere.
 
 Run on the GPU machine with `python -m pytest -o addopts="" tests/test_cudagraph.py`.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mdlm_sched.cudagraph import GraphedHidden
 from mdlm_sched.modelset import PreparedDenoiser
 from mdlm_sched.models.denoiser import DenoiserConfig, MDLMDenoiser
 from mdlm_sched.noise import LogLinearNoise
@@ -15,7 +17,7 @@ from mdlm_sched.sampler import sample
 from mdlm_sched.sampling_config import SamplerSettings
 from mdlm_sched.schedule import parse_schedule
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 
 KW = dict(vocab_size=300, mask_token_id=299, max_position_embeddings=32, hidden_size=64, num_attention_heads=4,
@@ -29,6 +31,23 @@ def pair():
             for name, layers in (("small", 1), ("large", 3))}
 
 
+def test_without_cuda_graph_rows_run_the_network_directly_without_autograd():
+    torch.manual_seed(0)
+    model = MDLMDenoiser(DenoiserConfig(num_hidden_layers=2, **KW)).eval()
+    x = torch.randint(0, 299, (3, 32))
+    with torch.no_grad():
+        expected = model.hidden(x)
+    prepared = PreparedDenoiser(model, graph_rows=8)  # on a CPU: no graphs, whatever graph_rows says
+    prepared.prepare_graphs(3, 32)
+    out = prepared.hidden(x)
+    assert torch.equal(out, expected) and not out.requires_grad and not prepared.needs_warm_up
+    calls = []
+    graphed = GraphedHidden(lambda ids, sigma: calls.append(ids.shape) or model.hidden(ids, sigma), max_rows=2)
+    assert torch.equal(graphed(x), expected)  # 3 > 2 sequences: the network itself, no capture
+    assert calls == [(3, 32)] and not graphed.graphs
+
+
+@gpu
 def test_a_replay_equals_the_call_it_captured_and_its_output_is_a_copy(pair):
     plain = PreparedDenoiser(pair["large"], torch.bfloat16)
     graphed = PreparedDenoiser(pair["large"], torch.bfloat16, graph_rows=4)
@@ -43,6 +62,7 @@ def test_a_replay_equals_the_call_it_captured_and_its_output_is_a_copy(pair):
     assert torch.equal(graphed.hidden(x[:3]), plain.hidden(x[:3]))
 
 
+@gpu
 @pytest.mark.parametrize("batch", [1, 5])
 def test_sampling_with_graphs_gives_the_tokens_of_the_path_without(pair, batch):
     names = ["small", "large"]

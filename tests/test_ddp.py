@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mdlm_sched.artifacts import read_jsonl
 from mdlm_sched.cli import main
 from mdlm_sched.config import load
+from mdlm_sched.fileio import read_jsonl
 from mdlm_sched.train import train
 
 from conftest import REPO

@@ -1,5 +1,5 @@
-"""benchmarks/mla_recipe.py on a CPU at tiny sizes, so that the script cannot rot: runs launched together, their logs
-collected, and the report's paired comparison against the DiT of the same depth."""
+"""benchmarks/mla_recipe.py on a CPU at tiny sizes, so that the script cannot rot: runs queued one at a time, their
+logs collected, and the report's paired comparison against the DiT of the same depth."""
 
 from __future__ import annotations
 
@@ -20,11 +20,14 @@ def test_mla_recipe_runs_and_reports(tmp_path):
     script = str(REPO / "benchmarks" / "mla_recipe.py")
     data = tmp_path / "data"
     run = subprocess.run([sys.executable, script, "run", "--data-root", str(SHARED_DATA), "--out", str(tmp_path / "r"),
-                          "--runs", "dit12:2", "gated12:2", "--collect", str(data), "--override", *TINY],
+                          "--runs", "dit12:2", "gated12:2", "--parallel", "1", "--collect", str(data),
+                          "--override", *TINY],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     launches = json.loads((data / "runs.json").read_text())
-    assert launches["gated12-2"]["launches"][0]["with"] == ["dit12-2", "gated12-2"]
+    # --parallel 1: the second run started after the first ended, so neither shared the machine.
+    assert [launches[k]["launches"][0]["with"] for k in ("dit12-2", "gated12-2")] == [["dit12-2"], ["gated12-2"]]
+    assert launches["gated12-2"]["launches"][0]["start"] >= launches["dit12-2"]["launches"][0]["end"]
     report = subprocess.run([sys.executable, script, "report", str(data), "--out", str(tmp_path / "rep")], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-2000:]

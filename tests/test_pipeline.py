@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from mdlm_sched.artifacts import read_jsonl
 from mdlm_sched.cli import main
 from mdlm_sched.config import TrainConfig
 from mdlm_sched.errors import UserError
+from mdlm_sched.fileio import read_jsonl
 from mdlm_sched.pipeline import load_experiment
 from mdlm_sched.summary import best_placement
 from mdlm_sched.train import learning_rate

@@ -258,6 +258,15 @@ def test_draw_tokens_is_an_exact_inverse_cdf():
     assert draw_tokens(logits.expand(6, -1), u).tolist() == [0, 0, 1, 1, 3, 3]  # token 2 (probability 0) never
 
 
+def test_uniforms_that_are_not_float64_are_refused():
+    # A float32 uniform upcast would pass unnoticed while losing the tail of every draw (2^24 levels).
+    logits = torch.zeros(2, 5)
+    with pytest.raises(TypeError, match="float64"):
+        draw_tokens(logits, torch.tensor([0.1, 0.7]))
+    with pytest.raises(TypeError, match="float64"):
+        unmask_steps(torch.rand(2, 3), [0.5, 0.5])
+
+
 def test_a_draw_past_the_end_is_the_last_token_of_nonzero_probability_not_mask():
     # [MASK] is the last id, with probability 0; u = 1 puts the target at the cdf's end, which rounding can too.
     logits = torch.tensor([[1.0, 2.0, 0.5, -math.inf]])

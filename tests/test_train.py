@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokeniz
 
 from mdlm_sched.config import load
 from mdlm_sched.errors import CheckpointError, NonFiniteLossError
-from mdlm_sched.train import batch_indices, train
+from mdlm_sched.train import EMA, batch_indices, train, train_step
 
 from conftest import REPO
 
@@ -69,6 +69,14 @@ def test_cli_trains_tiny_mdlm_loss_falls_and_writes_hf_checkpoint(tmp_path, cach
     assert model.config.max_position_embeddings == 128 and model.config.tokenizer_hash
     x = torch.full((1, 64), 50257)
     assert torch.isfinite(model(x)).all()
+
+    # The exported model (what sample and analyze load) holds the EMA weights, not the raw ones.
+    exported, ckpt = load_file(model_dir / "model.safetensors"), out / "checkpoints" / "step-00000060"
+    ema, raw = load_file(ckpt / "ema.safetensors"), load_file(ckpt / "model.safetensors")
+    shared = exported.keys() & ema.keys()
+    assert len(shared) >= len(ema) - 1  # all but a tied output head, which the export stores once
+    assert all(torch.equal(exported[k], ema[k].to(exported[k].dtype)) for k in shared)
+    assert any(not torch.equal(exported[k], raw[k].to(exported[k].dtype)) for k in shared)
 
 
 def test_sigkill_midway_then_resume_matches_uninterrupted_run(tmp_path, cache_dir) -> None:
@@ -150,3 +158,46 @@ def test_batch_indices_cover_each_epoch_once() -> None:
     assert not np.array_equal(seen[:10], seen[10:])  # a fresh order each epoch
     assert np.array_equal(batch_indices(2, batch, n, seed=3), seen[8:12])
     assert not np.array_equal(batch_indices(0, batch, n, seed=4), seen[:4])
+
+
+def test_ema_warms_up_its_decay_and_applies_its_weights_only_inside_the_context() -> None:
+    model = torch.nn.Linear(3, 2)
+    start = [p.detach().clone() for p in model.parameters()]
+    ema = EMA(model, decay=0.99)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model, num_updates=0)  # warm-up: decay min(0.99, 1/10) = 0.1
+    for shadow, s0 in zip(ema.shadow, start):
+        torch.testing.assert_close(shadow, 0.1 * s0 + 0.9 * (s0 + 1), rtol=0, atol=1e-6)
+    after_first = [x.clone() for x in ema.shadow]
+    ema.update(model, num_updates=10**6)  # past warm-up: the configured 0.99
+    for shadow, s1, s0 in zip(ema.shadow, after_first, start):
+        torch.testing.assert_close(shadow, 0.99 * s1 + 0.01 * (s0 + 1), rtol=0, atol=1e-6)
+    with ema.applied(model):
+        assert all(torch.equal(p, s) for p, s in zip(model.parameters(), ema.shadow))
+    assert all(torch.equal(p, s0 + 1) for p, s0 in zip(model.parameters(), start))  # raw weights restored
+
+
+def _linear_step(scale: float) -> tuple[torch.nn.Module, list[torch.Tensor], float]:
+    """One train_step of a linear model whose loss is scaled by `scale`: (model, weights before, loss)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step_loss(m: torch.nn.Module, x: torch.Tensor, training: bool) -> torch.Tensor:
+        return m(x).pow(2).mean() * scale
+
+    loss, _ = train_step(model, step_loss, optimizer, (torch.ones(4, 4),), accum=2, device=torch.device("cpu"),
+                         amp=None, grad_clip=1.0)
+    return model, before, loss
+
+
+def test_a_non_finite_loss_takes_no_optimizer_step_and_drops_its_gradients() -> None:
+    model, before, loss = _linear_step(float("inf"))
+    assert loss == float("inf")
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    assert all(p.grad is None for p in model.parameters())
+    model, before, loss = _linear_step(1.0)  # the same step with a finite loss does move the weights
+    assert loss > 0 and any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import REPO, TOKENIZER
 from mdlm_sched.cli import main
@@ -187,6 +189,7 @@ def test_bad_convert_mla_input_is_one_line(dit_folder, shared_data, tmp_path, ca
         "missing": ([src, str(tmp_path / "o5"), "--calibration", str(tmp_path / "nope.jsonl")], "nope.jsonl"),
         "short": ([src, str(tmp_path / "o6"), "--calibration", str(short)], "give --calibration more text"),
         "exists": ([src, str(dit_folder)], "exists"),
+        "save": ([src, str(tmp_path / "o7"), "--save-every", "nan"], "--save-every nan must be a number of seconds"),
     }
     from mdlm_sched.checkpoint import export_model
     from mdlm_sched.config import load
@@ -208,3 +211,39 @@ def test_bad_convert_mla_input_is_one_line(dit_folder, shared_data, tmp_path, ca
         assert message in err.strip().splitlines()[-1], (name, err)
         if name != "exists":
             assert not (tmp_path / args[1].rsplit("/", 1)[-1]).exists(), name
+
+
+def test_a_killed_conversion_resumes_to_the_same_model(dit_folder, shared_data, tmp_path):
+    blocks = 96  # 12 batches: the kill comes at the first save, long before the last
+    words = ["convert-mla", str(dit_folder / "dit"), "OUT", "--kv-lora-rank", "48", "--qk-rope-head-dim", "16",
+             "--calibration", str(shared_data / "owt_tiny.jsonl"), "--calibration-blocks", str(blocks),
+             "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+
+    def at(out, *extra):
+        return [w if w != "OUT" else str(out) for w in words] + list(extra)
+
+    whole = tmp_path / "whole"
+    assert main(at(whole, "--device", "cpu")) == 0  # also tokenises the data for the killed run
+    assert not (tmp_path / "whole.unfinished").exists()
+
+    killed, work = tmp_path / "killed", tmp_path / "killed.unfinished"
+    proc = subprocess.Popen([sys.executable, "-m", "mdlm_sched", *at(killed, "--device", "cpu", "--save-every", "0")],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (work / "moments.safetensors").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.kill()  # SIGKILL: no handler runs
+    proc.wait()
+    done = int(load_file(work / "moments.safetensors")["blocks_done"])
+    assert not killed.exists() and 0 < done < blocks, done  # killed during the calibration, its sums kept
+
+    assert main(at(killed, "--device", "cpu", "--kv-lora-rank", "40")) == 2  # other settings: refused, kept
+    assert (work / "moments.safetensors").is_file() and not killed.exists()
+
+    resumed = subprocess.run([sys.executable, "-m", "mdlm_sched", *at(killed, "--device", "cpu")], cwd=REPO,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed an unfinished conversion: {done} of {blocks}" in resumed.stdout
+    assert not work.exists()
+    a, b = load_file(killed / "model.safetensors"), load_file(whole / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -17,16 +17,16 @@ from mdlm_sched.models.mla import apply_rotary
 
 
 class GroupedQueryAttention(nn.Module):
-    """[B, L, hidden] -> [B, L, hidden]; num_key_value_heads = num_attention_heads is multi-head attention."""
+    """[B, L, hidden] -> [B, L, hidden]; num_key_value_heads = num_attention_heads is multi-head attention.
 
-    def __init__(self, hidden_size: int, num_attention_heads: int, num_key_value_heads: int,
-                 dropout: float = 0.0) -> None:
+    No dropout on the attention probabilities, as in MDLM's DiT: model.dropout acts on the block's outputs."""
+
+    def __init__(self, hidden_size: int, num_attention_heads: int, num_key_value_heads: int) -> None:
         super().__init__()
         self.heads, self.kv_heads = num_attention_heads, num_key_value_heads
         self.head_dim = hidden_size // num_attention_heads
         self.qkv = nn.Linear(hidden_size, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=False)
         self.wo = nn.Linear(self.heads * self.head_dim, hidden_size, bias=False)
-        self.dropout = dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x [B, L, hidden]; cos, sin [L, head_dim / 2]."""
@@ -37,6 +37,5 @@ class GroupedQueryAttention(nn.Module):
         q = apply_rotary(q.view(b, l, h, hd), cos, sin).transpose(1, 2)  # [B, H, L, hd]
         k = apply_rotary(k.view(b, l, kvh, hd), cos, sin).transpose(1, 2)  # [B, KVH, L, hd]
         v = v.view(b, l, kvh, hd).transpose(1, 2)  # [B, KVH, L, hd]
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                             enable_gqa=kvh != h)  # [B, H, L, hd]
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=kvh != h)  # [B, H, L, hd]
         return self.wo(out.transpose(1, 2).reshape(b, l, h * hd))

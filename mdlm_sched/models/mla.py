@@ -75,9 +75,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class MultiHeadLatentAttention(nn.Module):
-    """Bidirectional MLA over a full sequence: [B, L, hidden] -> [B, L, hidden]."""
+    """Bidirectional MLA over a full sequence: [B, L, hidden] -> [B, L, hidden].
 
-    def __init__(self, dims: MLADims, rms_norm_eps: float = 1e-6, dropout: float = 0.0, kv_norm: bool = True) -> None:
+    No dropout on the attention probabilities, as in MDLM's DiT: model.dropout acts on the block's outputs."""
+
+    def __init__(self, dims: MLADims, rms_norm_eps: float = 1e-6, kv_norm: bool = True) -> None:
         super().__init__()
         self.dims = dims
         d, h = dims.hidden_size, dims.num_attention_heads
@@ -92,7 +94,6 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_norm = nn.RMSNorm(dims.kv_lora_rank, eps=rms_norm_eps) if kv_norm else nn.Identity()
         self.wkv_b = nn.Linear(dims.kv_lora_rank, h * (dims.qk_nope_head_dim + dims.v_head_dim), bias=False)
         self.wo = nn.Linear(h * dims.v_head_dim, d, bias=False)
-        self.dropout = dropout
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         dims = self.dims
@@ -116,5 +117,5 @@ class MultiHeadLatentAttention(nn.Module):
 
         # Bidirectional: no causal mask. SDPA scales by 1/sqrt(qk_head_dim) (q's last dim); the value
         # head dim may differ from it.
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        out = F.scaled_dot_product_attention(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(b, l, h * dv))
