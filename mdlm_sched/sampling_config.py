@@ -1,10 +1,10 @@
 """Typed settings of the commands that sample trained denoisers: sample, analyze, sweep.
 
-`SamplingConfig` is the one section every sampling command shares (models, length, the sampler's
-own settings, runtime); `SampleConfig` and `SweepConfig` extend it, so that a YAML file or a
-command line spells a setting the same way in both. `SamplerSettings` is what the denoising loop
-itself takes; it checks its values when it is made, which happens once, at the config boundary
-(`SamplingConfig.sampler_settings`), before any model is loaded.
+`SamplerSettings` is what the denoising loop itself takes, declared once: `SamplingConfig`, the one
+section every sampling command shares (models, length, runtime), extends it, and `SampleConfig` and
+`SweepConfig` extend that, so that a YAML file or a command line spells a setting the same way in all
+of them. The settings are checked whenever one of these is made (a config file is made into one when it
+is loaded), before any model is loaded.
 
 Fields whose metadata carries SHARED are the settings every point of one sweep results folder
 must share (`shared_settings`); a rerun with other values is refused rather than mixed in.
@@ -31,14 +31,14 @@ MAX_SAMPLES = 10_000_000
 TOKEN_RULES = ("mdlm", "first-eos", "every-token")
 
 
-@dataclass(frozen=True)
+@dataclass
 class SamplerSettings:
     """How the denoising loop samples (sampler.sample); checked when made."""
 
-    top_p: float = 1.0  # nucleus sampling; 1 = the full distribution
-    cache: bool = True  # run the network only on sequences that unmask a token at the step
-    noise_removal: bool = True  # argmax-fill the masks left after the last step
-    t_min: float = DEFAULT_T_MIN  # the last step ends at t_min (0 = unmask everything by then)
+    top_p: float = field(default=1.0, metadata=SHARED)  # nucleus sampling; 1 = the full distribution
+    cache: bool = field(default=True, metadata=SHARED)  # run the network only on sequences that unmask at the step
+    noise_removal: bool = field(default=True, metadata=SHARED)  # argmax-fill the masks left after the last step
+    t_min: float = field(default=DEFAULT_T_MIN, metadata=SHARED)  # the last step ends at t_min (0 = all unmasked)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.top_p <= 1.0:
@@ -46,24 +46,19 @@ class SamplerSettings:
         if not 0.0 <= self.t_min < 1.0:
             raise SamplingError(f"t_min={self.t_min} must be in [0, 1)")
 
+    def sampler_settings(self) -> SamplerSettings:
+        """The sampler's own settings, as a SamplerSettings (checked: bad values raise SamplingError)."""
+        return SamplerSettings(**{f.name: getattr(self, f.name) for f in fields(SamplerSettings)})
+
 
 @dataclass
-class SamplingConfig:
-    """What every command that loads denoisers and samples them shares."""
+class SamplingConfig(SamplerSettings):
+    """What every command that loads denoisers and samples them shares: the sampler's settings and these."""
 
     models: dict[str, str] = field(default_factory=dict, metadata=SHARED)  # name -> model folder or run folder
     seq_len: int | None = field(default=None, metadata=SHARED)  # None = the models' max_position_embeddings
     batch_size: int = field(default=16, metadata=SHARED)  # sequences per sampler call; batch k draws from (seed, k)
-    top_p: float = field(default=1.0, metadata=SHARED)
-    cache: bool = field(default=True, metadata=SHARED)
-    noise_removal: bool = field(default=True, metadata=SHARED)
-    t_min: float = field(default=DEFAULT_T_MIN, metadata=SHARED)  # the last step ends at t_min
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-
-    def sampler_settings(self) -> SamplerSettings:
-        """The sampler's settings (checked: bad values raise SamplingError)."""
-        return SamplerSettings(top_p=self.top_p, cache=self.cache, noise_removal=self.noise_removal,
-                               t_min=self.t_min)
 
 
 @dataclass
