@@ -14,8 +14,8 @@ masks, not the spread between training seeds.
     # tables and the figure from the collected logs
     python benchmarks/mla_recipe.py report reports/mla-recipe/data --out reports/mla-recipe
 
-Runs launched together share the GPU: their tokens/s are what each got while sharing it (runs.json records
-which ran together), not the speed of the shape alone.
+Runs that run at once share the GPU: their tokens/s are what each got while sharing it (runs.json records, for
+each run, every run it shared the GPU with), not the speed of the shape alone.
 """
 
 from __future__ import annotations
