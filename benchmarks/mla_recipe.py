@@ -31,10 +31,11 @@ import time
 from pathlib import Path
 
 
-def gated_mla(preset: str, latent: int = 256, rope: int = 32, nope: int = 64, *extra: str) -> list[str]:
+def gated_mla(preset: str, latent: int = 256, rope: int = 32, nope: int = 64, v: int = 64,
+              extra: tuple[str, ...] = ()) -> list[str]:
     """Model words of a gated MLA model of the preset's depth, its shape pinned."""
     return [f"model={preset}", "model.ada_ln=true", f"model.kv_lora_rank={latent}", f"model.qk_rope_head_dim={rope}",
-            f"model.qk_nope_head_dim={nope}", *extra]
+            f"model.qk_nope_head_dim={nope}", f"model.v_head_dim={v}", *extra]
 
 
 # The shapes measured: name -> model words after the recipe. Each pins its shape, so that a run repeats what
@@ -43,14 +44,14 @@ RUNS: dict[str, list[str]] = {
     "dit12": ["model=dit_small"],  # MDLM's DiT: MHA, 12 heads of 64, rotary on the whole head, gated, head bias
     "dit4": ["model=dit_small", "model.num_hidden_layers=4"],
     "plain12": [*gated_mla("large"), "model.ada_ln=false"],  # the MLA preset before the gated block
-    "gated12": gated_mla("large"),
+    "gated12": gated_mla("large"),  # the gated block's first preset; `large` now takes v96's value head
     "rope64": gated_mla("large", rope=64),
     "latent320": gated_mla("large", latent=320, rope=64),
     "nope32": gated_mla("large", rope=64, nope=32),
     "latent352": gated_mla("large", latent=352),  # cache 384: the 4x limit, spent on the latent
-    "v96": gated_mla("large", 256, 32, 64, "model.v_head_dim=96"),
-    "nokvnorm": gated_mla("large", 256, 32, 64, "model.kv_norm=false"),
-    "mdlmhead": gated_mla("large", 256, 32, 64, "model.head_bias=true", "model.zero_head=true"),
+    "v96": gated_mla("large", v=96),  # value head as wide as the query/key head: same cache, 4.7M more weights
+    "nokvnorm": gated_mla("large", extra=("model.kv_norm=false",)),
+    "mdlmhead": gated_mla("large", extra=("model.head_bias=true", "model.zero_head=true")),
     "small": gated_mla("small"),
     "small_rope64": gated_mla("small", rope=64),
 }
@@ -194,6 +195,11 @@ def report(args: argparse.Namespace) -> None:
                 and runs[k]["model"]["num_hidden_layers"] == depth]
         return refs[0] if refs else None
 
+    def paired(record: dict, other: str) -> tuple[float, float, float]:
+        """Mean per-block loss difference (record - other's last validation) with its paired 95% CI."""
+        return paired_mean_difference([np.array(record["block_losses"])],
+                                      [np.array(final(runs[other], head_src)["block_losses"])])
+
     rows, summary = [], {}
     for key in sorted(keys, key=lambda k: (runs[k]["model"]["num_hidden_layers"], budget(k), k)):
         r = runs[key]
@@ -206,19 +212,25 @@ def report(args: argparse.Namespace) -> None:
                  "parameters": r["parameters"], "tokens": r["tokens"], "tokens_per_s": r["tokens_per_s"],
                  "other_sources": {s: final(r, s)["ppl"] for s in sources[1:] if s in r["val"]}}
         if ref is not None:
-            d, lo, hi = paired_mean_difference([np.array(owt["block_losses"])],
-                                               [np.array(final(runs[ref], head_src)["block_losses"])])
+            d, lo, hi = paired(owt, ref)
             delta = f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
             entry.update(vs=ref, delta_nats=d, delta_ci=[lo, hi])
+        base = f"{args.baseline}-{budget(key)}" if args.baseline else None
+        vs_base = ""
+        if base in runs and base != key:
+            d, lo, hi = paired(owt, base)
+            vs_base = f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+            entry.update(vs_baseline=base, baseline_delta_nats=d, baseline_delta_ci=[lo, hi])
         summary[key] = entry
         shared = [k for k in launches.get(key, {}).get("launches", [{}])[-1].get("with", []) if k != key]
         rate = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else ""
         cols = [key, r["model"]["num_hidden_layers"], describe(r["model"]), r["steps"], f"{r['tokens'] / 1e6:.1f}M",
                 f"{r['parameters'] / 1e6:.1f}M", r["cache"], f"{owt['ppl']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]", *cells[1:],
-                delta, f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "", len(shared) + 1]
+                delta, *([vs_base] if args.baseline else []), rate, len(shared) + 1]
         rows.append("| " + " | ".join(str(c) for c in cols) + " |")
     names = ["run", "blocks", "attention and block", "steps", "tokens", "parameters", "cache / token / layer",
-             f"{head_src} bound [95% CI]", *sources[1:], f"{head_src} loss vs DiT, nats [paired 95% CI]", "tokens/s",
+             f"{head_src} bound [95% CI]", *sources[1:], f"{head_src} loss vs DiT, nats [paired 95% CI]",
+             *([f"{head_src} loss vs {args.baseline}, nats [paired 95% CI]"] if args.baseline else []), "tokens/s",
              "runs sharing the GPU"]
     head = "| " + " | ".join(names) + " |\n|" + " --- |" * len(names)
     (out / "table.md").write_text(head + "\n" + "\n".join(rows) + "\n")
@@ -274,6 +286,8 @@ def main() -> None:
     p = sub.add_parser("report", help="table.md, summary.json and the validation-curve figure")
     p.add_argument("data", help="the folder --collect filled")
     p.add_argument("--out", required=True)
+    p.add_argument("--baseline", help="a run name (e.g. gated12): add each run's paired difference to it at the same "
+                   "budget")
     p.set_defaults(fn=report)
     args = parser.parse_args()
     args.fn(args)
