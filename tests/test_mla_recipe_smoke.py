@@ -7,6 +7,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, SHARED_DATA
 
 TINY = ["model.hidden_size=64", "model.num_attention_heads=4", "model.kv_lora_rank=32", "model.qk_nope_head_dim=16",
@@ -28,12 +30,15 @@ def test_mla_recipe_runs_and_reports(tmp_path):
     # --parallel 1: the second run started after the first ended, so neither shared the machine.
     assert [launches[k]["launches"][0]["with"] for k in ("dit12-2", "gated12-2")] == [["dit12-2"], ["gated12-2"]]
     assert launches["gated12-2"]["launches"][0]["start"] >= launches["dit12-2"]["launches"][0]["end"]
-    report = subprocess.run([sys.executable, script, "report", str(data), "--out", str(tmp_path / "rep")], cwd=REPO,
-                            capture_output=True, text=True, timeout=300)
+    report = subprocess.run([sys.executable, script, "report", str(data), "--out", str(tmp_path / "rep"),
+                             "--baseline", "gated12"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-2000:]
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
     gated = summary["gated12-2"]
     assert gated["vs"] == "dit12-2" and gated["delta_ci"][0] <= gated["delta_nats"] <= gated["delta_ci"][1]
     assert "vs" not in summary["dit12-2"]
+    # --baseline: each run's paired difference to the baseline of its budget (the DiT's is the gated model's, negated)
+    assert summary["dit12-2"]["vs_baseline"] == "gated12-2" and "vs_baseline" not in gated
+    assert summary["dit12-2"]["baseline_delta_nats"] == pytest.approx(-gated["delta_nats"])
     assert summary["gated12-2"]["cache"] == 32 + 8 and summary["dit12-2"]["cache"] == 2 * 4 * 16
     assert summary["gated12-2"]["blocks"] >= 1 and (tmp_path / "rep" / "validation_curves.png").is_file()
