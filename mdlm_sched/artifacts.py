@@ -85,6 +85,7 @@ class TrainRun:
 
 # A Hugging Face model folder: its config and its weights (save_pretrained's names).
 HF_CONFIG, HF_WEIGHTS = "config.json", "model.safetensors"
+IMPORT_RECORD = "import.json"  # in a model folder made by import-mdlm: what was read (mdlm_format.ImportedMDLM)
 
 
 def model_folder(path: str | Path) -> Path:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +77,11 @@ def check_new_model_folder(folder: str, what: str) -> Path:
     return path
 
 
-def export_model(model: Any, tokenizer: Any, path: Path) -> None:
-    """Save a Hugging Face model and its tokenizer in the HF layout (safetensors) to `path`, atomically."""
+def export_model(model: Any, tokenizer: Any, path: Path, records: Mapping[str, Any] | None = None) -> None:
+    """Save a Hugging Face model and its tokenizer in the HF layout (safetensors) to `path`, atomically, with
+    records: file name -> JSON-able record written beside them (e.g. what an import read)."""
     with atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        for name, record in (records or {}).items():
+            (tmp / name).write_text(json.dumps(record, indent=1) + "\n")

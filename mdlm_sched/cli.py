@@ -181,6 +181,7 @@ def _optimise(args: argparse.Namespace) -> int:
 
 
 def _import_mdlm(args: argparse.Namespace) -> int:
+    from mdlm_sched.artifacts import IMPORT_RECORD
     from mdlm_sched.checkpoint import check_new_model_folder, export_model
     from mdlm_sched.data import load_tokenizer, tokenizer_hash
     from mdlm_sched.models.mdlm_format import load_mdlm
@@ -188,12 +189,9 @@ def _import_mdlm(args: argparse.Namespace) -> int:
     out = check_new_model_folder(args.out, "imported model")
     tokenizer = load_tokenizer(args.tokenizer, fix="give --tokenizer the folder (or hub name) of the tokenizer the "
                                                    "model was trained with")
-    model = load_mdlm(args.source, tokenizer, tokenizer_hash(tokenizer), ema=not args.no_ema)
-    export_model(model, tokenizer, out)
-    c = model.config
-    print(f"imported {args.source}: DiT {c.num_hidden_layers} x {c.hidden_size}, {c.num_attention_heads} heads, "
-          f"time conditioning {'on' if c.time_conditioning else 'off'}, length {c.max_position_embeddings}; "
-          f"written to {out}")
+    imported = load_mdlm(args.source, tokenizer, tokenizer_hash(tokenizer), ema=not args.no_ema)
+    export_model(imported.model, tokenizer, out, records={IMPORT_RECORD: imported.record})
+    print(f"imported {args.source}: {imported.describe()}; written to {out} (what was read: {out / IMPORT_RECORD})")
     return 0
 
 

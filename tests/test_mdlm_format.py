@@ -112,7 +112,7 @@ def tokenizer():
 @pytest.mark.parametrize("time_conditioning", [False, True])
 def test_an_imported_mdlm_dit_computes_mdlms_forward(tmp_path, tokenizer, time_conditioning):
     state = {k: v.float().double() for k, v in mdlm_state().items()}  # the weights as the file holds them
-    model = load_mdlm(str(hf_folder(tmp_path / "m", state, time_conditioning)), *tokenizer).double()
+    model = load_mdlm(str(hf_folder(tmp_path / "m", state, time_conditioning)), *tokenizer).model.double()
     assert model.config.attention == "mha" and model.config.ada_ln and model.config.head_bias
     x = torch.randint(0, VOCAB, (3, LENGTH), generator=torch.Generator().manual_seed(1))
     x[:, ::3] = VOCAB - 1  # [MASK]
@@ -138,7 +138,7 @@ def test_an_sdtt_hub_folder_loads_with_its_hydra_config(tmp_path, tokenizer):
         "parameterization": {"num_distill_steps": 2, "distill_mode": "kl-bwd"}}))
     save_file({**{k: v.float().contiguous() for k, v in state.items()}, "sampling_eps_tensor": torch.tensor(1e-3)},
               folder / "model.safetensors")
-    model = load_mdlm(str(folder), *tokenizer).double()
+    model = load_mdlm(str(folder), *tokenizer).model.double()
     assert model.config.time_conditioning and model.config.max_position_embeddings == LENGTH
     x = torch.randint(0, VOCAB, (2, LENGTH), generator=torch.Generator().manual_seed(2))
     sigma = torch.tensor([0.5, 2.0], dtype=torch.float64)
@@ -154,8 +154,8 @@ def test_a_lightning_checkpoint_loads_its_ema_weights_by_default(tmp_path, token
                 "hyper_parameters": {"config": {"model": {"hidden_size": DIM, "n_blocks": BLOCKS, "n_heads": HEADS,
                                                           "cond_dim": COND, "length": LENGTH, "dropout": 0.1}}}},
                tmp_path / "last.ckpt")
-    ema = load_mdlm(str(tmp_path / "last.ckpt"), *tokenizer)
-    trained = load_mdlm(str(tmp_path / "last.ckpt"), *tokenizer, ema=False)
+    ema = load_mdlm(str(tmp_path / "last.ckpt"), *tokenizer).model
+    trained = load_mdlm(str(tmp_path / "last.ckpt"), *tokenizer, ema=False).model
     assert torch.equal(ema.blocks[1].attn.qkv.weight, torch.full((3 * DIM, DIM), 0.01))
     assert torch.equal(trained.blocks[1].attn.qkv.weight, state["backbone.blocks.1.attn_qkv.weight"])
     assert torch.equal(trained.lm_head.bias, state["backbone.output_layer.linear.bias"])
@@ -164,7 +164,7 @@ def test_a_lightning_checkpoint_loads_its_ema_weights_by_default(tmp_path, token
     ckpt = torch.load(tmp_path / "last.ckpt", weights_only=False)
     ckpt["hyper_parameters"]["config"]["time_conditioning"] = True
     torch.save(ckpt, tmp_path / "conditioned.ckpt")
-    assert load_mdlm(str(tmp_path / "conditioned.ckpt"), *tokenizer).config.time_conditioning
+    assert load_mdlm(str(tmp_path / "conditioned.ckpt"), *tokenizer).model.config.time_conditioning
 
 
 def test_bad_mdlm_checkpoints_are_named(tmp_path, tokenizer):

@@ -47,7 +47,7 @@ def load_denoiser(path: str | Path, device: torch.device | str = "cpu") -> MDLMD
         raw = json.loads(config_file.read_text())
     except (UnicodeDecodeError, ValueError) as exc:
         raise CheckpointError(f"{config_file} is not valid JSON ({exc}); re-export the model") from None
-    if raw.get("model_type") == "mdlm" or isinstance(raw.get("model"), dict):  # MDLM's or SDTT's own layout
+    if raw.get("model_type") in ("mdlm", "bd3lm") or isinstance(raw.get("model"), dict):  # MDLM-family layouts
         raise CheckpointError(f"{path} is a checkpoint of MDLM's code, not a model folder of this project; import it "
                               f"first: mdlm-sched import-mdlm {path} OUT --tokenizer gpt2")
     if raw.get("model_type") != DenoiserConfig.model_type:
