@@ -24,6 +24,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mdlm_sched.architecture import Architecture
 from mdlm_sched.data import check_source
 from mdlm_sched.errors import ConfigError, DataError
 from mdlm_sched.fileio import check_writable
@@ -59,33 +60,14 @@ def flagged_fields(schema: type, flag: str, prefix: str = "") -> list[str]:
 
 
 @dataclass
-class ModelConfig:
-    """Architecture of the model to train: a denoiser ("mdlm") or the GPT-2 judge ("gpt2")."""
+class ModelConfig(Architecture):
+    """Architecture of the model to train: a denoiser ("mdlm", its fields in architecture.Architecture) or the
+    GPT-2 judge ("gpt2", which reads the width, depth, heads and dropout)."""
 
     arch: str = "mdlm"
-    hidden_size: int = 768
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    attention: str = "mla"  # mdlm: "mla" (Multi-head Latent Attention) or "mha" (MHA/GQA, fused qkv: MDLM's DiT)
-    num_key_value_heads: int = 0  # "mha": key/value heads (0 = num_attention_heads)
-    q_lora_rank: int = 0  # 0 = full-rank query (attention "mla" only, as are the MLA fields below)
-    kv_lora_rank: int = 256
-    qk_nope_head_dim: int = 64
-    qk_rope_head_dim: int = 32
-    v_head_dim: int = 64
-    kv_norm: bool = True  # RMSNorm on the key/value latent (off in models converted by convert-mla)
     mlp_ratio: int = 4
-    dropout: float = 0.1
-    time_conditioning: bool = False
-    cond_dim: int = 128
-    # The gated (adaLN-Zero) block of MDLM's DiT, its adaLN layers fed sigma = 0 when not time-conditioned;
-    # false = plain pre-norm blocks (ablations). docs/models.md says why the gates matter.
-    ada_ln: bool = True
-    head_bias: bool = False  # a bias on the output head (MDLM's DiT)
-    zero_head: bool = False  # the output head initialised at zero (MDLM's DiT's final layer)
     max_seq_len: int = 1024  # positions the model supports; data.seq_len must not exceed it
     vocab_size: int | None = None  # None = from the tokenizer (+1 for [MASK] in an mdlm)
-    vocab_pad_multiple: int = 128
 
 
 @dataclass

@@ -187,3 +187,22 @@ def test_analytic_flops_match_flop_counter(tiny_denoiser_kwargs: dict, overrides
         analytic = forward_flops(config, seq_len, batch)
         assert abs(analytic.full - counted) / counted < 0.01, (analytic, counted)
         assert analytic.blocks_only < analytic.full
+
+
+def test_every_architecture_field_of_the_model_section_reaches_the_saved_config() -> None:
+    """The architecture is declared once (architecture.Architecture): each of its fields, set in a run's model
+    section to a value other than its default, is what the built model's config.json says."""
+    from dataclasses import fields
+
+    from mdlm_sched.architecture import Architecture
+    from mdlm_sched.config import RunConfig
+    from mdlm_sched.models import denoiser_config
+
+    cfg = RunConfig()
+    other = {bool: lambda v: not v, int: lambda v: v + 3, float: lambda v: v / 2, str: lambda v: "mha"}
+    want = {f.name: other[type(f.default)](f.default) for f in fields(Architecture)}
+    for name, value in want.items():
+        setattr(cfg.model, name, value)
+    saved = DenoiserConfig.from_dict(denoiser_config(cfg, 299, 0, "hash").to_dict())
+    assert {name: getattr(saved, name) for name in want} == want
+    assert DenoiserConfig.from_dict({}).ada_ln is False  # a config.json from before the gated block: plain blocks

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import fields
 
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedModel
 
-from mdlm_sched.config import ModelConfig, RunConfig
+from mdlm_sched.architecture import Architecture
+from mdlm_sched.config import RunConfig
 from mdlm_sched.errors import ConfigError
 from mdlm_sched.models.denoiser import DenoiserConfig, MDLMDenoiser
 
-# ModelConfig fields that DenoiserConfig takes under the same name (derived, so a new field of both is passed on).
-_SHARED_MDLM_FIELDS = tuple(f.name for f in fields(ModelConfig)
-                            if f.name in inspect.signature(DenoiserConfig.__init__).parameters)
+# The model section's fields that DenoiserConfig takes under the same name: the architecture's.
+_SHARED_MDLM_FIELDS = tuple(f.name for f in fields(Architecture))
 
 
 def model_vocab_size(cfg: RunConfig, tokenizer_len: int) -> int:

@@ -32,6 +32,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 
+from mdlm_sched.architecture import Architecture
 from mdlm_sched.models.mha import GroupedQueryAttention
 from mdlm_sched.models.mla import MLADims, MultiHeadLatentAttention, rotary_cos_sin, rotary_frequencies
 
@@ -57,40 +58,26 @@ class Interface:
 class DenoiserConfig(PreTrainedConfig):
     """Config of the denoiser. Every field is saved in config.json.
 
+    The architecture's fields (architecture.Architecture: width, depth, attention, MLA widths, dropout, time
+    conditioning, the block) are taken by name with its defaults, but for ada_ln, whose default here is False:
+    a config.json without the field was written before the gated block existed and describes plain blocks;
+    every model saved now writes it. The other fields:
+
     Args:
         vocab_size: tokenizer vocabulary + 1 ([MASK] is the last id): 50258 for GPT-2.
         mask_token_id: id of [MASK] (50257 for GPT-2).
         max_position_embeddings: the sequence length the model is trained and sampled at.
         tokenizer_hash: sha256 of the tokenizer's vocabulary (data.tokenizer_hash); models that
             disagree on it cannot share a sampling schedule.
-        hidden_size, num_hidden_layers, num_attention_heads: width, depth, heads.
-        attention: "mla" (Multi-head Latent Attention) or "mha" (multi-head / grouped-query, fused qkv).
-        num_key_value_heads: key/value heads of "mha" (0 = num_attention_heads, multi-head attention).
-        q_lora_rank: rank of the low-rank query (0 = full-rank query projection).
-        kv_lora_rank: rank of the joint key/value latent.
-        qk_nope_head_dim, qk_rope_head_dim, v_head_dim: per-head key parts and value width;
-            the rotary key part is shared by all heads.
-        kv_norm: RMSNorm on the key/value latent (DeepSeek-V2); off in models converted from multi-head
-            attention (TransMLA), where the latent holds the source's keys and values as they were.
         intermediate_size: MLP hidden width (MDLM: 4 x hidden_size).
-        dropout: dropout on the attention and MLP outputs (MDLM: 0.1).
-        time_conditioning: adaLN modulation from the noise level sigma(t) (MDLM default: off).
-        cond_dim: width of the time embedding when time_conditioning or ada_ln is on (MDLM: 128).
-        ada_ln: the gated (adaLN-Zero) block without time conditioning, its adaLN layers fed sigma = 0
-            (MDLM's DiT). The default is False because a config.json without the field was written before
-            the gated block existed and describes plain blocks; every model saved now writes it.
-        head_bias: the output head has a bias (MDLM's DiT).
-        zero_head: the output head starts at zero (MDLM's DiT's final layer), so every logit starts at 0;
-            an initialisation only, nothing changes in the forward pass.
         rope_theta: rotary base.
         rope_frequencies: the rotary pairs' frequencies (radians per position), one per pair; None = the
             standard ladder from rope_theta. Set by convert-mla, which keeps the source's frequencies.
         noise_schedule, noise_eps: the forward process the model was trained with.
-        vocab_pad_multiple: the output head is padded to a multiple of this (faster matmuls);
-            padded logits are never returned.
     """
 
     model_type = "mdlm_mla"
+    _SAVED_DEFAULTS = {"ada_ln": False}  # defaults that differ from Architecture's for configs saved earlier
 
     def __init__(
         self,
@@ -98,24 +85,7 @@ class DenoiserConfig(PreTrainedConfig):
         mask_token_id: int = 50257,
         max_position_embeddings: int = 1024,
         tokenizer_hash: str = "",
-        hidden_size: int = 768,
-        num_hidden_layers: int = 12,
-        num_attention_heads: int = 12,
-        attention: str = "mla",
-        num_key_value_heads: int = 0,
-        q_lora_rank: int = 0,
-        kv_lora_rank: int = 256,
-        qk_nope_head_dim: int = 64,
-        qk_rope_head_dim: int = 32,
-        v_head_dim: int = 64,
-        kv_norm: bool = True,
         intermediate_size: int = 3072,
-        dropout: float = 0.1,
-        time_conditioning: bool = False,
-        cond_dim: int = 128,
-        ada_ln: bool = False,
-        head_bias: bool = False,
-        zero_head: bool = False,
         rope_theta: float = 10000.0,
         rope_frequencies: list[float] | None = None,
         rms_norm_eps: float = 1e-6,
@@ -123,31 +93,16 @@ class DenoiserConfig(PreTrainedConfig):
         initializer_range: float = 0.02,
         noise_schedule: str = "loglinear",
         noise_eps: float = 1e-3,
-        vocab_pad_multiple: int = 128,
         **kwargs,
     ) -> None:
+        for f in fields(Architecture):
+            setattr(self, f.name, kwargs.pop(f.name, self._SAVED_DEFAULTS.get(f.name, f.default)))
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
         self.vocab_size = vocab_size
         self.mask_token_id = mask_token_id
         self.max_position_embeddings = max_position_embeddings
         self.tokenizer_hash = tokenizer_hash
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.attention = attention
-        self.num_key_value_heads = num_key_value_heads or num_attention_heads
-        self.q_lora_rank = q_lora_rank
-        self.kv_lora_rank = kv_lora_rank
-        self.qk_nope_head_dim = qk_nope_head_dim
-        self.qk_rope_head_dim = qk_rope_head_dim
-        self.v_head_dim = v_head_dim
-        self.kv_norm = kv_norm
         self.intermediate_size = intermediate_size
-        self.dropout = dropout
-        self.time_conditioning = time_conditioning
-        self.cond_dim = cond_dim
-        self.ada_ln = ada_ln
-        self.head_bias = head_bias
-        self.zero_head = zero_head
         self.rope_theta = rope_theta
         self.rope_frequencies = rope_frequencies
         self.rms_norm_eps = rms_norm_eps
@@ -155,7 +110,6 @@ class DenoiserConfig(PreTrainedConfig):
         self.initializer_range = initializer_range
         self.noise_schedule = noise_schedule
         self.noise_eps = noise_eps
-        self.vocab_pad_multiple = vocab_pad_multiple
         super().__init__(**kwargs)
 
     @property
