@@ -43,7 +43,8 @@ from pathlib import Path
 import torch
 
 from mdlm_sched.artifacts import SweepDir
-from mdlm_sched.config import RuntimeConfig, load
+from mdlm_sched.config import RuntimeConfig
+from mdlm_sched.config_load import load
 from mdlm_sched.distributed import DistContext, distributed
 from mdlm_sched.provenance import provenance
 from mdlm_sched.sampling_config import ReferenceConfig, SweepConfig, SweepGroup

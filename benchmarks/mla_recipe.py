@@ -75,7 +75,7 @@ def run_words(root: str, out: Path, name: str, steps: int, override: list[str]) 
 
 
 def run(args: argparse.Namespace) -> None:
-    from mdlm_sched.config import load
+    from mdlm_sched.config_load import load
     from mdlm_sched.data import load_sources, load_tokenizer
 
     out = Path(args.out)

@@ -25,7 +25,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
 import mdlm_sched.train as trainer
-from mdlm_sched.config import load
+from mdlm_sched.config_load import load
 
 STEPS, WAIT, WARMUP, ACTIVE = 16, 8, 2, 3
 FAMILIES = [

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from mdlm_sched.config import load
+from mdlm_sched.config_load import load
 from mdlm_sched.flops import forward_flops, training_flops_per_token
 from mdlm_sched.noise import make_noise
 from mdlm_sched.train import train

@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoConfig
 
-    from mdlm_sched.config import RuntimeConfig, load
+    from mdlm_sched.config import RuntimeConfig
+    from mdlm_sched.config_load import load
     from mdlm_sched.convert import convert_command
     from mdlm_sched.flops import training_flops_per_token
     from mdlm_sched.generate import sample_command
@@ -124,7 +125,7 @@ def ablate(args: argparse.Namespace) -> None:
 
     import torch
 
-    from mdlm_sched.config import load
+    from mdlm_sched.config_load import load
     from mdlm_sched.convert import attention_input_moments
     from mdlm_sched.data import load_sources, load_tokenizer
     from mdlm_sched.models.loading import load_denoiser

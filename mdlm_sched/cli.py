@@ -23,7 +23,7 @@ CONFIG_HELP = ("config words, in order: section=preset (configs/<section>/<prese
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mdlm_sched.config import load
+    from mdlm_sched.config_load import load
 
     cfg = load(args.config)  # before importing the trainer (and transformers): bad input fails fast
     from mdlm_sched.distributed import launch_context
@@ -228,7 +228,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _config(args: argparse.Namespace) -> int:
-    from mdlm_sched.config import load, to_yaml
+    from mdlm_sched.config_load import load, to_yaml
 
     print(to_yaml(load(args.config)), end="")
     return 0

@@ -38,7 +38,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mdlm_sched.artifacts import AnalysisDir
-from mdlm_sched.config import RuntimeConfig, validate_runtime
+from mdlm_sched.config import RuntimeConfig
+from mdlm_sched.config_checks import validate_runtime
 from mdlm_sched.data import load_sources
 from mdlm_sched.diffusion import corrupt, forbid_mask
 from mdlm_sched.errors import ConfigError

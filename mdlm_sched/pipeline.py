@@ -30,7 +30,8 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from mdlm_sched.artifacts import PipelineDir, ReportDir, SweepResults, TrainingLog, TrainRun
-from mdlm_sched.config import RunConfig, RuntimeConfig, load, load_structured
+from mdlm_sched.config import RunConfig, RuntimeConfig
+from mdlm_sched.config_load import load, load_structured
 from mdlm_sched.data import load_tokenizer, tokenizer_hash
 from mdlm_sched.errors import ConfigError
 from mdlm_sched.fileio import atomic_write_json, check_writable, read_json

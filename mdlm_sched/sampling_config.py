@@ -18,7 +18,9 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from mdlm_sched.artifacts import SampleRun
-from mdlm_sched.config import MAX_SEED, RuntimeConfig, load_structured, require, validate_runtime
+from mdlm_sched.config import MAX_SEED, RuntimeConfig
+from mdlm_sched.config_load import load_structured
+from mdlm_sched.config_checks import require, validate_runtime
 from mdlm_sched.data import check_source
 from mdlm_sched.errors import ConfigError, DataError, SamplingError
 from mdlm_sched.fileio import check_writable

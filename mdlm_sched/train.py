@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from mdlm_sched.artifacts import LOG_RESUME, LOG_START, LOG_TRAIN, LOG_VAL, TrainRun
 from mdlm_sched.checkpoint import export_model, load_latest_state, save_state
-from mdlm_sched.config import RunConfig, TrainConfig, flagged_fields, to_yaml
+from mdlm_sched.config import RunConfig, TrainConfig, flagged_fields
+from mdlm_sched.config_load import to_yaml
 from mdlm_sched.data import load_sources, load_tokenizer, mask_token_id, tokenizer_hash
 from mdlm_sched.distributed import ONE_PROCESS, DistContext, distributed
 from mdlm_sched.errors import CheckpointError, ConfigError, NonFiniteLossError

@@ -37,7 +37,7 @@ def trained_tiny(tmp_path_factory, shared_data) -> dict[str, Path]:
 
     Also "cache": the tokenised-data cache they used. Trained once per test session.
     """
-    from mdlm_sched.config import load
+    from mdlm_sched.config_load import load
     from mdlm_sched.train import train
 
     root = tmp_path_factory.mktemp("trained_tiny")
@@ -57,7 +57,7 @@ def saved_models(tmp_path_factory, shared_data) -> dict[str, Path]:
     import torch
 
     from mdlm_sched.checkpoint import export_model
-    from mdlm_sched.config import load
+    from mdlm_sched.config_load import load
     from mdlm_sched.data import load_tokenizer, tokenizer_hash
     from mdlm_sched.models import build_model
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from mdlm_sched.cli import main
-from mdlm_sched.config import load
+from mdlm_sched.config_load import load
 from mdlm_sched.fileio import read_jsonl
 from mdlm_sched.train import train
 

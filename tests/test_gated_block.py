@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mdlm_sched.config import load
+from mdlm_sched.config_load import load
 from mdlm_sched.errors import CheckpointError
 from mdlm_sched.models.denoiser import DenoiserConfig, MDLMDenoiser
 from mdlm_sched.models.loading import load_denoiser

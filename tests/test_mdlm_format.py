@@ -208,7 +208,7 @@ def test_import_mdlm_command_writes_a_model_that_samples(tmp_path, capsys):
 
 
 def test_a_gqa_dit_trains_and_loads(tmp_path, shared_data):
-    from mdlm_sched.config import load
+    from mdlm_sched.config_load import load
     from mdlm_sched.models.loading import load_denoiser
     from mdlm_sched.train import train
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
-from mdlm_sched.config import load
+from mdlm_sched.config_load import load
 from mdlm_sched.errors import CheckpointError, NonFiniteLossError
 from mdlm_sched.train import EMA, batch_indices, train, train_step
 

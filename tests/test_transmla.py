@@ -123,7 +123,7 @@ def test_an_mla_source_and_bad_widths_are_refused() -> None:
 def dit_folder(tmp_path_factory, shared_data):
     """A tiny GQA DiT saved with the GPT-2 tokenizer (random weights)."""
     from mdlm_sched.checkpoint import export_model
-    from mdlm_sched.config import load
+    from mdlm_sched.config_load import load
     from mdlm_sched.models import build_model
 
     root = tmp_path_factory.mktemp("convert")
@@ -138,7 +138,7 @@ def dit_folder(tmp_path_factory, shared_data):
 
 
 def test_convert_mla_command_writes_a_model_that_fine_tunes_and_shares_a_schedule(dit_folder, shared_data, tmp_path):
-    from mdlm_sched.config import load
+    from mdlm_sched.config_load import load
     from mdlm_sched.train import train
 
     run = [sys.executable, "-m", "mdlm_sched"]
@@ -192,7 +192,7 @@ def test_bad_convert_mla_input_is_one_line(dit_folder, shared_data, tmp_path, ca
         "save": ([src, str(tmp_path / "o7"), "--save-every", "nan"], "--save-every nan must be a number of seconds"),
     }
     from mdlm_sched.checkpoint import export_model
-    from mdlm_sched.config import load
+    from mdlm_sched.config_load import load
     from mdlm_sched.models import build_model
 
     tokenizer = load_tokenizer(str(TOKENIZER))
