@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from tqdm import tqdm
@@ -77,16 +76,6 @@ class ConversionStore:
         n = sum(k.startswith("sum.") for k in saved)
         return int(saved["blocks_done"]), [saved[f"sum.{i}"] for i in range(n)], saved["generator"]
 
-    def blocks_done(self) -> int:
-        """Calibration blocks an earlier run finished (0 if none)."""
-        if not self.work.moments.is_file():
-            return 0
-        try:
-            with safe_open(self.work.moments, "pt") as f:
-                return int(f.get_tensor("blocks_done"))
-        except Exception as exc:  # safetensors raises its own error types for a damaged file
-            raise self._damaged(exc) from None
-
     def _damaged(self, exc: Exception) -> CheckpointError:
         return CheckpointError(f"{self.work.moments} cannot be read ({type(exc).__name__}); delete it to calibrate "
                                f"again")
@@ -119,12 +108,14 @@ class ConversionStore:
 @torch.no_grad()
 def attention_input_moments(model: MDLMDenoiser, blocks: np.ndarray, batch_size: int, device: torch.device,
                             amp: torch.dtype | None, progress: bool = True, store: ConversionStore | None = None,
-                            save_every_s: float = SAVE_EVERY_S) -> list[torch.Tensor]:
+                            save_every_s: float = SAVE_EVERY_S,
+                            saved: tuple[int, list[torch.Tensor], torch.Tensor] | None = None) -> list[torch.Tensor]:
     """E[x x^T] [d, d] (float64) of every block's attention input over the tokens of blocks [N, L], each block
     masked at a random time as in training (the denoiser sees noised inputs, so the statistics must too).
 
     With a store, the sums so far (and the noise generator's state) are saved every save_every_s seconds and
-    once at the end, and a run resumes from them: the sums are the same as an uninterrupted run's."""
+    once at the end; `saved` (the store's load_moments()) resumes from them: the sums are the same as an
+    uninterrupted run's."""
     objective = denoiser_objective(model.config)
     d = model.config.hidden_size
     sums = [torch.zeros(d, d, dtype=torch.float64, device=device) for _ in model.blocks]
@@ -137,7 +128,7 @@ def attention_input_moments(model: MDLMDenoiser, blocks: np.ndarray, batch_size:
 
     generator = torch.Generator(device=device).manual_seed(CALIBRATION_SEED)
     first = 0
-    if store is not None and (saved := store.load_moments()) is not None:
+    if saved is not None:
         first, done_sums, state = saved
         for total, done in zip(sums, done_sums, strict=True):
             total.copy_(done)
@@ -196,9 +187,10 @@ def convert_command(source: str, out: str, kv_lora_rank: int, rope_dim: int, cal
         blocks = load_sources([calibration], tokenizer, model.config.max_position_embeddings, cache_dir,
                               short_fix="give --calibration more text (blocks have the model's length)")
         blocks = blocks[:calibration_blocks]
-        resumed = store.blocks_done()
+        saved = store.load_moments()
+        resumed = saved[0] if saved is not None else 0
         moments = attention_input_moments(model, blocks, CALIBRATION_BATCH, device, amp, progress, store,
-                                          save_every_s)
+                                          save_every_s, saved)
         if (source_bound := store.load_source_bound()) is None:
             source_bound = bound(model)
             store.save_source_bound(source_bound)
