@@ -2,7 +2,9 @@
 
 Bad input ends with one line on stderr and exit code 2; a diverged training run with exit code 1.
 Option defaults are read from the config dataclasses (SampleConfig, AnalysisConfig), never restated.
-The report is the one command that imports the analysis package; everything else runs in mdlm_sched.
+The dependencies run one way: cli (the top layer) -> analysis (reports and figures; torch-free) -> mdlm_sched.
+analysis is imported here at module level. The library's torch-bound modules are imported inside each command,
+after its input is checked, so that a bad input fails in a fraction of a second rather than after torch loads.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from analysis.report import build_report, per_step_figures
 from mdlm_sched.errors import NonFiniteLossError, UserError
 
 CONFIG_HELP = ("config words, in order: section=preset (configs/<section>/<preset>.yaml), "
@@ -114,7 +117,6 @@ def _analyze(args: argparse.Namespace) -> int:
                               trajectory_samples=args.trajectory_samples, batch_size=args.batch_size,
                               seed=args.seed, shade=args.shade or AnalysisConfig().shade, cache_dir=args.cache_dir,
                               t_min=args.t_min)
-    from analysis.report import per_step_figures
     from mdlm_sched.per_step import analyze_models
     from mdlm_sched.summary import band_text
 
@@ -156,7 +158,6 @@ def _pipeline(args: argparse.Namespace) -> int:
 
     plan = load_experiment(args.config)  # every stage's config is checked before any work
     outcome = run_pipeline(plan, progress=not args.no_progress)
-    from analysis.report import build_report
     from mdlm_sched.artifacts import ReportDir
 
     start = time.perf_counter()
@@ -216,7 +217,6 @@ def _convert_mla(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from analysis.report import build_report
     from mdlm_sched.fileio import read_json
 
     experiment = None

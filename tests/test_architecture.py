@@ -92,3 +92,15 @@ def test_no_module_is_longer_than_about_400_lines():
     for path in [*(REPO / "mdlm_sched").rglob("*.py"), *(REPO / "analysis").rglob("*.py")]:
         lines = len(path.read_text().splitlines())
         assert lines <= 420, f"{path.relative_to(REPO)} has {lines} lines: split it by job"
+
+
+def test_the_analysis_package_is_imported_at_module_level_only():
+    """The entry points' dependency on analysis is plain: no function imports it."""
+    for path in [*(REPO / "mdlm_sched").rglob("*.py"), *(REPO / "analysis").rglob("*.py")]:
+        for func in ast.walk(ast.parse(path.read_text())):
+            if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(func):
+                    module = node.module if isinstance(node, ast.ImportFrom) else None
+                    names = [a.name for a in node.names] if isinstance(node, ast.Import) else [module or ""]
+                    assert not any(n.split(".")[0] == "analysis" for n in names), \
+                        f"{path.relative_to(REPO)}:{node.lineno} imports analysis inside {func.name}()"
