@@ -16,7 +16,8 @@ from conftest import REPO
 LAYERS = [
     # no torch: the analysis package reads through these
     {"errors", "fileio", "artifacts", "schedule", "stats", "summary", "architecture", "config"},
-    {"noise", "config_checks", "config_load", "data", "diffusion", "runtime", "provenance", "distributed", "sampling_config", "hub",
+    {"noise", "config_checks", "config_load", "data", "diffusion", "runtime", "provenance", "distributed",
+     "sampling_config", "hub",
      "models.mla", "models.mha", "models.denoiser", "models.loading", "models.mdlm_format", "models.transmla",
      "models", "flops",
      "objectives",

@@ -85,7 +85,8 @@ def test_an_sdtt_student_distilled_from_the_hub_model_loads(tmp_path, tokenizer,
     computes_mdlm(imported, state, time_conditioning=False)
     assert main(["import-mdlm", str(folder), str(tmp_path / "out"), "--tokenizer", str(TOKENIZER)]) == 0
     line = capsys.readouterr().out
-    assert "no EMA" in line and "backbone.backbone." in line and "time conditioning off (from time_conditioning)" in line
+    assert "no EMA" in line and "backbone.backbone." in line
+    assert "time conditioning off (from time_conditioning)" in line
     record = json.loads((tmp_path / "out" / "import.json").read_text())
     assert record["layout"].startswith("hub folder with its run's Hydra config") and record["source"] == str(folder)
 
