@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from conftest import TOKENIZER
 from mdlm_sched.cli import main
 from mdlm_sched.data import load_tokenizer, tokenizer_hash
+from mdlm_sched.errors import CheckpointError
 from mdlm_sched.models.mdlm_format import load_mdlm
 from test_mdlm_format import BLOCKS, COND, DIM, HEADS, LENGTH, VOCAB, hf_folder, mdlm_state, reference_logits
 
@@ -109,7 +110,7 @@ def test_a_sharded_hub_folder_loads(tmp_path, tokenizer):
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     index["weight_map"]["backbone.blocks.9.norm1.weight"] = "model-00001-of-00002.safetensors"
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(Exception, match="which its shards do not hold"):
+    with pytest.raises(CheckpointError, match="which its shards do not hold"):
         load_mdlm(str(folder), *tokenizer)
 
 
