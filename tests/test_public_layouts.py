@@ -167,6 +167,8 @@ REFUSED = {
     "autoregressive model": ({"model": MODEL, "algo": {"name": "mdlm", "causal_attention": True}}, "causal attention"),
     "bd3lm block hub folder": (_hub_config(model_type="bd3lm", block_size=4, cross_attn=True), "block_size 4 of "
                                "model_length 24"),
+    "a count that is not a number": (_hub_config(n_heads="twelve"), "n_heads='twelve', which is not an int >= 1"),
+    "a count of zero": (_hub_config(n_heads=0), "n_heads=0, which is not an int >= 1"),
     "another model_type": (_hub_config(model_type="udlm"), "holds a 'udlm' model (model_type)"),
     "heads disagree with the rotary table": (_hub_config(n_heads=2), "head width 16 (2 heads), its weights 8"),
     "blocks disagree with the weights": (_hub_config(n_blocks=3), "blocks 3, its weights 2"),

@@ -104,25 +104,36 @@ def rename_state(state: Mapping[str, torch.Tensor], source: str, prefix: str = "
     return out
 
 
-def dit_config(model: Mapping[str, Any], vocab_size: int, tokenizer_hash: str, source: str) -> DenoiserConfig:
-    """The DenoiserConfig of an MDLM DiT from its settings: hidden_dim or hidden_size, n_blocks, n_heads,
-    cond_dim, model_length or length, dropout, time_conditioning."""
-    def get(*names: str, default: Any = None) -> Any:
-        for name in names:
-            if name in model:
-                return model[name]
+def setting(settings: Mapping[str, Any], source: str, *names: str, kind: type = int, default: Any = None) -> Any:
+    """The first of `names` the settings hold, as `kind` (an int must be >= 1); `default` if none is there.
+    A missing setting without a default, or a value that is not a `kind`, is a one-line CheckpointError."""
+    name = next((n for n in names if n in settings), None)
+    if name is None:
         if default is None:
             raise CheckpointError(f"{source}: the model settings have no {names[0]!r}; is this an MDLM DiT?")
         return default
+    try:
+        value = kind(settings[name])
+    except (TypeError, ValueError):
+        value = None
+    if value is None or (kind is int and value < 1):
+        raise CheckpointError(f"{source}: its config gives {name}={settings[name]!r}, which is not "
+                              f"{'an int >= 1' if kind is int else f'a {kind.__name__}'}; the config is damaged")
+    return value
 
-    hidden = int(get("hidden_dim", "hidden_size"))
+
+def dit_config(model: Mapping[str, Any], vocab_size: int, tokenizer_hash: str, source: str) -> DenoiserConfig:
+    """The DenoiserConfig of an MDLM DiT from its settings: hidden_dim or hidden_size, n_blocks, n_heads,
+    cond_dim, model_length or length, dropout, time_conditioning."""
+    hidden = setting(model, source, "hidden_dim", "hidden_size")
     return DenoiserConfig(
-        vocab_size=vocab_size, mask_token_id=vocab_size - 1, max_position_embeddings=int(get("model_length", "length")),
-        tokenizer_hash=tokenizer_hash, hidden_size=hidden, num_hidden_layers=int(get("n_blocks")),
-        num_attention_heads=int(get("n_heads")), attention="mha", intermediate_size=4 * hidden,
-        dropout=float(get("dropout", default=0.1)), time_conditioning=bool(get("time_conditioning", default=False)),
-        cond_dim=int(get("cond_dim")), ada_ln=True, head_bias=True, layer_norm_eps=1e-5, rope_theta=10000.0,
-        vocab_pad_multiple=1)
+        vocab_size=vocab_size, mask_token_id=vocab_size - 1,
+        max_position_embeddings=setting(model, source, "model_length", "length"), tokenizer_hash=tokenizer_hash,
+        hidden_size=hidden, num_hidden_layers=setting(model, source, "n_blocks"),
+        num_attention_heads=setting(model, source, "n_heads"), attention="mha", intermediate_size=4 * hidden,
+        dropout=setting(model, source, "dropout", kind=float, default=0.1),
+        time_conditioning=bool(model.get("time_conditioning", False)), cond_dim=setting(model, source, "cond_dim"),
+        ada_ln=True, head_bias=True, layer_norm_eps=1e-5, rope_theta=10000.0, vocab_pad_multiple=1)
 
 
 def _refuse(source: str, what: str) -> CheckpointError:
@@ -130,9 +141,16 @@ def _refuse(source: str, what: str) -> CheckpointError:
                            f"bidirectional DiT)")
 
 
-def _block_size(value: Any, length: int) -> int:
-    """BD3-LM's block_size; its default config writes `${model.length}` (one block: an MDLM)."""
-    return length if value == "${model.length}" else int(value)
+def _check_one_block(settings: Mapping[str, Any], length: int, cross_attn: bool, default_block: int, source: str,
+                     length_name: str = "length") -> None:
+    """Refuse a BD3-LM block diffusion model: only one block of the whole length without cross attention is an MDLM.
+    Its default config writes block_size as `${model.length}` (one block)."""
+    block = length if settings.get("block_size") == "${model.length}" else setting(
+        settings, source, "block_size", default=default_block)
+    if block < length or cross_attn:
+        raise _refuse(source, f"is a BD3-LM block diffusion model (block_size {block} of {length_name} {length}, "
+                      f"cross_attn {cross_attn}); only one block of the whole length without cross attention is an "
+                      f"MDLM")
 
 
 def hydra_settings(config: Mapping[str, Any], source: str) -> tuple[dict[str, Any], str]:
@@ -158,13 +176,9 @@ def hydra_settings(config: Mapping[str, Any], source: str) -> tuple[dict[str, An
         raise _refuse(source, f"has a {backbone!r} backbone, not MDLM's DiT")
     if algo.get("causal_attention") or model.get("causal_attention"):
         raise _refuse(source, "uses causal attention (an autoregressive model)")
-    length = int(model.get("length", model.get("model_length", 0)))
     if name == "bd3lm":
-        block = _block_size(config.get("block_size", length), length)
-        if block < length or algo.get("cross_attn", False):
-            raise _refuse(source, f"is a BD3-LM block diffusion model (block_size {block} of length {length}, "
-                          f"cross_attn {bool(algo.get('cross_attn', False))}); only one block of the whole length "
-                          f"without cross attention is an MDLM")
+        length = setting(model, source, "length", "model_length")
+        _check_one_block(config, length, bool(algo.get("cross_attn", False)), length, source)
     if "time_conditioning" in algo:
         return {**model, "time_conditioning": bool(algo["time_conditioning"])}, "algo.time_conditioning"
     return {**model, "time_conditioning": bool(config.get("time_conditioning", False))}, "time_conditioning"
@@ -176,12 +190,9 @@ def hub_settings(settings: Mapping[str, Any], source: str) -> dict[str, Any]:
     if kind not in ("mdlm", "bd3lm"):
         raise _refuse(source, f"holds a {kind!r} model (model_type), not an MDLM")
     if kind == "bd3lm":
-        length = int(settings.get("model_length", 0))
-        block = _block_size(settings.get("block_size", 1), length)  # BD3LMConfig's defaults: block 1, cross_attn on
-        if block < length or settings.get("cross_attn", True):
-            raise _refuse(source, f"is a BD3-LM block diffusion model (block_size {block} of model_length {length}, "
-                          f"cross_attn {bool(settings.get('cross_attn', True))}); only one block of the whole length "
-                          f"without cross attention is an MDLM")
+        # BD3LMConfig's defaults: block_size 1, cross_attn on
+        _check_one_block(settings, setting(settings, source, "model_length"), bool(settings.get("cross_attn", True)),
+                         1, source, "model_length")
         if settings.get("causal", False) or not settings.get("adaln", True):
             raise _refuse(source, "has causal attention or no adaLN layers, unlike MDLM's DiT")
     return dict(settings)
