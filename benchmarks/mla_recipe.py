@@ -52,8 +52,15 @@ RUNS: dict[str, list[str]] = {
     "v96": gated_mla("large", v=96),  # value head as wide as the query/key head: same cache, 4.7M more weights
     "nokvnorm": gated_mla("large", extra=("model.kv_norm=false",)),
     "mdlmhead": gated_mla("large", extra=("model.head_bias=true", "model.zero_head=true")),
+    # Shapes around the v96 `large` (each paired with v96 of the same budget): more heads of the same widths
+    # (same cache, more weights), a wider non-rotary query/key part (qk 96 + 32), MDLM's final layer.
+    "heads16": gated_mla("large", v=96, extra=("model.num_attention_heads=16",)),
+    "nope96": gated_mla("large", nope=96, v=96),
+    "v128": gated_mla("large", v=128),  # a value head wider than the query/key head
+    "v96head": gated_mla("large", v=96, extra=("model.head_bias=true", "model.zero_head=true")),
     "small": gated_mla("small"),
     "small_rope64": gated_mla("small", rope=64),
+    "small_v96": gated_mla("small", rope=64, v=96),
 }
 VAL_BATCHES = 12  # 384 validation blocks per source (fewer where a source has fewer)
 
@@ -215,22 +222,24 @@ def report(args: argparse.Namespace) -> None:
             d, lo, hi = paired(owt, ref)
             delta = f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
             entry.update(vs=ref, delta_nats=d, delta_ci=[lo, hi])
-        base = f"{args.baseline}-{budget(key)}" if args.baseline else None
-        vs_base = ""
-        if base in runs and base != key:
-            d, lo, hi = paired(owt, base)
-            vs_base = f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
-            entry.update(vs_baseline=base, baseline_delta_nats=d, baseline_delta_ci=[lo, hi])
+        vs_base = []
+        for name in args.baseline:  # each baseline's run of this budget: one column (and summary entry) each
+            base = f"{name}-{budget(key)}"
+            vs_base.append("")
+            if base in runs and base != key:
+                d, lo, hi = paired(owt, base)
+                vs_base[-1] = f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+                entry.setdefault("vs_baselines", {})[base] = {"delta_nats": d, "delta_ci": [lo, hi]}
         summary[key] = entry
         shared = [k for k in launches.get(key, {}).get("launches", [{}])[-1].get("with", []) if k != key]
         rate = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else ""
         cols = [key, r["model"]["num_hidden_layers"], describe(r["model"]), r["steps"], f"{r['tokens'] / 1e6:.1f}M",
                 f"{r['parameters'] / 1e6:.1f}M", r["cache"], f"{owt['ppl']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]", *cells[1:],
-                delta, *([vs_base] if args.baseline else []), rate, len(shared) + 1]
+                delta, *vs_base, rate, len(shared) + 1]
         rows.append("| " + " | ".join(str(c) for c in cols) + " |")
     names = ["run", "blocks", "attention and block", "steps", "tokens", "parameters", "cache / token / layer",
              f"{head_src} bound [95% CI]", *sources[1:], f"{head_src} loss vs DiT, nats [paired 95% CI]",
-             *([f"{head_src} loss vs {args.baseline}, nats [paired 95% CI]"] if args.baseline else []), "tokens/s",
+             *(f"{head_src} loss vs {b}, nats [paired 95% CI]" for b in args.baseline), "tokens/s",
              "runs sharing the GPU"]
     head = "| " + " | ".join(names) + " |\n|" + " --- |" * len(names)
     (out / "table.md").write_text(head + "\n" + "\n".join(rows) + "\n")
@@ -257,6 +266,27 @@ def report(args: argparse.Namespace) -> None:
     for ext in ("png", "pdf"):
         fig.savefig(out / f"validation_curves.{ext}", dpi=130)
     print((out / "table.md").read_text())
+
+
+def compare(args: argparse.Namespace) -> None:
+    """Print the paired loss difference (a - b, nats, 95% CI over validation blocks) of two runs, from any data
+    folders, at every validation step both made, for every source both validated."""
+    import numpy as np
+
+    from mdlm_sched.stats import paired_mean_difference
+
+    a, b = (read_run(Path(p).parent, Path(p).name) for p in (args.a, args.b))
+    sources = [s for s in a["val"] if s in b["val"]]
+    print(f"{Path(args.a).name} - {Path(args.b).name}, nats [paired 95% CI]\n\n| step | " + " | ".join(sources)
+          + " |\n|" + " --- |" * (len(sources) + 1))
+    steps = sorted({v["step"] for v in a["val"][sources[0]]} & {v["step"] for v in b["val"][sources[0]]})
+    for step in steps:
+        cells = []
+        for source in sources:
+            x, y = ([v for v in r["val"][source] if v["step"] == step][-1]["block_losses"] for r in (a, b))
+            d, lo, hi = paired_mean_difference([np.array(x)], [np.array(y)])
+            cells.append(f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+        print(f"| {step} | " + " | ".join(cells) + " |")
 
 
 def describe(m: dict) -> str:
@@ -286,9 +316,13 @@ def main() -> None:
     p = sub.add_parser("report", help="table.md, summary.json and the validation-curve figure")
     p.add_argument("data", help="the folder --collect filled")
     p.add_argument("--out", required=True)
-    p.add_argument("--baseline", help="a run name (e.g. gated12): add each run's paired difference to it at the same "
-                   "budget")
+    p.add_argument("--baseline", nargs="*", default=[], help="run names (e.g. gated12 v96): add each run's paired "
+                   "difference to each of them at the same budget, one column each")
     p.set_defaults(fn=report)
+    p = sub.add_parser("compare", help="the paired difference of two runs (from any data folders) along training")
+    p.add_argument("a", help="DIR/KEY: the run whose files are DIR/KEY_log.jsonl and DIR/KEY_config.yaml")
+    p.add_argument("b", help="DIR/KEY of the run it is compared with")
+    p.set_defaults(fn=compare)
     args = parser.parse_args()
     args.fn(args)
 

@@ -38,7 +38,12 @@ def test_mla_recipe_runs_and_reports(tmp_path):
     assert gated["vs"] == "dit12-2" and gated["delta_ci"][0] <= gated["delta_nats"] <= gated["delta_ci"][1]
     assert "vs" not in summary["dit12-2"]
     # --baseline: each run's paired difference to the baseline of its budget (the DiT's is the gated model's, negated)
-    assert summary["dit12-2"]["vs_baseline"] == "gated12-2" and "vs_baseline" not in gated
-    assert summary["dit12-2"]["baseline_delta_nats"] == pytest.approx(-gated["delta_nats"])
+    assert list(summary["dit12-2"]["vs_baselines"]) == ["gated12-2"] and "vs_baselines" not in gated
+    assert summary["dit12-2"]["vs_baselines"]["gated12-2"]["delta_nats"] == pytest.approx(-gated["delta_nats"])
     assert summary["gated12-2"]["cache"] == 32 + 8 and summary["dit12-2"]["cache"] == 2 * 4 * 16
+    compare = subprocess.run([sys.executable, script, "compare", str(data / "gated12-2"), str(data / "dit12-2")],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert compare.returncode == 0, compare.stderr[-2000:]
+    last = compare.stdout.strip().splitlines()[-1]  # | step | owt gap [CI] |: the report's paired difference again
+    assert last.startswith("| 2 |") and f"{gated['delta_nats']:+.3f}" in last
     assert summary["gated12-2"]["blocks"] >= 1 and (tmp_path / "rep" / "validation_curves.png").is_file()
