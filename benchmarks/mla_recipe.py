@@ -275,16 +275,28 @@ def compare(args: argparse.Namespace) -> None:
 
     from mdlm_sched.stats import paired_mean_difference
 
+    for p in (args.a, args.b):
+        if not Path(f"{p}_log.jsonl").is_file() or not Path(f"{p}_config.yaml").is_file():
+            print(f"compare: no run at {p} (give DIR/KEY with DIR/KEY_log.jsonl and DIR/KEY_config.yaml, as --collect "
+                  "writes them)", file=sys.stderr)
+            raise SystemExit(2)
     a, b = (read_run(Path(p).parent, Path(p).name) for p in (args.a, args.b))
-    sources = [s for s in a["val"] if s in b["val"]]
+    # source -> step -> that step's last validation record, for each run
+    by_step = [{s: {v["step"]: v for v in r["val"][s]} for s in r["val"]} for r in (a, b)]
+    sources = [s for s in by_step[0] if s in by_step[1]]
+    if not sources:
+        print(f"compare: {args.a} and {args.b} share no validation source", file=sys.stderr)
+        raise SystemExit(2)
     print(f"{Path(args.a).name} - {Path(args.b).name}, nats [paired 95% CI]\n\n| step | " + " | ".join(sources)
           + " |\n|" + " --- |" * (len(sources) + 1))
-    steps = sorted({v["step"] for v in a["val"][sources[0]]} & {v["step"] for v in b["val"][sources[0]]})
-    for step in steps:
+    for step in sorted(by_step[0][sources[0]].keys() & by_step[1][sources[0]].keys()):
         cells = []
         for source in sources:
-            x, y = ([v for v in r["val"][source] if v["step"] == step][-1]["block_losses"] for r in (a, b))
-            d, lo, hi = paired_mean_difference([np.array(x)], [np.array(y)])
+            x, y = (runs[source].get(step) for runs in by_step)
+            if x is None or y is None:
+                cells.append("")
+                continue
+            d, lo, hi = paired_mean_difference([np.array(x["block_losses"])], [np.array(y["block_losses"])])
             cells.append(f"{d:+.3f} [{lo:+.3f}, {hi:+.3f}]")
         print(f"| {step} | " + " | ".join(cells) + " |")
 

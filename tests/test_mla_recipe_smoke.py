@@ -46,4 +46,7 @@ def test_mla_recipe_runs_and_reports(tmp_path):
     assert compare.returncode == 0, compare.stderr[-2000:]
     last = compare.stdout.strip().splitlines()[-1]  # | step | owt gap [CI] |: the report's paired difference again
     assert last.startswith("| 2 |") and f"{gated['delta_nats']:+.3f}" in last
+    missing = subprocess.run([sys.executable, script, "compare", str(data / "nothere-2"), str(data / "dit12-2")],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1 and "nothere-2" in missing.stderr
     assert summary["gated12-2"]["blocks"] >= 1 and (tmp_path / "rep" / "validation_curves.png").is_file()
