@@ -21,7 +21,7 @@ from mdlm_sched.errors import ConfigError
 from mdlm_sched.fileio import atomic_write_text, check_writable
 from mdlm_sched.schedule import PAPER_PLACEMENTS
 from mdlm_sched.stats import change_verdict
-from mdlm_sched.summary import all_heavy, band_text, light_against_heavy, main_steps, paired
+from mdlm_sched.summary import all_heavy, band_text, light_against_heavy, main_steps, paired, row_points
 
 
 def _draw_per_step(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], name: str,
@@ -185,13 +185,9 @@ def _placement_claims(view: SweepView) -> list[str]:
                  ", ".join(f"{r['label']} {ratio_text(r)}" for r in ranked) + ".")
     middle = placed.get("small-in-the-middle")
     if middle is not None:
-        def of(row: Mapping[str, Any]) -> list[dict[str, Any]]:
-            return [p for p in view.points if (p["segments"], p["steps"], p["num_samples"]) ==
-                    (row["segments"], row["steps"], row["num_samples"])]
-
         against = []
         for other in (r for r in ranked if r is not middle):
-            vs = paired(of(middle), of(other), middle["token_rule"])
+            vs = paired(row_points(view.points, middle), row_points(view.points, other), middle["token_rule"])
             low, high = vs["ppl_ratio_low"], vs["ppl_ratio_high"]
             against.append(f"{other['label']}: {vs['ppl_ratio']:.3f} [{low:.3f}, {high:.3f}], "
                            f"{change_verdict(low - 1, high - 1)}")

@@ -20,8 +20,8 @@ from analysis import plots
 from mdlm_sched.artifacts import ReportDir, SweepDir
 from mdlm_sched.fileio import atomic_write_text
 from mdlm_sched.stats import RESAMPLES, change_verdict, pooled_ppl_interval
-from mdlm_sched.summary import (fraction_rows, light_against_heavy, main_steps, pareto_front, per_sample,
-                                placement_of, summarize, token_rule)
+from mdlm_sched.summary import fraction_rows, light_against_heavy, main_steps, pareto_front, placement_of, summarize
+from mdlm_sched.sweep_records import PPLSummary, ReferenceRow, SweepPoint
 
 RULE_TEXT = {
     "mdlm": "MDLM's token rule: every judged token that is not EOS (the rule of MDLM's, Duo's and ReMDM's code, "
@@ -86,29 +86,30 @@ class SweepView:
     """What the paper section needs of a sweep: its rows, its points and its headline reference."""
 
     rows: list[dict[str, Any]]
-    points: list[dict[str, Any]]
+    points: list[SweepPoint]
     reference: dict[str, Any] | None
 
 
-def _reference_lines(refs: Sequence[Mapping[str, Any]]) -> tuple[list[str], dict[str, Any] | None]:
+def _reference_lines(refs: Sequence[ReferenceRow]) -> tuple[list[str], dict[str, Any] | None]:
     if not refs:
         return [], None
-    rule = token_rule(refs[0])
+    rule = refs[0].token_rule
     lines = ["Reference rows (real validation text, wrapped and scored exactly as samples; 95% CI over blocks; "
              "entropy ± s.d. over blocks):", "",
              f"| reference | source | blocks | gen PPL ({rule}) [95% CI] | gen PPL (first-EOS) | judge PPL, every "
              f"token | entropy |", "|---|---|---:|---:|---:|---:|---:|"]
     for ref in refs:
-        ppl, low, high = pooled_ppl_interval(*per_sample(ref, rule))
-        others = ref.get("gen_ppl_rules", {})
-        first_eos = others.get("first-eos", ref["gen_ppl"] if rule == "first-eos" else None)
-        every = others.get("every-token", ref.get("judge_ppl_every_token"))
-        lines.append(f"| {ref['name']} | `{ref['source']}` | {ref['num_samples']} | {ppl:.2f} [{low:.2f}, {high:.2f}] "
-                     f"| {first_eos['ppl']:.2f} | {every['ppl']:.2f} | "
-                     f"{ref['entropy']['mean']:.3f} ± {ref['entropy']['sd']:.3f} |")
+        ppl, low, high = pooled_ppl_interval(*ref.values(rule))
+        first_eos, every = (ref.gen_ppl_rules.get(r) for r in ("first-eos", "every-token"))
+        lines.append(f"| {ref.name} | `{ref.source}` | {ref.num_samples} | {ppl:.2f} [{low:.2f}, {high:.2f}] "
+                     f"| {_ppl_text(first_eos)} | {_ppl_text(every)} | {ref.entropy.mean:.3f} ± {ref.entropy.sd:.3f} |")
     head = refs[0]
-    return lines + [""], {"gen_ppl": head["gen_ppl"]["ppl"], "entropy": head["entropy"]["mean"],
-                          "num_samples": head["num_samples"], "name": head["name"]}
+    return lines + [""], {"gen_ppl": head.gen_ppl.ppl, "entropy": head.entropy.mean,
+                          "num_samples": head.num_samples, "name": head.name}
+
+
+def _ppl_text(gen: PPLSummary | None) -> str:
+    return "not measured" if gen is None else f"{gen.ppl:.2f}"
 
 
 def sweep_section(folder: Path, out: ReportDir) -> tuple[list[str], SweepView]:
@@ -126,12 +127,12 @@ def sweep_section(folder: Path, out: ReportDir) -> tuple[list[str], SweepView]:
     ref_lines, reference = _reference_lines(results.references)
     stem = out.figure("sweep", folder.name)
     plots.sweep_figure(main, reference, sorted(front), stem, heavy)
-    prov = points[0]["provenance"]
-    per_forward = points[0]["flops"]["per_forward_one_sequence"]
+    prov = points[0].provenance
+    per_forward = points[0].flops.per_forward_one_sequence
     n_points = Counter((r["seeds"], r["num_samples"]) for r in rows).most_common(1)[0][0]
     lines = [f"## Sweep `{folder}`", "",
              f"Models: {', '.join(f'`{k}` = {v}' for k, v in settings.get('models', {}).items())}; judge: "
-             f"`{points[0]['gen_ppl']['judge']}`; sampler batch {settings.get('batch_size')}, top-p "
+             f"`{points[0].gen_ppl.judge}`; sampler batch {settings.get('batch_size')}, top-p "
              f"{settings.get('top_p')}, cache {settings.get('cache')}. Measured on "
              f"{prov['hardware'].get('gpu', prov['hardware']['device'])}, git {prov['git']}.", "",
              "FLOPs of one forward over one sequence: " + ", ".join(
@@ -169,8 +170,8 @@ def sweep_section(folder: Path, out: ReportDir) -> tuple[list[str], SweepView]:
                   *_schedule_table(curve, front), ""]
     if results.failures:
         lines += ["### Points that failed (not rerun successfully)", ""]
-        lines += [f"- `{f['label']}` ({f['key']}): {f['error']}" for f in results.failures] + [""]
+        lines += [f"- `{f.label}` ({f.key}): {f.error}" for f in results.failures] + [""]
     atomic_write_text(out.summary(folder.name), json.dumps(
-        {"rows": rows, "pareto": sorted(front), "reference": results.references}, indent=1,
+        {"rows": rows, "pareto": sorted(front), "reference": [r.to_record() for r in results.references]}, indent=1,
         default=lambda o: None) + "\n")
     return lines, SweepView(rows, points, reference)

@@ -99,8 +99,8 @@ def bench_sweep(s: dict, schedules: list[str], work: Path, runtime: RuntimeConfi
     run_sweep(cfg, progress=False, echo=lambda _: None)
     if not ctx.is_main:
         return []
-    rows = [{"schedule": r["label"], "world_size": ctx.world_size, "samples": r["num_samples"], "steps": r["steps"],
-             "batch": s["sweep_batch"], "wall_s": round(r["wall_s"], 3), "judge_s": round(r["judge_s"], 3)}
+    rows = [{"schedule": r.label, "world_size": ctx.world_size, "samples": r.num_samples, "steps": r.steps,
+             "batch": s["sweep_batch"], "wall_s": round(r.wall_s, 3), "judge_s": round(r.judge_s, 3)}
             for r in SweepDir(work / "sweep").read().points]
     for row in rows:
         print(json.dumps(row), flush=True)

@@ -8,7 +8,8 @@ No other module spells a file name. Each kind of folder has a small class that n
     ConversionWork(out)    <out>.unfinished/: settings.json, moments.safetensors, source_bound.json until convert-mla
                            has written <out>
     AnalysisDir(out)       per_step.csv, per_step.json
-    SweepDir(out)          results.jsonl, failures.jsonl, sweep.json, samples/<point>.jsonl
+    SweepDir(out)          results.jsonl, failures.jsonl (typed records: sweep_records.py), sweep.json,
+                           samples/<point>.jsonl
     OptimiseDir(out)       optimise.json
     PipelineDir(out_dir)   pipeline.json, train/<name>/, analysis/, optimise/, sweep/, report/
     ReportDir(out)         report.md, experiment.json, summary_<name>.json, figures <stem>.{png,pdf}
@@ -29,7 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from mdlm_sched.errors import DataError
-from mdlm_sched.fileio import atomic_write_json, atomic_write_text, read_json, read_jsonl
+from mdlm_sched.fileio import append_jsonl, atomic_write_json, atomic_write_text, read_json, read_jsonl
+from mdlm_sched.sweep_records import (TIMING, Failure, ReferenceRow, SweepPoint, Timing, read_failure,
+                                      read_result)
 
 
 # ------------------------------------------------------------------------------ training runs
@@ -194,19 +197,14 @@ class AnalysisDir:
 
 
 # ---------------------------------------------------------------------------------- sweeps
-# Record kinds of results.jsonl: a sampled, judged schedule, a real-text reference row, and a repeated timing
-# of a baseline point's first batch (the wall-clock spread its savings are set against).
-POINT, REFERENCE, TIMING = "point", "reference", "timing"
-
-
 @dataclass
 class SweepResults:
-    """What a sweep folder holds."""
+    """What a sweep folder holds, as typed records (sweep_records.py)."""
 
-    points: list[dict[str, Any]]
-    references: list[dict[str, Any]]
-    timings: list[dict[str, Any]]
-    failures: list[dict[str, Any]]  # points that failed and have not been rerun successfully since
+    points: list[SweepPoint]
+    references: list[ReferenceRow]
+    timings: list[Timing]
+    failures: list[Failure]  # points that failed and have not been rerun successfully since
     settings: dict[str, Any]  # sweep.json's "shared" settings ({} if absent)
 
 
@@ -227,15 +225,19 @@ class SweepDir:
         """Keys of the finished points and reference rows."""
         return {r["key"] for r in read_jsonl(self.results) if r["kind"] != TIMING}
 
+    def append(self, record: SweepPoint | ReferenceRow | Timing | Failure) -> None:
+        """One line more in results.jsonl (failures.jsonl for a Failure), durably."""
+        append_jsonl(self.failures if isinstance(record, Failure) else self.results, record.to_record())
+
     def read(self) -> SweepResults:
-        records = read_jsonl(self.results)
-        points = [r for r in records if r["kind"] == POINT]
-        done = {p["key"] for p in points}
+        records = [read_result(r, str(self.results)) for r in read_jsonl(self.results)]
+        points = [r for r in records if isinstance(r, SweepPoint)]
+        done = {p.key for p in points}
+        failures = [read_failure(f, str(self.failures)) for f in read_jsonl(self.failures)]
         settings = read_json(self.settings, "the sweep.json of a sweep")["shared"] if self.settings.is_file() else {}
-        return SweepResults(points=points, references=[r for r in records if r["kind"] == REFERENCE],
-                            timings=[r for r in records if r["kind"] == TIMING],
-                            failures=[f for f in read_jsonl(self.failures) if f["key"] not in done],
-                            settings=settings)
+        return SweepResults(points=points, references=[r for r in records if isinstance(r, ReferenceRow)],
+                            timings=[r for r in records if isinstance(r, Timing)],
+                            failures=[f for f in failures if f.key not in done], settings=settings)
 
 
 # ------------------------------------------------------------------------------- optimiser

@@ -40,6 +40,7 @@ from mdlm_sched.errors import ConfigError
 from mdlm_sched.fileio import atomic_write_json, check_writable
 from mdlm_sched.schedule import check_steps, parse_schedule, time_grid
 from mdlm_sched.summary import summarize
+from mdlm_sched.sweep_records import SweepPoint
 
 FEATURES = {  # name -> (per_step source, metric, model column given (heavy, light))
     "kl_trajectory": ("trajectory", "kl", "{heavy}||{light}"),
@@ -138,7 +139,7 @@ def _fit(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
     return max(0.0, float((w * x * y).sum() / (w * x * x).sum()))
 
 
-def measured_rows(costs: StepCosts, points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def measured_rows(costs: StepCosts, points: Sequence[SweepPoint]) -> list[dict[str, Any]]:
     """The summary rows (summary.summarize) of a sweep's points that can calibrate the costs: same T, compared
     with all-heavy, not all-heavy themselves, only the costs' models."""
     return [r for r in summarize(points) if r["steps"] == costs.steps and r.get("pairs") and not r["all_heavy"]

@@ -1,8 +1,8 @@
 """Statistics of sweep results: schedules pooled over seeds and compared with their baseline by paired
 bootstrap intervals, the Pareto frontier, the wall-clock spread, and the rules the pipeline decides with.
 
-Everything here reads results records (artifacts.SweepDir.read) and returns plain rows; the
-report (analysis.report) renders them. No torch: the analysis package imports this module.
+Everything here reads typed results records (sweep_records.py, through artifacts.SweepDir.read) and returns
+plain rows; the report (analysis.report) renders them. No torch: the analysis package imports this module.
 
 Conventions:
 - a schedule's gen PPL is pooled over its seeds: exp(sum NLL / sum tokens) over every sample of every
@@ -26,37 +26,12 @@ import numpy as np
 from mdlm_sched.errors import ConfigError
 from mdlm_sched.schedule import PLACEMENTS
 from mdlm_sched.stats import paired_log_ratio, paired_mean_difference
-
-# Results written before the token rule was recorded counted up to the first EOS ("first_eos": true).
-LEGACY_RULE = "first-eos"
+from mdlm_sched.sweep_records import Judged, SweepPoint, Timing
 
 
-def token_rule(record: Mapping[str, Any]) -> str:
-    """The token rule of a point's or reference row's headline gen PPL."""
-    gen = record["gen_ppl"]
-    return gen.get("token_rule", LEGACY_RULE if gen.get("first_eos") else "every-token")
-
-
-def per_sample(record: Mapping[str, Any], rule: str) -> tuple[np.ndarray, np.ndarray]:
-    """(summed NLL [N], scored tokens [N]) of each sample of a point under `rule`."""
-    values = record["per_sample"]
-    if isinstance(values["nll"], dict):
-        return np.asarray(values["nll"][rule], dtype=np.float64), np.asarray(values["tokens"][rule], dtype=np.float64)
-    if rule != token_rule(record):  # the older layout kept the headline rule's values only
-        raise ConfigError(f"results of {record['key']} hold per-sample values under the {token_rule(record)} rule "
-                          f"only, not {rule}")
-    return np.asarray(values["nll"], dtype=np.float64), np.asarray(values["tokens_scored"], dtype=np.float64)
-
-
-def recorded_rules(record: Mapping[str, Any]) -> list[str]:
-    """The token rules whose per-sample values a point holds (older points: the headline rule only)."""
-    nll = record["per_sample"]["nll"]
-    return list(nll) if isinstance(nll, dict) else [token_rule(record)]
-
-
-def pooled_ppl(points: Sequence[Mapping[str, Any]], rule: str) -> float:
+def pooled_ppl(points: Sequence[Judged], rule: str) -> float:
     """exp(sum NLL / sum tokens) over every sample of the points (seeds) under `rule`."""
-    nll, tokens = zip(*(per_sample(p, rule) for p in points))
+    nll, tokens = zip(*(p.values(rule) for p in points))
     return math.exp(float(sum(x.sum() for x in nll)) / float(sum(x.sum() for x in tokens)))
 
 
@@ -77,86 +52,75 @@ def band_text(low: float, high: float, digits: int = 4) -> str:
     return f"[{low:.{digits}f}, {high:.{digits}f}]"
 
 
-def paired(points: Sequence[Mapping[str, Any]], base: Sequence[Mapping[str, Any]], rule: str) -> dict[str, Any]:
+def paired(points: Sequence[SweepPoint], base: Sequence[SweepPoint], rule: str) -> dict[str, Any]:
     """A schedule's points against its baseline's: gen PPL ratio and entropy difference with paired 95% intervals.
 
     Only the seeds both ran are compared; their samples must be as many on both sides.
     """
-    ours, theirs = {p["seed"]: p for p in points}, {p["seed"]: p for p in base}
+    ours, theirs = {p.seed: p for p in points}, {p.seed: p for p in base}
     seeds = sorted(set(ours) & set(theirs))
     if not seeds:
         return {"pairs": 0, "paired_seeds": []}
-    a = [per_sample(ours[s], rule) for s in seeds]
-    b = [per_sample(theirs[s], rule) for s in seeds]
+    a = [ours[s].values(rule) for s in seeds]
+    b = [theirs[s].values(rule) for s in seeds]
     log_ratio, low, high = paired_log_ratio([x[0] for x in a], [x[1] for x in a], [x[0] for x in b],
                                             [x[1] for x in b])
-    ent = paired_mean_difference([ours[s]["per_sample"]["entropy"] for s in seeds],
-                                 [theirs[s]["per_sample"]["entropy"] for s in seeds])
+    ent = paired_mean_difference([ours[s].per_sample.entropy for s in seeds],
+                                 [theirs[s].per_sample.entropy for s in seeds])
     return {"pairs": sum(len(x[0]) for x in a), "paired_seeds": seeds,
             "ppl_ratio": math.exp(log_ratio), "ppl_ratio_low": math.exp(low), "ppl_ratio_high": math.exp(high),
             "entropy_diff": ent[0], "entropy_diff_low": ent[1], "entropy_diff_high": ent[2]}
 
 
-def head_everywhere_saving(point: Mapping[str, Any]) -> float:
-    """The FLOPs saving with the output head at every position of every sequence run (MDLM's sampler), derived from
-    the sequences each model ran and its forward over one sequence with the head everywhere ("full")."""
-    flops = point["flops"]
-    per_forward = flops["per_forward_one_sequence"]
-    used = sum(n * per_forward[m]["full"] for m, n in flops["sequences_run"].items())
-    base = sum(flops["sequences_run"].values()) * per_forward[flops["baseline_model"]]["full"]
-    return 1.0 - used / base if base else 0.0
-
-
-def _is_all_heavy(point: Mapping[str, Any]) -> bool:
-    return set(point["steps_per_model"]) == {point["flops"]["baseline_model"]}
-
-
-def wall_spread(base_points: Sequence[Mapping[str, Any]], timings: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def wall_spread(base_points: Sequence[SweepPoint], timings: Sequence[Timing]) -> dict[str, Any]:
     """The baseline's first-batch wall-clock as measured in its point and again in timing records (seconds).
 
     relative: (max - min) / mean of those measurements (nan with a single one): the spread a wall-clock
     saving is set against.
     """
-    keys = {p["key"] for p in base_points}
-    firsts = [p["batch_wall_s"][0] for p in base_points if p.get("batch_wall_s")]
-    values = firsts + [t["wall_s"] for t in timings if t["key"] in keys]
+    keys = {p.key for p in base_points}
+    firsts = [p.batch_wall_s[0] for p in base_points if p.batch_wall_s]
+    values = firsts + [t.wall_s for t in timings if t.key in keys]
     rel = (max(values) - min(values)) / float(np.mean(values)) if len(values) > 1 else math.nan
     return {"measurements": len(values), "first_batch_s": values, "relative": rel}
 
 
-def summarize(points: Sequence[Mapping[str, Any]], timings: Sequence[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
+def summarize(points: Sequence[SweepPoint], timings: Sequence[Timing] = ()) -> list[dict[str, Any]]:
     """One row per (schedule, T, sample count): pooled over seeds, FLOPs, calls, wall-clock, and the paired
     comparison with the all-heavy baseline of the same T and sample count."""
-    by_name: dict[str, list[Mapping[str, Any]]] = {}
+    by_schedule: dict[tuple[str, int, int], list[SweepPoint]] = {}
     for p in points:
-        by_name.setdefault(f"{p['segments']}|T{p['steps']}|n{p['num_samples']}", []).append(p)
+        by_schedule.setdefault(p.schedule_key, []).append(p)
     rows = []
-    for name, group in by_name.items():
+    for (segments, steps, num_samples), group in by_schedule.items():
         first = group[0]
-        rule = token_rule(first)
+        rule = first.token_rule
         calls: Counter = Counter()
         for p in group:
-            calls.update(p["flops"]["calls"])
+            calls.update(p.flops.calls)
 
-        def avg(section: str, key: str) -> float:
-            return float(np.mean([p[section][key] for p in group]))
+        def mean(values: Iterable[float]) -> float:
+            return float(np.mean(list(values)))
 
         rows.append({
-            "name": name, "label": first["label"], "groups": sorted({g for p in group for g in p["groups"]}),
-            "segments": first["segments"], "steps": first["steps"], "num_samples": first["num_samples"],
-            "seeds": len(group), "seed_list": sorted(p["seed"] for p in group), "token_rule": rule,
-            "steps_per_model": first["steps_per_model"], "light_fraction": first["light_fraction"],
-            "baseline_model": first["flops"]["baseline_model"], "all_heavy": _is_all_heavy(first),
-            "saving_blocks_only": avg("flops", "saving_blocks_only"), "saving_full": avg("flops", "saving_full"),
-            "saving_head_everywhere": float(np.mean([head_everywhere_saving(p) for p in group])),
-            "flops_blocks_only": avg("flops", "blocks_only"), "flops_full": avg("flops", "full"),
+            "name": f"{segments}|T{steps}|n{num_samples}", "label": first.label,
+            "groups": sorted({g for p in group for g in p.groups}),
+            "segments": segments, "steps": steps, "num_samples": num_samples,
+            "seeds": len(group), "seed_list": sorted(p.seed for p in group), "token_rule": rule,
+            "steps_per_model": first.steps_per_model, "light_fraction": first.light_fraction,
+            "baseline_model": first.flops.baseline_model, "all_heavy": first.all_heavy,
+            "saving_blocks_only": mean(p.flops.saving_blocks_only for p in group),
+            "saving_full": mean(p.flops.saving_full for p in group),
+            "saving_head_everywhere": mean(p.flops.head_everywhere_saving() for p in group),
+            "flops_blocks_only": mean(p.flops.blocks_only for p in group),
+            "flops_full": mean(p.flops.full for p in group),
             "calls": {k: v / len(group) for k, v in sorted(calls.items())},
-            "skipped_share": avg("cache", "skipped_share"),
-            "wall_s": float(np.mean([p["wall_s"] for p in group])),
+            "skipped_share": mean(p.cache.skipped_share for p in group),
+            "wall_s": mean(p.wall_s for p in group),
             "gen_ppl": pooled_ppl(group, rule),
-            "gen_ppl_by_rule": {r: pooled_ppl(group, r) for r in recorded_rules(first)},
-            "entropy": float(np.mean([e for p in group for e in p["per_sample"]["entropy"]])),
-            "mauve": float(np.mean([p["mauve"]["mean"] for p in group])) if "mauve" in first else None,
+            "gen_ppl_by_rule": {r: pooled_ppl(group, r) for r in first.rules},
+            "entropy": mean(e for p in group for e in p.per_sample.entropy),
+            "mauve": mean(p.mauve.mean for p in group) if first.mauve is not None else None,
             "_points": group,
         })
     for r in rows:
@@ -188,10 +152,9 @@ def light_against_heavy(rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] 
     return light
 
 
-def row_points(points: Sequence[Mapping[str, Any]], row: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+def row_points(points: Sequence[SweepPoint], row: Mapping[str, Any]) -> list[SweepPoint]:
     """The points (one per seed) a summarize row pools."""
-    return [p for p in points if (p["segments"], p["steps"], p["num_samples"]) ==
-            (row["segments"], row["steps"], row["num_samples"])]
+    return [p for p in points if p.schedule_key == (row["segments"], row["steps"], row["num_samples"])]
 
 
 def placement_of(label: str) -> str | None:
@@ -215,9 +178,9 @@ BEST_PLACEMENT_RULE = ("the placement preset with the lowest pooled gen PPL at t
                        "separated from the runner-up when the paired 95% interval of their gen PPL ratio excludes 1")
 
 
-def best_placement(points: Sequence[Mapping[str, Any]], group: str) -> dict[str, Any]:
+def best_placement(points: Sequence[SweepPoint], group: str) -> dict[str, Any]:
     """The group's best placement preset by BEST_PLACEMENT_RULE, with the runner-up and whether they separate."""
-    rows = [r for r in summarize([p for p in points if group in p["groups"]]) if r["label"] in PLACEMENTS]
+    rows = [r for r in summarize([p for p in points if group in p.groups]) if r["label"] in PLACEMENTS]
     if not rows:
         raise ConfigError(f"sweep group {group!r} has no finished placement points to choose the curve's from; "
                           f"rerun the command once they finish")

@@ -34,11 +34,11 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
-from mdlm_sched.artifacts import POINT, REFERENCE, TIMING, SweepDir, SweepResults
+from mdlm_sched.artifacts import SweepDir, SweepResults
 from mdlm_sched.data import load_sources
 from mdlm_sched.distributed import ONE_PROCESS, DistContext, distributed
 from mdlm_sched.errors import ConfigError, ScheduleError
-from mdlm_sched.fileio import append_jsonl, atomic_file, atomic_write_json, read_json
+from mdlm_sched.fileio import atomic_file, atomic_write_json, read_json
 from mdlm_sched.generate import cache_summary, flops_summary, run_schedule, warm_up
 from mdlm_sched.metrics import (Judge, entropy_summary, judge_features, judge_tokens, load_judge, mauve_scores,
                                 score_token_ids)
@@ -48,6 +48,8 @@ from mdlm_sched.runtime import RECORDED_FAILURES
 from mdlm_sched.sampler import RANDOMNESS_LAYOUT
 from mdlm_sched.sampling_config import SamplerSettings, SweepConfig, SweepGroup, shared_settings, validate_sweep
 from mdlm_sched.schedule import ModelSchedule, coarse_segment_specs, is_single_segment, parse_schedule
+from mdlm_sched.sweep_records import (CacheUse, EntropySummary, Failure, MauveSummary, PerSample, PPLSummary,
+                                      ReferenceRow, SamplingFlops, SweepPoint, Timing)
 
 log = logging.getLogger(__name__)
 
@@ -124,33 +126,33 @@ def _check_settings_file(out: SweepDir, cfg: SweepConfig) -> None:
 
 def _quality(rows: list[list[int]], judge_ids: list[list[int]], judge: Judge, cfg: SweepConfig, seq_len: int,
              progress: bool, ctx: DistContext) -> dict[str, Any]:
-    """Gen PPL under every token rule (the headline: cfg.token_rule), entropy, and the per-sample values of both,
-    for samples [N][L] (judge_ids: the same samples re-tokenized for the judge)."""
+    """The sweep_records.Judged fields the judge measures: gen PPL under every token rule (the headline:
+    cfg.token_rule), entropy, and the per-sample values of both, for samples [N][L] (judge_ids: the same samples
+    re-tokenized for the judge)."""
     by_rule = score_token_ids(judge_ids, judge, cfg.judge_batch_size, seq_len, progress=progress, ctx=ctx)
     entropy, per_entropy = entropy_summary(rows)
     return {
-        "gen_ppl": by_rule[cfg.token_rule].summary(judge.name),
-        "gen_ppl_rules": {rule: gen.summary(judge.name) for rule, gen in by_rule.items()},
-        "entropy": entropy,
-        "per_sample": {"nll": {rule: gen.nll.tolist() for rule, gen in by_rule.items()},
-                       "tokens": {rule: gen.tokens.tolist() for rule, gen in by_rule.items()},
-                       "entropy": per_entropy},
+        "gen_ppl": PPLSummary(**by_rule[cfg.token_rule].summary(judge.name)),
+        "gen_ppl_rules": {rule: PPLSummary(**gen.summary(judge.name)) for rule, gen in by_rule.items()},
+        "entropy": EntropySummary(**entropy),
+        "per_sample": PerSample(nll={rule: gen.nll.tolist() for rule, gen in by_rule.items()},
+                                tokens={rule: gen.tokens.tolist() for rule, gen in by_rule.items()},
+                                entropy=per_entropy),
     }
 
 
-def _write_samples(path: Path, rows: list[list[int]], tokenizer: Any, quality: dict[str, Any], rule: str) -> None:
-    values = quality["per_sample"]
+def _write_samples(path: Path, rows: list[list[int]], tokenizer: Any, values: PerSample, rule: str) -> None:
     with atomic_file(path) as fh:
         for i, ids in enumerate(rows):
             fh.write(json.dumps({"index": i, "text": tokenizer.decode(ids), "token_ids": ids,
-                                 "nll": values["nll"][rule][i], "tokens_scored": values["tokens"][rule][i],
-                                 "entropy": values["entropy"][i]}) + "\n")
+                                 "nll": values.nll[rule][i], "tokens_scored": values.tokens[rule][i],
+                                 "entropy": values.entropy[i]}) + "\n")
 
 
 def run_point(point: Point, model_set: ModelSet, judge: Judge, cfg: SweepConfig, settings: SamplerSettings,
               out: SweepDir, progress: bool, ctx: DistContext = ONE_PROCESS,
-              mauve_reference: np.ndarray | None = None) -> dict[str, Any]:
-    """Sample, count, judge one point; return its results line (samples written first when kept).
+              mauve_reference: np.ndarray | None = None) -> SweepPoint:
+    """Sample, count, judge one point; return its results record (samples written first when kept).
 
     mauve_reference: judge features of the reference blocks, when the sweep measures MAUVE.
     Under torchrun every rank calls this and gets the line; rank 0 alone writes the samples.
@@ -161,23 +163,22 @@ def run_point(point: Point, model_set: ModelSet, judge: Judge, cfg: SweepConfig,
     start = time.perf_counter()
     judge_ids = judge_tokens(rows, model_set.tokenizer, judge, ctx)
     quality = _quality(rows, judge_ids, judge, cfg, model_set.seq_len, progress, ctx)
+    mauve = None
     if mauve_reference is not None:
         features = judge_features(judge_ids, judge, cfg.judge_batch_size, model_set.seq_len)
-        quality["mauve"] = mauve_scores(features, mauve_reference, cfg.mauve_seeds)
+        mauve = MauveSummary(**mauve_scores(features, mauve_reference, cfg.mauve_seeds))
     judge_s = time.perf_counter() - start
     if cfg.save_samples and ctx.is_main:
-        _write_samples(out.sample_file(point.slug), rows, model_set.tokenizer, quality, cfg.token_rule)
+        _write_samples(out.sample_file(point.slug), rows, model_set.tokenizer, quality["per_sample"], cfg.token_rule)
     counts = point.schedule.counts()
     light = model_set.light_to_heavy[0]
-    return {
-        "kind": POINT, "key": point.key, "label": point.label, "groups": point.groups,
-        "segments": point.schedule.segments_str(), "steps": point.steps, "seed": point.seed,
-        "num_samples": point.num_samples, "steps_per_model": counts,
-        "light_fraction": counts.get(light, 0) / point.steps,
-        "flops": flops_summary(model_set, output), "cache": cache_summary(output, point.steps),
-        "wall_s": output.wall_s, "batch_wall_s": output.batch_wall_s, "judge_s": judge_s, **quality,
-        "provenance": provenance(model_set.device, ctx.world_size),
-    }
+    return SweepPoint(
+        key=point.key, num_samples=point.num_samples, **quality,
+        provenance=provenance(model_set.device, ctx.world_size), label=point.label, groups=point.groups,
+        segments=point.schedule.segments_str(), steps=point.steps, seed=point.seed, steps_per_model=counts,
+        light_fraction=counts.get(light, 0) / point.steps, flops=SamplingFlops(**flops_summary(model_set, output)),
+        cache=CacheUse(**cache_summary(output, point.steps)), wall_s=output.wall_s,
+        batch_wall_s=output.batch_wall_s, judge_s=judge_s, mauve=mauve)
 
 
 def _reference_rows(source: str, model_set: ModelSet, cfg: SweepConfig, ctx: DistContext) -> list[list[int]]:
@@ -189,14 +190,17 @@ def _reference_rows(source: str, model_set: ModelSet, cfg: SweepConfig, ctx: Dis
 
 
 def run_reference(name: str, source: str, model_set: ModelSet, judge: Judge, cfg: SweepConfig, progress: bool,
-                  ctx: DistContext = ONE_PROCESS) -> dict[str, Any]:
+                  ctx: DistContext = ONE_PROCESS) -> ReferenceRow:
     """A reference row: real validation blocks, judged exactly as samples are."""
     rows = _reference_rows(source, model_set, cfg, ctx)
     judge_ids = judge_tokens(rows, model_set.tokenizer, judge, ctx)
-    return {"kind": REFERENCE, "key": reference_key(name, source, cfg.reference.num_samples), "name": name,
-            "source": source, "num_samples": len(rows),
-            **_quality(rows, judge_ids, judge, cfg, model_set.seq_len, progress, ctx),
-            "provenance": provenance(model_set.device, ctx.world_size)}
+    return ReferenceRow(key=reference_key(name, source, cfg.reference.num_samples), num_samples=len(rows),
+                        **_quality(rows, judge_ids, judge, cfg, model_set.seq_len, progress, ctx),
+                        provenance=provenance(model_set.device, ctx.world_size), name=name, source=source)
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 def reference_key(name: str, source: str, num_samples: int) -> str:
@@ -268,9 +272,9 @@ class _SweepRun:
     def _finished(self) -> set[str]:
         return self.ctx.on_main(self.outcome.out.finished_keys)
 
-    def _append(self, path: Path, record: Mapping[str, Any]) -> None:
+    def _append(self, record: SweepPoint | ReferenceRow | Timing | Failure) -> None:
         if self.ctx.is_main:
-            append_jsonl(path, record)
+            self.outcome.out.append(record)
 
     def references(self) -> None:
         """The reference rows not yet in results.jsonl."""
@@ -278,7 +282,7 @@ class _SweepRun:
         for name, source in cfg.reference.sources.items():
             if reference_key(name, source, cfg.reference.num_samples) not in finished:
                 record = run_reference(name, source, self.model_set, self.judge, cfg, self.progress, self.ctx)
-                self._append(self.outcome.out.results, record)
+                self._append(record)
                 self.echo(f"  reference {name} ({source}, {cfg.reference.num_samples} blocks) done")
 
     def points(self, points: list[Point]) -> None:
@@ -301,16 +305,15 @@ class _SweepRun:
                 message = " ".join(str(exc).split())[:300]
                 if self.ctx.is_main:
                     log.error("point %s failed: %s", point.key, message)
-                self._append(out.failures, {"key": point.key, "label": point.label, "error": message,
-                                            "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                self._append(Failure(point.key, point.label, message, _utc_now()))
                 self.outcome.failed.append(point.key)
                 continue
-            self._append(out.results, record)
+            self._append(record)
             self.outcome.done += 1
             self.echo(f"  [{n}/{len(todo)}] {point.label} T={point.steps} seed={point.seed}: gen PPL "
-                      f"{record['gen_ppl']['ppl']:.2f}, entropy {record['entropy']['mean']:.3f}, FLOPs saved "
-                      f"{record['flops']['saving_blocks_only']:.1%} (blocks only) / "
-                      f"{record['flops']['saving_full']:.1%} (full), {record['wall_s']:.1f} s")
+                      f"{record.gen_ppl.ppl:.2f}, entropy {record.entropy.mean:.3f}, FLOPs saved "
+                      f"{record.flops.saving_blocks_only:.1%} (blocks only) / "
+                      f"{record.flops.saving_full:.1%} (full), {record.wall_s:.1f} s")
 
     def retime_baselines(self, points: list[Point]) -> None:
         """Time the first batch of each finished all-heavy point again (its lowest seed, per T and sample count):
@@ -324,8 +327,6 @@ class _SweepRun:
             output = run_schedule(self.model_set, point.schedule, self.settings,
                                   min(self.cfg.batch_size, point.num_samples), self.cfg.batch_size, point.seed,
                                   progress=False, ctx=self.ctx)
-            self._append(self.outcome.out.results, {"kind": TIMING, "key": point.key, "batch": 0,
-                                                    "wall_s": output.batch_wall_s[0],
-                                                    "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+            self._append(Timing(point.key, 0, output.batch_wall_s[0], _utc_now()))
             self.echo(f"  baseline {point.label} T={point.steps}: first batch timed again, "
                       f"{output.batch_wall_s[0]:.2f} s")

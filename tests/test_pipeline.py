@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from mdlm_sched.artifacts import SweepDir
 from mdlm_sched.cli import main
 from mdlm_sched.config import TrainConfig
 from mdlm_sched.errors import UserError
@@ -59,7 +60,7 @@ def test_quickstart_pipeline_end_to_end_then_resume(tmp_path, shared_data, capsy
     assert optimised[0]["segments"] == planned["segments"] and optimised[0]["flops"]["saving_blocks_only"] >= 0.25
     calibrated = json.loads((out / "calibrated" / "optimise.json").read_text())
     assert calibrated["cost_model"]["calibrated_on"] >= 5 and len(calibrated["schedules"]) == 2
-    choice = best_placement(points, "placements")
+    choice = best_placement(SweepDir(out / "sweep").read().points, "placements")
     best, candidates = choice["placement"], choice["gen_ppl"]
     assert choice["steps"] == 8 and set(candidates) == {"early-small", "late-small", "sandwich", "small-in-the-middle"}
     assert candidates[best] == min(candidates.values()) and choice["runner_up"] in candidates

@@ -10,6 +10,7 @@ import pytest
 from mdlm_sched.stats import (change_verdict, paired_log_ratio, paired_mean_difference, pooled_ppl_interval,
                               ratio_curve, resample_counts)
 from mdlm_sched.summary import best_placement, paired, pareto_front, summarize, wall_spread
+from mdlm_sched.sweep_records import CacheUse, EntropySummary, PerSample, PPLSummary, SamplingFlops, SweepPoint, Timing
 
 
 def test_resample_counts_draw_n_units_with_replacement():
@@ -82,19 +83,20 @@ def test_ratio_curve_bands_and_the_interval_of_the_peak():
 
 
 def _point(label: str, segments: str, seed: int, nll: np.ndarray, tokens: np.ndarray, heavy: bool,
-           wall: float) -> dict:
-    return {"kind": "point", "key": f"{segments}|T8|seed{seed}|n{len(nll)}", "label": label, "groups": ["g"],
-            "segments": segments, "steps": 8, "seed": seed, "num_samples": len(nll),
-            "steps_per_model": {"large": 8} if heavy else {"small": 2, "large": 6},
-            "light_fraction": 0 if heavy else 0.25,
-            "flops": {"baseline_model": "large", "saving_blocks_only": 0.0 if heavy else 0.16, "saving_full": 0.0,
-                      "blocks_only": 1, "full": 1, "calls": {"large": 8},
-                      "sequences_run": {"large": 8} if heavy else {"small": 2, "large": 6},
-                      "per_forward_one_sequence": {"small": {"full": 2.0}, "large": {"full": 4.0}}},
-            "cache": {"skipped_share": 0.0}, "wall_s": wall, "batch_wall_s": [wall],
-            "gen_ppl": {"ppl": 1.0, "token_rule": "mdlm"}, "entropy": {"mean": 5.0},
-            "per_sample": {"nll": {"mdlm": nll.tolist()}, "tokens": {"mdlm": tokens.tolist()},
-                           "entropy": [5.0] * len(nll)}}
+           wall: float) -> SweepPoint:
+    sequences = {"large": 8} if heavy else {"small": 2, "large": 6}
+    gen = PPLSummary(1.0, float(nll.sum()), int(tokens.sum()), len(nll), "judge", "mdlm")
+    return SweepPoint(
+        key=f"{segments}|T8|seed{seed}|n{len(nll)}", num_samples=len(nll), gen_ppl=gen, gen_ppl_rules={"mdlm": gen},
+        entropy=EntropySummary(5.0, 0.0, len(nll), "nats"),
+        per_sample=PerSample({"mdlm": nll.tolist()}, {"mdlm": tokens.tolist()}, [5.0] * len(nll)), provenance={},
+        label=label, groups=["g"], segments=segments, steps=8, seed=seed, steps_per_model=sequences,
+        light_fraction=0 if heavy else 0.25,
+        flops=SamplingFlops(blocks_only=1, full=1, baseline_model="large", baseline_blocks_only=1, baseline_full=1,
+                            saving_blocks_only=0.0 if heavy else 0.16, saving_full=0.0, calls={"large": 8},
+                            sequences_run=sequences, convention="",
+                            per_forward_one_sequence={"small": {"full": 2}, "large": {"full": 4}}),
+        cache=CacheUse(8, 8, 0, 0.0, 1), wall_s=wall, batch_wall_s=[wall], judge_s=0.0)
 
 
 def test_summary_rows_pool_seeds_pair_with_all_heavy_and_set_wall_clock_against_its_spread():
@@ -104,7 +106,7 @@ def test_summary_rows_pool_seeds_pair_with_all_heavy_and_set_wall_clock_against_
     points = [_point("all-large", "large:8", s, base[s], tokens[s], True, 10.0 + s) for s in (0, 1)]
     points += [_point("late-small", "large:6,small:2", s, base[s] + 0.1 * tokens[s], tokens[s], False, 8.0)
                for s in (0, 1)]
-    timings = [{"kind": "timing", "key": points[0]["key"], "wall_s": 12.0}]
+    timings = [Timing(points[0].key, 0, 12.0, "")]
     rows = {r["label"]: r for r in summarize(points, timings)}
     late = rows["late-small"]
     assert late["seeds"] == 2 and late["pairs"] == 64 and late["paired_seeds"] == [0, 1]
@@ -130,5 +132,5 @@ def test_best_placement_says_whether_it_is_separated_from_the_runner_up():
     choice = best_placement(points, "g")
     assert choice["placement"] in ("late-small", "sandwich") and choice["runner_up"] in ("late-small", "sandwich")
     assert choice["separated"] is False  # 0.02 against 0.02 + noise: not told apart
-    far = best_placement([p for p in points if p["label"] != "sandwich"], "g")
+    far = best_placement([p for p in points if p.label != "sandwich"], "g")
     assert far["placement"] == "late-small" and far["runner_up"] == "early-small" and far["separated"] is True
