@@ -101,7 +101,9 @@ def _sample(args: argparse.Namespace) -> int:
         models=_models(args.model), schedule=args.schedule, steps=args.steps, num_samples=args.num_samples,
         batch_size=args.batch_size, seed=args.seed, top_p=args.top_p, cache=not args.no_cache,
         noise_removal=not args.no_noise_removal, seq_len=args.seq_len, t_min=args.t_min,
-        prompts=[*args.prompt, *texts], prompt_token_ids=ids, out_dir=args.out, runtime=_runtime(args),
+        latent_cache=args.latent_cache, latent_refresh_every=args.latent_refresh_every,
+        latent_refresh_share=args.latent_refresh_share, prompts=[*args.prompt, *texts], prompt_token_ids=ids,
+        out_dir=args.out, runtime=_runtime(args),
     )
     from mdlm_sched.generate import sample_command
 
@@ -293,6 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-file", help='JSON lines of {"text": ...} or {"token_ids": [...]}')
     p.add_argument("--no-cache", action="store_true", help="run the network on every sequence at every step")
     p.add_argument("--no-noise-removal", action="store_true", help="leave masks left after the last step")
+    p.add_argument("--latent-cache", action="store_true", help="reuse MLA's latents across steps (docs/sampling.md)")
+    p.add_argument("--latent-refresh-every", type=int, default=sample.latent_refresh_every, metavar="R",
+                   help="with --latent-cache: recompute a whole sequence every R steps (1 = exact, 0 = never)")
+    p.add_argument("--latent-refresh-share", type=float, default=sample.latent_refresh_share, metavar="S",
+                   help="with --latent-cache: recompute a whole sequence once more than S of it changed since cached")
     _add_sampling_run_args(p, sample.out_dir)
     p.set_defaults(func=_sample)
     p = sub.add_parser("analyze", help="per-step loss and KL between models on the sampler's time grid")

@@ -82,6 +82,38 @@ def forward_flops(config: DenoiserConfig, seq_len: int, batch: int = 1, head_tok
     return ForwardFlops(blocks=blocks, head=head, other=other)
 
 
+def latent_cached_flops(config: DenoiserConfig, seq_len: int, refreshed: int, partial: int, positions: int,
+                        head_tokens: int | None = None) -> ForwardFlops:
+    """Matmul FLOPs of a latent-cached step (MDLMDenoiser.latent_hidden) of an MLA model.
+
+    refreshed: sequences recomputed whole (a forward, plus each position's latent computed again for the cache);
+    partial: sequences recomputed at `positions` positions in all (padding included), whose queries attend in the
+    absorbed form over seq_len cached latents. head_tokens: positions the head runs on (default: every position
+    recomputed).
+    """
+    d, h, n = config.hidden_size, config.num_attention_heads, config.num_hidden_layers
+    nope, rope, dv = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
+    r_q, r_kv = config.q_lora_rank, config.kv_lora_rank
+    full = forward_flops(config, seq_len, refreshed, head_tokens=0)
+    q_proj = d * h * (nope + rope) if r_q == 0 else d * r_q + r_q * h * (nope + rope)
+    per_position = (
+        q_proj
+        + d * (r_kv + rope)  # wkv_a: the position's own latent, written to the cache
+        + h * nope * r_kv  # the keys' up-projection folded into the query
+        + seq_len * h * (r_kv + rope)  # scores over the cached latents and rotary keys
+        + seq_len * h * r_kv  # the weighted sum of the latents
+        + h * r_kv * dv + h * dv * d  # the values' up-projection, then wo
+        + 2 * d * config.intermediate_size  # MLP
+    )
+    per_seq_block = 6 * d * config.cond_dim if config.modulated else 0
+    blocks = full.blocks + 2 * n * d * (r_kv + rope) * seq_len * refreshed  # the refresh's second wkv_a
+    blocks += 2 * n * (per_position * positions + per_seq_block * partial)
+    head_positions = refreshed * seq_len + positions if head_tokens is None else head_tokens
+    head = 2 * d * config.padded_vocab_size * head_positions
+    other = forward_flops(config, seq_len, refreshed + partial).other  # time embedding, final adaLN
+    return ForwardFlops(blocks=blocks, head=head, other=other)
+
+
 def training_flops_per_token(config: DenoiserConfig, seq_len: int, masked_fraction: float) -> float:
     """FLOPs a training step executes per token: 3 x forward, the head at the masked fraction of positions."""
     fwd = forward_flops(config, seq_len)  # one sequence, the head at every position
@@ -117,9 +149,15 @@ def trace_flops(trace: Iterable[StepRecord], configs: Mapping[str, DenoiserConfi
     for record in trace:
         if record.run == 0:
             continue
-        name = as_model or record.model
-        total.add(name, forward_flops(configs[name], seq_len, record.run, head_tokens=record.unmasked),
-                  forward_flops(configs[name], seq_len, record.run), record.run)
+        name, config = as_model or record.model, configs[as_model or record.model]
+        if record.positions_run is None:
+            total.add(name, forward_flops(config, seq_len, record.run, head_tokens=record.unmasked),
+                      forward_flops(config, seq_len, record.run), record.run)
+        else:  # latent-cached: what the step executed
+            partial = record.positions_run - record.refreshed * seq_len  # positions of the partial sequences
+            counts = (record.refreshed, record.run - record.refreshed, partial)
+            total.add(name, latent_cached_flops(config, seq_len, *counts, head_tokens=record.unmasked),
+                      latent_cached_flops(config, seq_len, *counts), record.run)
     return total
 
 

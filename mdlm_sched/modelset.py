@@ -76,6 +76,16 @@ class PreparedDenoiser:
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.logits_from_hidden(hidden)
 
+    def new_latent_cache(self, batch_size: int, seq_len: int) -> torch.Tensor:
+        """An empty latent cache in the autocast dtype (MDLMDenoiser.new_latent_cache)."""
+        return self.model.new_latent_cache(batch_size, seq_len, self.dtype)
+
+    def latent_hidden(self, input_ids: torch.Tensor, sigma: torch.Tensor | None, cache: torch.Tensor,
+                      rows: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """Through the latent cache, eager (not compiled, no CUDA graphs: its shapes change at every step)."""
+        with torch.no_grad(), autocast(input_ids.device, self.dtype, cache=False):
+            return self.model.latent_hidden(input_ids, sigma, cache, rows, positions)
+
     @property
     def parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())

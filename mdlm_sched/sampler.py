@@ -18,6 +18,9 @@ A step where no position of a sequence unmasks costs that sequence nothing (`ski
 whether or not the model is time-conditioned. With `cache=False` every sequence runs at every step
 (the uncached sampler, for comparison); the tokens are the same for the same generator state.
 
+With `latent_cache` on (latent_cache.py; MLA models), each model also keeps its latents across steps and a step
+recomputes only the positions that unmask or changed since cached: approximate, off by default.
+
 The output head runs only on the positions that decode a token (a few per sequence per step at
 T ~ L), so a step costs the transformer blocks plus a sliver of the head.
 
@@ -50,6 +53,7 @@ import torch
 
 from mdlm_sched.diffusion import forbid_mask, unmask_probability
 from mdlm_sched.errors import SamplingError
+from mdlm_sched.latent_cache import plan_latent_steps
 from mdlm_sched.models.denoiser import DenoiserConfig
 from mdlm_sched.noise import LogLinearNoise
 from mdlm_sched.sampling_config import SamplerSettings
@@ -73,6 +77,13 @@ class Denoiser(Protocol):
     def logits_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """float32 logits [..., V] of hidden [..., d]."""
 
+    def new_latent_cache(self, batch_size: int, seq_len: int) -> torch.Tensor:
+        """An empty latent cache [layers, B, L, kv_cache_elements] (MLA models; latent_cache.py)."""
+
+    def latent_hidden(self, input_ids: torch.Tensor, sigma: torch.Tensor | None, cache: torch.Tensor,
+                      rows: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """Final hidden states through the latent cache (MDLMDenoiser.latent_hidden)."""
+
 
 @dataclass(frozen=True)
 class StepRecord:
@@ -85,6 +96,10 @@ class StepRecord:
     run: int  # sequences run through the network
     skipped: int  # sequences that needed no prediction and skipped the network (MDLM's cache)
     unmasked: int  # tokens decided (positions the output head ran on)
+    # With the latent cache (latent_cache.py): positions through the network, padding included, and the sequences
+    # refreshed whole among them (None, None: exact sampling, every position of the sequences run).
+    positions_run: int | None = None
+    refreshed: int | None = None
 
 
 @dataclass
@@ -213,6 +228,9 @@ def sample(models: Mapping[str, Denoiser], schedule: ModelSchedule, noise: LogLi
     missing = sorted(set(schedule.names) - set(models))
     if missing:
         raise SamplingError(f"the schedule uses model {missing[0]!r}, which was not given; pass it by name")
+    if settings.latent_cache and any(models[n].config.attention != "mla" for n in schedule.names):
+        raise SamplingError("latent_cache: true needs MLA models (it keeps MLA's latents); a model of the schedule "
+                            "has multi-head attention: sample it with latent_cache: false")
     config = models[schedule[0]].config
     check_length(seq_len, config)
     if batch_size < 1:
@@ -235,17 +253,46 @@ def sample(models: Mapping[str, Denoiser], schedule: ModelSchedule, noise: LogLi
     # [B, L] on the host (the one host synchronisation); prompt positions (T + 1) never unmask
     steps = unmask_steps(u_time, p_unmask).masked_fill(prompt, t_steps + 1).cpu().numpy()
     plan = _plan(steps, t_steps, u_token, settings.cache, device)
+    cached = None
+    if settings.latent_cache:
+        last = [schedule[-1]] if settings.noise_removal else []
+        cached = plan_latent_steps(steps, list(schedule.names) + last, settings.latent_refresh_every,
+                                   settings.latent_refresh_share, device)
+    caches: dict[str, torch.Tensor] = {}  # model -> its latent cache [layers, B, L, r + rope]
     trace: list[StepRecord] = []
+
+    def sigma_of(model: Denoiser, n: int, t: float) -> torch.Tensor | None:
+        return noise.sigma(torch.full((n,), t, device=device)) if model.config.time_conditioning else None
+
+    def run_cached(i: int, name: str, t: float) -> torch.Tensor | None:
+        """Step i through the model's latent cache: float32 logits [K, V] of the K positions it decodes."""
+        model, step = models[name], cached[i]
+        if name not in caches:
+            caches[name] = model.new_latent_cache(b, l)
+        hidden = []
+        for rows, positions in ((step.refresh, None), (step.partial, step.positions)):
+            if len(rows):
+                out = model.latent_hidden(x.index_select(0, rows), sigma_of(model, len(rows), t), caches[name],
+                                          rows, positions)  # [n, L or A, d]
+                hidden.append(out.flatten(0, 1))
+        trace.append(StepRecord(i, t, times[i + 1] if i < t_steps else 0.0, name, step.sequences,
+                                b - step.sequences, len(step.take), step.positions_run, len(step.refresh)))
+        if on_step is not None:
+            on_step(trace[-1])
+        if not len(step.take):
+            return None
+        return forbid_mask(model.logits_from_hidden(torch.cat(hidden).index_select(0, step.take)), mask_id)
 
     def run_step(i: int, name: str, t: float) -> torch.Tensor | None:
         """Run step i's model on its sequences; float32 logits [K, V] of the K positions it decodes (None if K = 0)."""
+        if cached is not None:
+            return run_cached(i, name, t)
         model = models[name]
         n = plan.row_bounds[i + 1] - plan.row_bounds[i]
         rows = plan.rows[plan.row_bounds[i]:plan.row_bounds[i + 1]]  # [n]
         _, col, local = plan.positions(i)
         if n > 0:
-            sigma = noise.sigma(torch.full((n,), t, device=device)) if model.config.time_conditioning else None
-            hidden = model.hidden(x.index_select(0, rows), sigma)  # [n, L, d]
+            hidden = model.hidden(x.index_select(0, rows), sigma_of(model, n, t))  # [n, L, d]
         trace.append(StepRecord(i, t, times[i + 1] if i < t_steps else 0.0, name, n, b - n, len(col)))
         if on_step is not None:
             on_step(trace[-1])

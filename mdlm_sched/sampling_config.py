@@ -41,12 +41,26 @@ class SamplerSettings:
     cache: bool = field(default=True, metadata=SHARED)  # run the network only on sequences that unmask at the step
     noise_removal: bool = field(default=True, metadata=SHARED)  # argmax-fill the masks left after the last step
     t_min: float = field(default=DEFAULT_T_MIN, metadata=SHARED)  # the last step ends at t_min (0 = all unmasked)
+    # The latent cache (latent_cache.py; MLA models): keep each model's latents across steps and recompute only
+    # the positions that unmask or changed. Approximate; off = exact sampling.
+    latent_cache: bool = field(default=False, metadata=SHARED)
+    latent_refresh_every: int = field(default=8, metadata=SHARED)  # recompute a whole sequence every R steps (0: no)
+    latent_refresh_share: float = field(default=0.5, metadata=SHARED)  # ... or once more of it changed than this
 
     def __post_init__(self) -> None:
         if not 0.0 < self.top_p <= 1.0:
             raise SamplingError(f"top_p={self.top_p} must be in (0, 1]; use 1 for the full distribution")
         if not 0.0 <= self.t_min < 1.0:
             raise SamplingError(f"t_min={self.t_min} must be in [0, 1)")
+        if self.latent_cache and not self.cache:
+            raise SamplingError("latent_cache: true needs cache: true (the latent cache runs only the sequences "
+                                "that unmask at a step)")
+        if not (isinstance(self.latent_refresh_every, int) and self.latent_refresh_every >= 0):
+            raise SamplingError(f"latent_refresh_every={self.latent_refresh_every} must be a whole number >= 0 "
+                                f"(1: refresh at every step, exact; 0: only on a model change or the share)")
+        if not 0.0 <= self.latent_refresh_share <= 1.0:
+            raise SamplingError(f"latent_refresh_share={self.latent_refresh_share} must be in [0, 1] (the share of "
+                                f"a sequence's positions changed since cached that triggers a full recompute)")
 
     def sampler_settings(self) -> SamplerSettings:
         """The sampler's own settings, as a SamplerSettings (checked: bad values raise SamplingError)."""

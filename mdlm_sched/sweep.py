@@ -27,7 +27,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +116,10 @@ def _check_settings_file(out: SweepDir, cfg: SweepConfig) -> None:
     shared = {**shared_settings(cfg), "sampler_randomness": RANDOMNESS_LAYOUT}
     if out.settings.is_file() and out.finished_keys():
         saved = read_json(out.settings, "the sweep.json of a sweep")["shared"]
+        # A setting that sweep.json lacks did not exist when it was written: the sweep ran with its default.
+        defaults = {f.name: f.default for f in fields(SweepConfig) if f.default is not MISSING}
         for name, value in shared.items():
-            if saved.get(name) != value:
+            if saved.get(name, defaults.get(name)) != value:
                 raise ConfigError(f"{out.root} holds a sweep with another {name} ({saved.get(name)!r}, now "
                                   f"{value!r}); use the same settings or a new out_dir")
         return

@@ -145,8 +145,11 @@ class SamplingFlops:
     saving_head_everywhere: float | None = None
 
     def head_everywhere_saving(self) -> float:
-        """The saving with the output head at every position of every sequence run (MDLM's sampler), from the
-        sequences each model ran and its forward over one sequence with the head everywhere ("full")."""
+        """The saving with the output head at every position of every sequence run (MDLM's sampler): as recorded,
+        or for the first layout, from the sequences each model ran and its forward over one sequence with the head
+        everywhere ("full"; exact sampling ran every position of those sequences)."""
+        if self.saving_head_everywhere is not None:
+            return self.saving_head_everywhere
         per_forward = self.per_forward_one_sequence
         used = sum(n * per_forward[m]["full"] for m, n in self.sequences_run.items())
         base = sum(self.sequences_run.values()) * per_forward[self.baseline_model]["full"]

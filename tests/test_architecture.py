@@ -20,7 +20,7 @@ LAYERS = [
      "sampling_config", "hub",
      "models.mla", "models.mha", "models.denoiser", "models.loading", "models.mdlm_format", "models.transmla",
      "models", "flops",
-     "objectives",
+     "objectives", "latent_cache",
      "optimise"},  # maths, configs, models
     {"sampler", "cudagraph", "modelset", "metrics", "checkpoint"},  # sampling and loading
     {"generate", "per_step", "sweep", "train", "convert"},  # stages

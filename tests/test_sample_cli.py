@@ -60,6 +60,19 @@ def test_same_seed_reproduces_and_batch_of_one_model_works(saved_models, tmp_pat
     assert texts[0] == texts[1]
 
 
+def test_the_latent_cache_from_the_command_line(saved_models, tmp_path, capsys):
+    models = ["--model", f"small={saved_models['small']}", "--model", f"large={saved_models['large']}"]
+    runs = {"exact": [], "every": ["--latent-cache", "--latent-refresh-every", "1"], "cached": ["--latent-cache"]}
+    for name, extra in runs.items():
+        assert cli(capsys, *models, "--schedule", "sandwich", "--steps", "32", "--num-samples", "2",
+                   "--out", str(tmp_path / name), *extra)[0] == 0
+    samples = {name: (tmp_path / name / "samples.jsonl").read_text() for name in runs}
+    record = {name: json.loads((tmp_path / name / "record.json").read_text()) for name in runs}
+    assert samples["every"] == samples["exact"]  # a refresh at every step is exact sampling
+    assert record["cached"]["config"]["latent_cache"] and record["cached"]["config"]["latent_refresh_every"] == 8
+    assert record["cached"]["flops"]["blocks_only"] < record["exact"]["flops"]["blocks_only"]
+
+
 def test_prompt_token_ids_from_a_file(saved_models, tmp_path, capsys):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps({"token_ids": [50256, 464, 3797]}) + "\n" + json.dumps({"text": "Hello"}) + "\n")

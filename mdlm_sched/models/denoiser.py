@@ -24,6 +24,7 @@ p(x_0 | x_t); the SUBS parameterisation (no [MASK] predictions, carry-over) live
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -218,12 +219,17 @@ class DenoiserBlock(nn.Module):
                                     fc1.weight.to(dtype).t(), use_gelu=True)  # [B * L, 4d]
         return fc2(h.view(*x.shape[:-1], -1))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cond: torch.Tensor | None,
+                attend: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """x [B, L, d] -> [B, L, d]. attend: the attention branch on its normed input, in place of self.attn over x's
+        own positions (the latent cache's, whose queries attend over cached latents)."""
         if self.ada_ln is None:
-            x = x + self.dropout(self.attn(self.norm1(x), cos, sin))
+            h = self.norm1(x)
+            x = x + self.dropout(self.attn(h, cos, sin) if attend is None else attend(h))
             return x + self.dropout(self._mlp(self.norm2(x)))
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada_ln(cond).chunk(6, dim=-1)
-        x = x + gate1[:, None] * self.dropout(self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin))
+        h = modulate(self.norm1(x), shift1, scale1)
+        x = x + gate1[:, None] * self.dropout(self.attn(h, cos, sin) if attend is None else attend(h))
         return x + gate2[:, None] * self.dropout(self._mlp(modulate(self.norm2(x), shift2, scale2)))
 
 
@@ -279,26 +285,68 @@ class MDLMDenoiser(DenoiserPreTrainedModel):
         sigma [B] is the noise level sigma(t), used only when config.time_conditioning is on.
         Samplers call this and then the head on the few positions they decode.
         """
-        config = self.config
         b, l = input_ids.shape
-        if l > config.max_position_embeddings:
-            raise ValueError(f"sequence length {l} exceeds max_position_embeddings={config.max_position_embeddings}")
-        cond = None
-        if config.time_conditioning and sigma is None:
-            raise ValueError("this model is time-conditioned: pass sigma [B]")
-        if self.time_embed is not None:
-            if not config.time_conditioning:  # MDLM's DiT without time conditioning: sigma = 0, a constant
-                sigma = torch.zeros((), device=input_ids.device)
-            cond = F.silu(self.time_embed(sigma.expand(b)))  # [B, cond_dim]
-        cos, sin = rotary_cos_sin(l, config.rotary_frequencies, input_ids.device)
+        if l > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {l} exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        cond = self._conditioning(b, sigma, input_ids.device)
+        cos, sin = rotary_cos_sin(l, self.config.rotary_frequencies, input_ids.device)
         x = self.embed_tokens(input_ids)
         for block in self.blocks:
             x = block(x, cos, sin, cond)
+        return self._final_norm(x, cond)
+
+    def _conditioning(self, b: int, sigma: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+        """The adaLN conditioning [b, cond_dim] (None without adaLN layers)."""
+        if self.config.time_conditioning and sigma is None:
+            raise ValueError("this model is time-conditioned: pass sigma [B]")
+        if self.time_embed is None:
+            return None
+        if not self.config.time_conditioning:  # MDLM's DiT without time conditioning: sigma = 0, a constant
+            sigma = torch.zeros((), device=device)
+        return F.silu(self.time_embed(sigma.expand(b)))
+
+    def _final_norm(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         x = self.norm_final(x)
         if self.final_ada_ln is not None:
             shift, scale = self.final_ada_ln(cond).chunk(2, dim=-1)
             x = modulate(x, shift, scale)
         return x
+
+    def new_latent_cache(self, batch_size: int, seq_len: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """An empty latent cache [layers, batch_size, seq_len, kv_lora_rank + rope] (MLA models only)."""
+        if self.config.attention != "mla":
+            raise ValueError("the latent cache needs MLA attention; this model has multi-head attention")
+        return torch.zeros((self.config.num_hidden_layers, batch_size, seq_len, self.config.kv_cache_elements),
+                           dtype=dtype or self.embed_tokens.weight.dtype, device=self.device)
+
+    def latent_hidden(self, input_ids: torch.Tensor, sigma: torch.Tensor | None, cache: torch.Tensor,
+                      rows: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+        """Final hidden states through the latent cache (latent_cache.py), of sequences input_ids [n, L], which are
+        rows `rows` [n] of cache [layers, B, L, r + rope].
+
+        positions None: a refresh; every position runs as in `hidden` (the same hidden states [n, L, d]), and the
+        cache rows take every layer's latents. positions [n, A]: only those columns run ([n, A, d] out); their
+        latents are written into the cache first, then their queries attend over the rows' cached latents
+        (MultiHeadLatentAttention.absorbed). A column given twice in a row computes the same values twice.
+        """
+        n, l = input_ids.shape
+        cond = self._conditioning(n, sigma, input_ids.device)
+        cos, sin = rotary_cos_sin(l, self.config.rotary_frequencies, input_ids.device)  # [L, rope / 2]
+        if positions is None:
+            x = self.embed_tokens(input_ids)
+        else:
+            x = self.embed_tokens(input_ids.gather(1, positions))  # [n, A, d]
+            cos, sin = cos[positions], sin[positions]  # [n, A, rope / 2]
+        for layer, block in enumerate(self.blocks):
+            def attend(h: torch.Tensor, attn: MultiHeadLatentAttention = block.attn, k: int = layer) -> torch.Tensor:
+                if positions is None:
+                    cache[k].index_copy_(0, rows, attn.latents(h, cos, sin).to(cache.dtype))
+                    return attn(h, cos, sin)
+                cache[k][rows[:, None], positions] = attn.latents(h, cos, sin).to(cache.dtype)
+                return attn.absorbed(h, cos, sin, cache[k].index_select(0, rows))
+            x = block(x, cos, sin, cond, attend)
+        return self._final_norm(x, cond)
 
     def logits_from_hidden(self, hidden: torch.Tensor, head_fp32: bool = True) -> torch.Tensor:
         """Output head: hidden [..., d] -> logits [..., vocab_size], float32 when head_fp32."""

@@ -6,9 +6,12 @@ each head up-projects it to a non-rotary key part k_nope and a value v. A separa
 k_pe (qk_rope_head_dim) is computed from h directly and shared by all heads. Queries are either a
 full projection (q_lora_rank = 0) or low-rank with their own RMSNorm.
 
-The naive form decompresses K and V and runs ordinary attention: an MDLM recomputes every position
-at every denoising step, so nothing is cached across steps and the "absorbed" form (attention over
-the latent) would cost about 4x the attention FLOPs at this scale (REFERENCE.md section 4).
+The naive form (forward) decompresses K and V and runs ordinary attention: exact sampling recomputes every
+position at every denoising step, and there the "absorbed" form (attention over the latent) would cost about
+4x the attention FLOPs at this scale (REFERENCE.md section 4). The latent cache (latent_cache.py) keeps each
+position's latent and rotary key across steps and recomputes only a few queries per step; for those,
+`absorbed` folds the keys' up-projection into the queries and the values' into the output (DeepSeek-V2's
+inference form), so the cached latents are never expanded to full keys and values.
 Projections are named by role as in DeepSeek-V3: wq / wq_a, q_norm, wq_b, wkv_a, kv_norm, wkv_b, wo.
 """
 
@@ -119,3 +122,34 @@ class MultiHeadLatentAttention(nn.Module):
         # head dim may differ from it.
         out = F.scaled_dot_product_attention(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(b, l, h * dv))
+
+    def latents(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """What the latent cache keeps of positions x [..., A, d]: the normed latent and the rotated shared key,
+        [..., A, kv_lora_rank + rope]; cos/sin [A, rope / 2] or [..., A, rope / 2] at those positions."""
+        c_kv, k_pe = self.wkv_a(x).split([self.dims.kv_lora_rank, self.dims.qk_rope_head_dim], dim=-1)
+        return torch.cat((self.kv_norm(c_kv), apply_rotary(k_pe, cos, sin)), dim=-1)
+
+    def absorbed(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
+        """Attention of the queries of x [n, A, d] over every position's cached latent, [n, A, d] out.
+
+        cos/sin [n, A, rope / 2]: the rotary tables at the queries' positions; cached [n, L, r + rope]: the latent
+        (r = kv_lora_rank) and rotated shared key of every position (the queries' own positions included).
+        Per head, q_nope . (W_uk c) = (W_uk^T q_nope) . c and the output W_uv (sum_j p_j c_j), so the scores and
+        the weighted sum run in the latent space, shared by all heads (one key/value "head" of width r + rope).
+        Equal to forward's attention at those positions when the cache holds forward's own latents.
+        """
+        dims = self.dims
+        n, a, _ = x.shape
+        h, nope, rope, dv, r = (dims.num_attention_heads, dims.qk_nope_head_dim, dims.qk_rope_head_dim,
+                                dims.v_head_dim, dims.kv_lora_rank)
+        q = self.wq_b(self.q_norm(self.wq_a(x))) if dims.q_lora_rank > 0 else self.wq(x)
+        q_nope, q_pe = q.view(n, a, h, dims.qk_head_dim).split([nope, rope], dim=-1)  # [n, A, H, nope], [.., rope]
+        q_pe = apply_rotary(q_pe, cos[:, :, None], sin[:, :, None])
+        w_uk, w_uv = self.wkv_b.weight.view(h, nope + dv, r).split([nope, dv], dim=1)  # [H, nope, r], [H, dv, r]
+        q_latent = torch.einsum("nahd,hdr->nhar", q_nope, w_uk.to(q_nope.dtype))  # [n, H, A, r]
+        query = torch.cat((q_latent, q_pe.transpose(1, 2).to(q_latent.dtype)), dim=-1)  # [n, H, A, r + rope]
+        keys = cached.to(query.dtype)[:, None].expand(n, h, -1, -1)  # [n, H, L, r + rope], a view
+        # The scale is the naive form's 1/sqrt(nope + rope): the scores are the same numbers.
+        o_latent = F.scaled_dot_product_attention(query, keys, keys[..., :r], scale=dims.qk_head_dim ** -0.5)
+        out = torch.einsum("nhar,hdr->nahd", o_latent, w_uv.to(o_latent.dtype))  # [n, A, H, dv]
+        return self.wo(out.reshape(n, a, h * dv))

@@ -1,0 +1,146 @@
+"""The latent cache (latent_cache.py): absorbed attention equals the expanded form, refresh at every step is exact
+sampling, a step recomputes exactly the positions that unmask or changed, its FLOPs are what it executes, and the
+cache holds what the latent sizes say."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from mdlm_sched.errors import SamplingError
+from mdlm_sched.flops import trace_flops
+from mdlm_sched.latent_cache import plan_latent_steps
+from mdlm_sched.models.denoiser import DenoiserConfig, MDLMDenoiser
+from mdlm_sched.noise import LogLinearNoise
+from mdlm_sched.sampler import sample
+from mdlm_sched.sampling_config import SamplerSettings
+from mdlm_sched.schedule import parse_schedule
+
+from conftest import REPO
+
+L = 32
+
+
+def _model(layers: int, **overrides) -> MDLMDenoiser:
+    kw = dict(vocab_size=300, mask_token_id=299, max_position_embeddings=L, hidden_size=64, num_hidden_layers=layers,
+              num_attention_heads=4, kv_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=12,
+              intermediate_size=128, dropout=0.0, ada_ln=True)
+    model = MDLMDenoiser(DenoiserConfig(**{**kw, **overrides})).eval()
+    with torch.no_grad():  # the gates and the head start at zero: give them weights, so that context matters
+        for p in model.parameters():
+            if not p.abs().sum():
+                p.normal_(0, 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def pair() -> dict[str, MDLMDenoiser]:
+    torch.manual_seed(0)
+    return {"small": _model(1), "large": _model(2)}
+
+
+def _sample(models, spec="sandwich", steps=40, batch=4, prompts=None, **settings):
+    schedule = parse_schedule(spec, steps, ["small", "large"])
+    return sample(models, schedule, LogLinearNoise(1e-3), SamplerSettings(**settings), torch.Generator().manual_seed(3),
+                  batch, L, prompts)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"q_lora_rank": 16}, {"kv_norm": False}, {"ada_ln": False},
+                                       {"time_conditioning": True}])
+def test_absorbed_attention_over_fresh_latents_equals_the_full_forward(overrides):
+    torch.manual_seed(1)
+    model = _model(2, **overrides)
+    x = torch.randint(0, 299, (3, L))
+    sigma = torch.rand(3) if model.config.time_conditioning else None
+    rows = torch.tensor([4, 0, 2])  # rows of a batch of 5
+    positions = torch.tensor([[3, 7, 7], [0, 31, 5], [10, 11, 12]])  # a column twice in a row: padding
+    with torch.no_grad():
+        exact = model.hidden(x, sigma)
+        cache = model.new_latent_cache(5, L)
+        assert torch.equal(model.latent_hidden(x, sigma, cache, rows, None), exact)  # a refresh: the same numbers
+        part = model.latent_hidden(x, sigma, cache, rows, positions)
+    want = exact.gather(1, positions[..., None].expand(-1, -1, exact.shape[-1]))
+    torch.testing.assert_close(part, want, rtol=1e-5, atol=1e-5)
+    assert cache.shape == (2, 5, L, 24 + 8) and model.config.kv_cache_elements == 32  # layers, B, L, r + rope
+    assert cache.nbytes == 2 * 5 * L * 32 * 4 and not cache[:, [1, 3]].any()  # rows not run hold nothing
+
+
+@pytest.mark.parametrize("spec", ["all-large", "sandwich", "L10,H20,L10"])
+def test_refresh_at_every_step_samples_the_exact_tokens(pair, spec):
+    for extra in ({}, {"top_p": 0.9}):
+        exact = _sample(pair, spec, **extra)
+        cached = _sample(pair, spec, latent_cache=True, latent_refresh_every=1, **extra)
+        assert torch.equal(cached.tokens, exact.tokens)
+    prompts = [[5, 6, 7], [8], [9, 10], []]
+    assert torch.equal(_sample(pair, spec, prompts=prompts, latent_cache=True, latent_refresh_every=1).tokens,
+                       _sample(pair, spec, prompts=prompts).tokens)
+
+
+def test_without_refreshes_the_cache_runs_fewer_positions_and_stays_close(pair):
+    # Stale latents move the logits a little; the same uniforms then mostly draw the same tokens (a wrong slot
+    # or position would draw unrelated ones).
+    exact = _sample(pair, "all-large", steps=64, batch=6)
+    cached = _sample(pair, "all-large", steps=64, batch=6, latent_cache=True, latent_refresh_every=0,
+                     latent_refresh_share=1.0)
+    run_exact = sum(r.run * L for r in exact.trace)
+    run_cached = sum(r.positions_run for r in cached.trace)
+    assert run_cached < run_exact / 2
+    assert not (cached.tokens == 299).any() and (cached.tokens == exact.tokens).float().mean() > 0.9
+
+
+def test_the_plan_recomputes_the_unmasking_and_the_changed_positions_and_refreshes_on_takeover():
+    # One sequence of 6 positions: the step at which each unmasks (none at step 2).
+    steps = np.array([[0, 1, 1, 3, 4, 5]])
+    names = ["small", "small", "small", "small", "large", "large"]
+    plan = plan_latent_steps(steps, names, refresh_every=0, refresh_share=1.0, device=torch.device("cpu"))
+    assert [len(p.refresh) for p in plan] == [1, 0, 0, 0, 1, 0]  # first use of each model: a refresh
+    assert plan[1].positions.tolist() == [[1, 2, 0]]  # decoded at step 1 first, then position 0 (changed at 0)
+    assert plan[2].sequences == 0 and plan[2].positions_run == 0  # nothing unmasks at step 2: no network
+    assert plan[3].positions.tolist() == [[3, 1, 2]]  # 1 and 2 changed at step 1, not recomputed since
+    assert plan[5].positions.tolist() == [[5, 4]]  # only position 4 changed since large's refresh at step 4
+    assert plan[4].positions_run == 6 and plan[1].take.tolist() == [0, 1]
+    every2 = plan_latent_steps(steps, ["small"] * 6, refresh_every=2, refresh_share=1.0, device=torch.device("cpu"))
+    assert [len(p.refresh) for p in every2] == [1, 0, 0, 1, 0, 1]  # steps 0, 3 (>= 2 after 0), 5 (>= 2 after 3)
+    share = plan_latent_steps(steps, ["small"] * 6, refresh_every=0, refresh_share=0.3, device=torch.device("cpu"))
+    assert [len(p.refresh) for p in share] == [1, 0, 0, 1, 0, 0]  # 2 of 6 changed since cached by step 3
+
+
+def test_latent_cached_flops_are_what_the_run_executes(pair):
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        result = _sample(pair, "L10,H20,L10", steps=40, batch=5, latent_cache=True, latent_refresh_every=4)
+    total = trace_flops(result.trace, {name: m.config for name, m in pair.items()}, L)
+    assert total.full == counter.get_total_flops()
+    exact = trace_flops(_sample(pair, "L10,H20,L10", steps=40, batch=5).trace,
+                        {name: m.config for name, m in pair.items()}, L)
+    assert total.blocks_only < exact.blocks_only
+
+
+def test_bad_latent_cache_settings_are_refused(pair):
+    with pytest.raises(SamplingError, match="needs cache: true"):
+        SamplerSettings(latent_cache=True, cache=False)
+    with pytest.raises(SamplingError, match="latent_refresh_share"):
+        SamplerSettings(latent_refresh_share=1.5)
+    mha = {"small": _model(1, attention="mha", num_key_value_heads=4), "large": _model(2, attention="mha")}
+    with pytest.raises(SamplingError, match="needs MLA models"):
+        _sample(mha, latent_cache=True)
+
+
+def test_the_speed_benchmark_runs_on_the_cpu(tmp_path):
+    # benchmarks/latent_cache.py at tiny widths, so that it cannot rot; through PreparedDenoiser, R1 is exact.
+    out = tmp_path / "speed.json"
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "latent_cache.py"), "--smoke", "--schedules",
+                          "sandwich", "--settings", "exact", "R1", "R0", "--out", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = {r["setting"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["R1"]["same_tokens_as_exact"] == 1.0
+    assert rows["R1"]["positions_run_per_seed"] == rows["exact"]["positions_run_per_seed"]  # every step a refresh
+    assert rows["R0"]["positions_run_per_seed"] < rows["exact"]["positions_run_per_seed"] / 2
+    assert rows["R0"]["flops_full_per_seed"] < rows["exact"]["flops_full_per_seed"]
