@@ -11,11 +11,17 @@ exact, and the share of the exact sampler's tokens drawn the same (random weight
 
     python benchmarks/latent_cache.py --batches 1 128 --steps 1000 256 --out reports/latent-cache/speed.json
     python benchmarks/latent_cache.py --smoke   # tiny shapes on the CPU (the test suite runs this)
+    python benchmarks/latent_cache.py --plan-only   # no network: each setting's executed FLOPs against exact
+                                                    # sampling at the presets' shapes, and the host planning time
+
+--plan-only counts FLOPs from the plan alone (flops.forward_flops / latent_cached_flops, the full convention, the
+head at the decoded positions), so it runs in seconds on a CPU; FLOPs are not wall-clock.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -24,16 +30,18 @@ from pathlib import Path
 import torch
 
 from mdlm_sched.config_load import load
-from mdlm_sched.flops import trace_flops
+from mdlm_sched.diffusion import unmask_probability
+from mdlm_sched.flops import forward_flops, latent_cached_flops, trace_flops
+from mdlm_sched.latent_cache import plan_latent_steps
 from mdlm_sched.modelset import PreparedDenoiser
 from mdlm_sched.models import denoiser_config
 from mdlm_sched.models.denoiser import MDLMDenoiser
 from mdlm_sched.noise import LogLinearNoise
 from mdlm_sched.provenance import provenance
 from mdlm_sched.runtime import configure_backends
-from mdlm_sched.sampler import sample
+from mdlm_sched.sampler import sample, unmask_steps
 from mdlm_sched.sampling_config import SamplerSettings
-from mdlm_sched.schedule import parse_schedule
+from mdlm_sched.schedule import DEFAULT_T_MIN, parse_schedule, time_grid
 
 GPT2 = 50257  # tokenizer length ([MASK] is appended)
 SMOKE = ("model.hidden_size=64", "model.num_attention_heads=4", "model.kv_lora_rank=32", "model.qk_nope_head_dim=16",
@@ -71,6 +79,35 @@ def timed(models: dict, schedule, settings: SamplerSettings, batch: int, seq_len
     return time.perf_counter() - start, result
 
 
+def plan_only(args: argparse.Namespace) -> list[dict]:
+    """Each setting's executed FLOPs / exact sampling's, from the plan of one seed's unmask steps (no network)."""
+    configs = {n: denoiser_config(load([f"model={n}"]), GPT2, GPT2 - 1, "") for n in ("small", "large")}
+    seq_len, rows = configs["large"].max_position_embeddings, []
+    for steps, spec, batch in itertools.product(args.steps, args.schedules, args.batches):
+        schedule = parse_schedule(spec, steps, ["small", "large"])
+        times = time_grid(steps, DEFAULT_T_MIN).tolist()
+        p_unmask = [unmask_probability(LogLinearNoise(1e-3), t, s) for t, s in zip(times, times[1:])]
+        u = torch.rand((batch, seq_len), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        unmask = unmask_steps(u, p_unmask).numpy()
+        names = [*schedule.names, schedule.names[-1]]  # the noise removal runs the last model
+        for name in (s for s in args.settings if s != "exact"):
+            settings = settings_of(name, args.share)
+            start = time.perf_counter()
+            plan = plan_latent_steps(unmask, names, settings.latent_refresh_every, args.share, torch.device("cpu"))
+            host_s = time.perf_counter() - start
+            exact = cached = 0
+            for model, step in zip(names, plan):
+                if step.sequences:
+                    nf, config = len(step.refresh), configs[model]
+                    exact += forward_flops(config, seq_len, step.sequences, head_tokens=len(step.take)).full
+                    cached += latent_cached_flops(config, seq_len, nf, step.sequences - nf,
+                                                  step.positions_run - nf * seq_len, head_tokens=len(step.take)).full
+            rows.append({"steps": steps, "schedule": spec, "batch": batch, "setting": name, "flops_exact": exact,
+                         "flops_cached": cached, "flops_ratio": cached / exact, "plan_host_s": host_s})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 128])
@@ -80,8 +117,15 @@ def main() -> None:
     p.add_argument("--share", type=float, default=0.5, help="latent_refresh_share of the cached settings")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--smoke", action="store_true", help="tiny shapes, B = 2, T = 16, one seed (CPU)")
+    p.add_argument("--plan-only", action="store_true", help="FLOPs from the plan at the presets' shapes, no network")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
+    if args.plan_only:
+        rows = plan_only(args)
+        if args.out is not None:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"rows": rows, "share": args.share}, indent=1) + "\n")
+        return
     if args.smoke:
         args.batches, args.steps, args.seeds = [2], [16], 1
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
