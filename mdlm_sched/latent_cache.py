@@ -34,7 +34,7 @@ class CachedStep:
 
     refresh: torch.Tensor  # [nF] long: sequences recomputed at every position
     partial: torch.Tensor  # [nP] long: sequences recomputed at `positions` only
-    positions: torch.Tensor  # [nP, A] long: the columns recomputed (a row with fewer repeats its first one)
+    positions: torch.Tensor  # [nP, A] long: the columns recomputed (a row with fewer repeats its last one)
     take: torch.Tensor  # [K]: each decoded position (in the plan's order) in cat(refresh [nF * L], partial [nP * A])
     positions_run: int  # nF * L + nP * A: positions through the network (padding included)
 
