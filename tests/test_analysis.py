@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from mdlm_sched.artifacts import AnalysisDir
+from mdlm_sched.artifacts import AnalysisDir, SweepDir
 from mdlm_sched.cli import main
 from mdlm_sched.config import RuntimeConfig
 from mdlm_sched.errors import ConfigError, DataError, ScheduleError
@@ -25,7 +25,7 @@ from mdlm_sched.per_step import _evaluate_states, _kl, _UnitSums, analyze
 from mdlm_sched.sampling_config import AnalysisConfig, load_sweep
 from mdlm_sched.schedule import coarse_segment_specs, grid_steps
 from mdlm_sched.summary import pareto_front
-from mdlm_sched.sweep import plan
+from mdlm_sched.sweep import plan, run_sweep
 
 CPU = RuntimeConfig(device="cpu")
 
@@ -145,6 +145,22 @@ def test_identical_models_have_zero_kl_and_gap(trained_tiny, tmp_path):
     kl = [float(r[5]) for r in rows if r[3] in ("kl", "ce_gap")]
     assert len(kl) == 2 * 4 * 3 and all(v == 0.0 for v in kl)  # 2 sources x 4 steps x (2 KLs + gap)
     assert record["grid_steps"] == [0, 5, 10, 15] and record["shade"][0]["steps"] == [[0, 2], [14, 16]]
+
+
+def test_a_sweep_with_the_latent_cache_refreshed_every_step_judges_the_exact_samples(trained_tiny, tmp_path):
+    results = {}
+    for name, extra in (("exact", {}), ("cached", {"latent_cache": "true", "latent_refresh_every": "1"})):
+        cfg = sweep_yaml(tmp_path / f"{name}.yaml", trained_tiny, tmp_path / name,
+                         "  g: {schedules: [sandwich]}", **extra)
+        assert main(["sweep", "--no-progress", str(cfg)]) == 0
+        (results[name],) = SweepDir(tmp_path / name).read().points
+    exact, cached = results["exact"], results["cached"]
+    assert cached.per_sample == exact.per_sample and cached.gen_ppl == exact.gen_ppl  # the same samples
+    # FLOPs count what ran: each refresh computes the latents once more for the cache.
+    assert exact.flops.blocks_only < cached.flops.blocks_only < 1.05 * exact.flops.blocks_only
+    with pytest.raises(ConfigError, match="another latent_cache"):  # one sampler per results folder
+        run_sweep(load_sweep([str(tmp_path / "exact.yaml"), f"out_dir={tmp_path / 'cached'}"]), progress=False,
+                  echo=lambda _: None)
 
 
 # ------------------------------------------------------------------------------------------ end to end
