@@ -47,17 +47,28 @@ def _rank_correlation(predicted: np.ndarray, measured: np.ndarray) -> tuple[floa
     return rho, float(low), float(high)
 
 
+def _kappa_text(kappa: float | Mapping[str, float]) -> str:
+    """Slopes per light model (a record before per-model slopes holds one number for all)."""
+    return f"{kappa:.3g}" if isinstance(kappa, (int, float)) else ", ".join(f"{m} {k:.3g}" for m, k in kappa.items())
+
+
 def _model_text(record: Mapping[str, Any]) -> str:
     model, measured = record["cost_model"], record["measured"]
-    text = (f"Cost model: predicted change in log gen PPL = κ × Σ_steps dt_i · f_m(t_i), with f = `{model['feature']}` "
-            f"(0 for the heaviest model), dt_i the share of tokens step i decides; {record['bins']} bins at T = "
-            f"{record['steps']}; FLOPs {record['flops']}. ")
+    text = (f"Cost model: predicted change in log gen PPL = Σ_steps κ_m · dt_i · f_m(t_i), with f = "
+            f"`{model['feature']}` (0 for the heaviest model), dt_i the share of tokens step i decides; "
+            f"{record['bins']} bins at T = {record['steps']}; FLOPs {record['flops']}. ")
     if not measured:
         return text + ("Not calibrated (no measured schedules): κ = 1, so predictions are in nats per token of the "
                        "feature, and only their order means something.")
-    return text + (f"κ ≥ 0 fitted on {len(measured)} measured schedules: κ = {model['kappa']:.3g}, 95% bootstrap "
-                   f"interval over schedules [{model['kappa_low']:.3g}, {model['kappa_high']:.3g}]; a prediction's "
-                   f"interval combines the per-step bands with κ's.")
+    if isinstance(model["kappa"], (int, float)):  # the first optimiser: one slope, clamped at 0
+        return text + (f"κ ≥ 0 fitted on {len(measured)} measured schedules: κ = {model['kappa']:.3g}, 95% bootstrap "
+                       f"interval over schedules [{model['kappa_low']:.3g}, {model['kappa_high']:.3g}]; a "
+                       f"prediction's interval combines the per-step bands with κ's.")
+    bounds = ", ".join(f"{m} [{model['kappa_low'][m]:.3g}, {model['kappa_high'][m]:.3g}]" for m in model["kappa"])
+    return text + (f"Each light model's κ fitted with its sign on {len(measured)} measured schedules: "
+                   f"{_kappa_text(model['kappa'])} (95% bootstrap intervals over schedules: {bounds}); a negative "
+                   f"κ means the measured cost falls where the feature rises. A prediction's interval combines the "
+                   f"per-step bands with the κ intervals.")
 
 
 def _fit_lines(record: Mapping[str, Any], out: ReportDir, name: str) -> list[str]:
@@ -66,7 +77,7 @@ def _fit_lines(record: Mapping[str, Any], out: ReportDir, name: str) -> list[str
     if model["per_feature"]:
         lines += ["Features compared by their leave-one-out error (the one with the least predicts):", "",
                   "| feature | κ | mean abs. leave-one-out error (log gen PPL) |", "|---|---:|---:|"]
-        lines += [f"| {f} | {v['kappa']:.3g} | {v['loo_mean_abs_error']:.4f} |"
+        lines += [f"| {f} | {_kappa_text(v['kappa'])} | {v['loo_mean_abs_error']:.4f} |"
                   for f, v in model["per_feature"].items()]
         lines.append("")
     usable = [m for m in measured if math.isfinite(m["loo_predicted"])]
@@ -144,7 +155,7 @@ def _solution_lines(record: Mapping[str, Any]) -> list[str]:
     unit = "gen PPL / all-heavy's" if record["measured"] else record["cost_model"]["unit"]
     lines = [f"Schedules the cost model picks (predictions as {unit}; interval from the per-step bands and κ's)"
              + (": with κ = 0 it predicts no cost for any schedule and picks the cheapest, so these picks carry no "
-                "information." if record["measured"] and record["cost_model"]["kappa"] == 0 else ":"),
+                "information." if record["measured"] and record["cost_model"]["kappa"] in (0, 0.0) else ":"),
              "", f"| target | schedule at T = {record['steps']} | t-thresholds (any T) | FLOPs saved "
                  f"({record['flops']}) | predicted [interval] |", "|---|---|---|---:|---|"]
     for s in record["schedules"]:

@@ -147,8 +147,9 @@ def sweep_section(folder: Path, out: ReportDir) -> tuple[list[str], SweepView]:
              f"all-`{heavy}` of the same T and seeds: sample i of seed s is paired, and the 95% intervals are paired "
              f"bootstrap intervals ({RESAMPLES:,} resamples of sample indices within each seed). Entropy: unigram "
              f"entropy of each sample's tokens (nats), mean over samples. Most rows: {n_points[0]} seed(s) × "
-             f"{n_points[1]} samples. Wall-clock saving: against all-heavy's mean, ± the spread of all-heavy's "
-             f"first batch timed again at the end of the run (no spread where it was timed once).", "",
+             f"{n_points[1]} samples. Wall-clock saving: each point's first batch against the all-heavy first batch "
+             f"timed nearest to it (its points', and the one timed again at the end of the run), ± the spread "
+             f"of those all-heavy timings (no spread where it was timed once).", "",
              *ref_lines]
     groups = list(dict.fromkeys(g for r in rows for g in r["groups"]))
     for group in groups:

@@ -25,14 +25,14 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from mdlm_sched.errors import DataError
 from mdlm_sched.fileio import append_jsonl, atomic_write_json, atomic_write_text, read_json, read_jsonl
-from mdlm_sched.sweep_records import (TIMING, Failure, ReferenceRow, SweepPoint, Timing, read_failure,
-                                      read_result)
+from mdlm_sched.sweep_records import (TIMING, Failure, MauveSummary, ReferenceRow, SweepPoint, Timing,
+                                      read_failure, read_result)
 
 
 # ------------------------------------------------------------------------------ training runs
@@ -216,10 +216,20 @@ class SweepDir:
     results = _file("results.jsonl")
     failures = _file("failures.jsonl")
     settings = _file("sweep.json")
+    mauve = _file("mauve.json")  # MAUVE computed afterwards from saved features (mdlm_sched.sweep_mauve)
 
     def sample_file(self, slug: str) -> Path:
         """samples/<point>.jsonl: the texts and per-sample values of one point."""
         return self.root / "samples" / f"{slug}.jsonl"
+
+    def feature_file(self, slug: str) -> Path:
+        """features/<point>.npy: MAUVE's judge features [N, d] of one point (sweep option save_features)."""
+        return self.root / "features" / f"{slug}.npy"
+
+    @property
+    def reference_features(self) -> Path:
+        """features/reference.npy: those of the headline reference blocks (no point's slug is "reference")."""
+        return self.root / "features" / "reference.npy"
 
     def finished_keys(self) -> set[str]:
         """Keys of the finished points and reference rows."""
@@ -231,7 +241,9 @@ class SweepDir:
 
     def read(self) -> SweepResults:
         records = [read_result(r, str(self.results)) for r in read_jsonl(self.results)]
-        points = [r for r in records if isinstance(r, SweepPoint)]
+        later = read_json(self.mauve, "the mauve.json of a sweep") if self.mauve.is_file() else {}
+        points = [replace(r, mauve=MauveSummary(**later[r.key])) if r.mauve is None and r.key in later else r
+                  for r in records if isinstance(r, SweepPoint)]
         done = {p.key for p in points}
         failures = [read_failure(f, str(self.failures)) for f in read_jsonl(self.failures)]
         settings = read_json(self.settings, "the sweep.json of a sweep")["shared"] if self.settings.is_file() else {}

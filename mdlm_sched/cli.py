@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import os
 import sys
@@ -19,6 +18,7 @@ import time
 from pathlib import Path
 
 from analysis.report import build_report, per_step_figures
+from mdlm_sched.cli_inputs import add_sampling_run_args, model_pairs, read_prompt_file, runtime_from_args
 from mdlm_sched.errors import NonFiniteLossError, UserError
 
 CONFIG_HELP = ("config words, in order: section=preset (configs/<section>/<preset>.yaml), "
@@ -45,65 +45,17 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _models(pairs: list[str]) -> dict[str, str]:
-    models: dict[str, str] = {}
-    for pair in pairs:
-        name, eq, path = pair.partition("=")
-        if not eq or not name or not path:
-            raise UserError(f"--model {pair!r} is not NAME=PATH; write e.g. --model large=runs/large")
-        if name in models:
-            raise UserError(f"model name {name!r} is given twice; give each model its own name")
-        models[name] = path
-    return models
-
-
-def _prompt_file(path: str) -> tuple[list[str], list[list[int]]]:
-    from mdlm_sched.data import text_lines
-
-    texts, ids = [], []
-    try:
-        lines = list(text_lines(Path(path)))  # a line that is not UTF-8 is named
-    except OSError as exc:
-        raise UserError(f"cannot read prompts file {path} ({exc.strerror}); give a JSON-lines file") from exc
-    for n, line in lines:
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except ValueError:
-            raise UserError(f"{path}:{n} is not JSON; write one {{\"text\": ...}} or {{\"token_ids\": [...]}} "
-                            f"per line") from None
-        if isinstance(item, dict) and isinstance(item.get("text"), str):
-            texts.append(item["text"])
-        elif isinstance(item, dict) and isinstance(item.get("token_ids"), list) and all(
-                isinstance(t, int) for t in item["token_ids"]):
-            ids.append(item["token_ids"])
-        else:
-            raise UserError(f"{path}:{n} has neither a \"text\" string nor a \"token_ids\" list of integers")
-    if not (texts or ids):
-        raise UserError(f"prompts file {path} holds no prompts; write one {{\"text\": ...}} per line, or leave "
-                        f"--prompts-file out to sample unconditionally")
-    return texts, ids
-
-
-def _runtime(args: argparse.Namespace):
-    from mdlm_sched.config import RuntimeConfig
-
-    return RuntimeConfig(device=args.device, precision=args.precision, compile=args.compile,
-                         cuda_graph_rows=args.cuda_graph_rows)
-
-
 def _sample(args: argparse.Namespace) -> int:
     from mdlm_sched.sampling_config import SampleConfig
 
-    texts, ids = _prompt_file(args.prompts_file) if args.prompts_file else ([], [])
+    texts, ids = read_prompt_file(args.prompts_file) if args.prompts_file else ([], [])
     cfg = SampleConfig(
-        models=_models(args.model), schedule=args.schedule, steps=args.steps, num_samples=args.num_samples,
+        models=model_pairs(args.model), schedule=args.schedule, steps=args.steps, num_samples=args.num_samples,
         batch_size=args.batch_size, seed=args.seed, top_p=args.top_p, cache=not args.no_cache,
         noise_removal=not args.no_noise_removal, seq_len=args.seq_len, t_min=args.t_min,
         latent_cache=args.latent_cache, latent_refresh_every=args.latent_refresh_every,
         latent_refresh_share=args.latent_refresh_share, prompts=[*args.prompt, *texts], prompt_token_ids=ids,
-        out_dir=args.out, runtime=_runtime(args),
+        out_dir=args.out, runtime=runtime_from_args(args),
     )
     from mdlm_sched.generate import sample_command
 
@@ -126,7 +78,7 @@ def _analyze(args: argparse.Namespace) -> int:
     if out.csv.exists() or out.json.exists():  # an analysis is hours of work on big models: never overwrite it
         raise UserError(f"--out {args.out} already holds a per-step analysis ({out.csv.name}); give a new --out, or "
                         f"delete that folder to analyse again")
-    record = analyze_models(_models(args.model), settings, _runtime(args), out, args.seq_len,
+    record = analyze_models(model_pairs(args.model), settings, runtime_from_args(args), out, args.seq_len,
                             progress=not args.no_progress)
     figures = per_step_figures(out.root, out.root)
     print(f"per-step analysis of {', '.join(record['light_to_heavy'])} at {len(record['grid_steps'])} of "
@@ -229,30 +181,21 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mauve(args: argparse.Namespace) -> int:
+    from mdlm_sched.artifacts import SweepDir
+    from mdlm_sched.sweep_mauve import mauve_from_features
+
+    out = SweepDir(Path(args.sweep))
+    mauve_from_features(out, args.seeds, progress=not args.no_progress)
+    print(f"wrote {out.mauve}")
+    return 0
+
+
 def _config(args: argparse.Namespace) -> int:
     from mdlm_sched.config_load import load, to_yaml
 
     print(to_yaml(load(args.config)), end="")
     return 0
-
-
-def _add_sampling_run_args(p: argparse.ArgumentParser, out: str) -> None:
-    """Options of every command that loads denoisers and samples: length, t_min, output, device."""
-    from mdlm_sched.config import RuntimeConfig
-    from mdlm_sched.sampling_config import SamplingConfig
-
-    sampling, runtime = SamplingConfig(), RuntimeConfig()
-    p.add_argument("--seq-len", type=int, default=sampling.seq_len, help="sequence length (default: the models')")
-    p.add_argument("--t-min", type=float, default=sampling.t_min,
-                   help=f"the last step ends at this t (default {sampling.t_min:g})")
-    p.add_argument("--out", default=out, help=f"output folder (default {out})")
-    p.add_argument("--device", default=runtime.device, help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", default=runtime.precision, help="auto (bf16 on cuda) | bf16 | fp32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the transformer blocks")
-    p.add_argument("--cuda-graph-rows", type=int, default=runtime.cuda_graph_rows,
-                   help="on a GPU, network calls of at most this many sequences replay captured CUDA graphs "
-                        f"(0 = off; default {runtime.cuda_graph_rows})")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -300,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --latent-cache: recompute a whole sequence every R steps (1 = exact, 0 = never)")
     p.add_argument("--latent-refresh-share", type=float, default=sample.latent_refresh_share, metavar="S",
                    help="with --latent-cache: recompute a whole sequence once more than S of it changed since cached")
-    _add_sampling_run_args(p, sample.out_dir)
+    add_sampling_run_args(p, sample.out_dir)
     p.set_defaults(func=_sample)
     p = sub.add_parser("analyze", help="per-step loss and KL between models on the sampler's time grid")
     p.add_argument("--model", action="append", default=[], metavar="NAME=PATH", required=True,
@@ -317,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shade", action="append", default=[], metavar="SCHEDULE",
                    help="a schedule whose light steps the figures show (repeat; default: the four placements)")
     p.add_argument("--cache-dir", default=analysis.cache_dir, help="tokenised data cache")
-    _add_sampling_run_args(p, "runs/analysis")
+    add_sampling_run_args(p, "runs/analysis")
     p.set_defaults(func=_analyze)
     p = sub.add_parser("sweep", help="sample, count and judge many schedules; resumable")
     p.add_argument("config", nargs="+", help="sweep YAML files and a.b=value overrides, in order")
@@ -381,6 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", default="Model scheduling report")
     p.add_argument("--experiment", help="pipeline.json of a `mdlm-sched pipeline` run: adds command, device, training")
     p.set_defaults(func=_report)
+    p = sub.add_parser("mauve", help="MAUVE of a sweep's points from the judge features it saved (save_features)")
+    p.add_argument("sweep", help="out folder of mdlm-sched sweep")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="k-means seeds (the spread)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_mauve)
     p = sub.add_parser("config", help="print the resolved config")
     p.add_argument("config", nargs="*", help=CONFIG_HELP)
     p.set_defaults(func=_config)

@@ -4,16 +4,19 @@ The cost model. Cut the T steps into B bins. A token decided at step i by light 
 heaviest model H costs, in expectation, an amount that grows with how far m's prediction is from H's
 there; so the model predicts the change in log gen PPL of a schedule as additive over steps:
 
-    delta log PPL = kappa * sum_i dt_i * f_{m_i}(t_i),    f_H = 0,
+    delta log PPL = sum_i kappa_{m_i} * dt_i * f_{m_i}(t_i),    f_H = 0,
 
 where dt_i = t_i - t_{i+1} is the share of tokens step i decides, and f_m(t) a per-step quantity of the
 analysis (interpolated between its grid steps): KL(H || m) on trajectories ("kl_trajectory", the
-default) or on masked states, or the CE gap m - H on either. Without measured schedules kappa = 1 and
-the prediction is in nats per token of that quantity; with a sweep's measured schedules (log of each
-one's paired gen PPL ratio to all-heavy) kappa >= 0 is fitted by weighted least squares through the origin,
-each feature is judged by its leave-one-out error, and the best is used. The prediction's interval
-combines the per-step bands (the features integrated over the band's ends) with kappa's bootstrap
-interval over the measured schedules.
+default) or on masked states, the CE gap m - H on either, or 1 ("light_share": the cost grows with the
+light model's share alone, wherever its steps lie). Without measured schedules kappa = 1 and the
+prediction is in nats per token of that quantity; with a sweep's measured schedules (log of each one's
+paired gen PPL ratio to all-heavy) each light model's slope kappa_m is fitted by weighted least squares
+through the origin, sign included (a negative slope says the measurements fall where the feature rises:
+a finding, and the optimiser then follows it), each feature is judged by its leave-one-out error, and the
+best is used, so that calibration may reorder the schedules. The prediction's interval combines the
+per-step bands (the features integrated over the band's ends) with the slopes' bootstrap intervals over
+the measured schedules.
 
 The optimisation is exact: a dynamic programme over bins (a multiple-choice knapsack that keeps, bin by
 bin, the Pareto frontier of FLOPs and predicted cost, in floating point without rounding) finds the
@@ -107,6 +110,7 @@ def step_costs(rows: Sequence[Mapping[str, Any]], meta: Mapping[str, Any], flops
             features[feature] = per_model
     if not features:
         raise ConfigError("the per-step analysis holds no KL or CE-gap rows for these models")
+    features["light_share"] = {m: np.ones((3, T)) if m != heavy else np.zeros((3, T)) for m in names}
     return StepCosts(names, T, times, dt, features, share)
 
 
@@ -123,20 +127,30 @@ def schedule_flops(costs: StepCosts, per_step_models: Sequence[str]) -> float:
 
 @dataclass
 class Calibration:
-    """kappa of each feature fitted on measured schedules, and the feature chosen."""
+    """Each light model's slope kappa_m for the chosen feature, fitted on measured schedules, with intervals."""
 
     feature: str
-    kappa: float
-    kappa_low: float
-    kappa_high: float
+    kappa: dict[str, float]  # light model -> kappa (signed: a negative one is a finding, not clamped)
+    kappa_low: dict[str, float]
+    kappa_high: dict[str, float]
     measured: list[dict[str, Any]]  # per schedule: segments, measured and predicted log ratio, LOO prediction
-    per_feature: dict[str, dict[str, float]]  # feature -> kappa, LOO mean absolute error
+    per_feature: dict[str, dict[str, Any]]  # feature -> kappa per model, LOO mean absolute error
 
 
-def _fit(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
-    """Weighted least squares of y = kappa x through the origin, kappa >= 0: a model further from the heaviest
-    one costs more, never less (a feature that anti-correlates with the measurements gets kappa = 0)."""
-    return max(0.0, float((w * x * y).sum() / (w * x * x).sum()))
+def _fit(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted least squares of y = x @ kappa through the origin: x [n, K] each schedule's feature integrated over
+    the steps of each of K light models, y [n], w [n] weights; kappa [K] keeps its sign (NaN where x does not
+    determine it, e.g. a model no schedule used)."""
+    root = np.sqrt(w)[:, None]
+    kappa, _, rank, _ = np.linalg.lstsq(x * root, y * root[:, 0], rcond=None)
+    return kappa if rank == x.shape[1] else np.full(x.shape[1], np.nan)
+
+
+def _design(costs: StepCosts, feature: str, per_step: Sequence[Sequence[str]], lights: Sequence[str]) -> np.ndarray:
+    """[n, K] the feature's estimate integrated over each light model's steps, per schedule."""
+    f = costs.features[feature]
+    return np.array([[sum(costs.dt[i] * f[m][0, i] for i, name in enumerate(s) if name == m) for m in lights]
+                     for s in per_step])
 
 
 def measured_rows(costs: StepCosts, points: Sequence[SweepPoint]) -> list[dict[str, Any]]:
@@ -147,42 +161,65 @@ def measured_rows(costs: StepCosts, points: Sequence[SweepPoint]) -> list[dict[s
 
 
 def calibrate(costs: StepCosts, rows: Sequence[Mapping[str, Any]]) -> Calibration:
-    """Fit kappa for each feature on measured schedules (measured_rows: label, segments, groups,
-    saving_blocks_only and the paired ppl_ratio with its interval)."""
+    """Fit each light model's kappa for each feature on measured schedules (measured_rows: label, segments, groups,
+    saving_blocks_only and the paired ppl_ratio with its interval); keep the feature whose leave-one-out predictions
+    miss least."""
     if not rows:
-        return uncalibrated()
+        return uncalibrated(costs)
     per_step = [parse_schedule(r["segments"], costs.steps, costs.names).names for r in rows]
+    lights = [m for m in costs.names[:-1] if any(m in s for s in per_step)]  # the light models the sweep used
     y = np.log([r["ppl_ratio"] for r in rows])
     se = (np.log([r["ppl_ratio_high"] for r in rows]) - np.log([r["ppl_ratio_low"] for r in rows])) / 3.92
     w = 1.0 / np.maximum(se, 1e-6) ** 2
     per_feature, loo = {}, {}
+    n = len(rows)
     for feature in costs.features:
-        x = np.array([schedule_feature(costs, feature, s)[0] for s in per_step])
+        x = _design(costs, feature, per_step, lights)
         kappa = _fit(x, y, w)
-        loo[feature] = np.array([_fit(np.delete(x, k), np.delete(y, k), np.delete(w, k)) * x[k] if len(x) > 1
-                                 else math.nan for k in range(len(x))])
-        per_feature[feature] = {"kappa": kappa, "loo_mean_abs_error": float(np.nanmean(np.abs(loo[feature] - y)))
-                                if len(x) > 1 else math.nan}
-    # With three or more measured schedules, the feature that predicts the left-out ones best; else the default.
-    feature = min(per_feature, key=lambda f: per_feature[f]["loo_mean_abs_error"]) if len(rows) >= 3 \
+        keep = [np.arange(n) != k for k in range(n)]
+        loo[feature] = np.array([float(x[k] @ _fit(x[m], y[m], w[m])) if n > len(lights) else math.nan
+                                 for k, m in enumerate(keep)])
+        error = float(np.nanmean(np.abs(loo[feature] - y))) if np.isfinite(loo[feature]).any() else math.nan
+        per_feature[feature] = {"kappa": dict(zip(lights, map(float, kappa))), "loo_mean_abs_error": error}
+    # With a leave-one-out prediction for two or more schedules, the feature that predicts them best; else the default.
+    judged = [f for f in per_feature if np.isfinite(per_feature[f]["loo_mean_abs_error"])]
+    feature = min(judged, key=lambda f: per_feature[f]["loo_mean_abs_error"]) if len(judged) and n >= len(lights) + 2 \
         else DEFAULT_FEATURE if DEFAULT_FEATURE in costs.features else next(iter(costs.features))
-    x = np.array([schedule_feature(costs, feature, s)[0] for s in per_step])
+    x = _design(costs, feature, per_step, lights)
     rng = np.random.default_rng(0)
-    picks = rng.integers(0, len(x), (KAPPA_RESAMPLES, len(x)))  # schedules resampled with replacement
-    kappas = np.array([_fit(x[p], y[p], w[p]) for p in picks if (x[p] ** 2).sum() > 0])
-    low, high = np.percentile(kappas, [2.5, 97.5])
+    picks = rng.integers(0, n, (KAPPA_RESAMPLES, n))  # schedules resampled with replacement
+    kappas = np.array([_fit(x[p], y[p], w[p]) for p in picks])
+    kappas = kappas[np.isfinite(kappas).all(axis=1)]  # resamples that do not determine every slope are left out
+    low, high = np.percentile(kappas, [2.5, 97.5], axis=0) if len(kappas) else (np.full(len(lights), np.nan),) * 2
     kappa = per_feature[feature]["kappa"]
+    predicted = x @ np.array([kappa[m] for m in lights])
     measured = [{"label": r["label"], "segments": r["segments"], "groups": r["groups"],
                  "saving": r["saving_blocks_only"], "measured": float(y[k]), "measured_low":
                  float(np.log(r["ppl_ratio_low"])), "measured_high": float(np.log(r["ppl_ratio_high"])),
-                 "predicted": float(kappa * x[k]), "loo_predicted": float(loo[feature][k])}
+                 "predicted": float(predicted[k]), "loo_predicted": float(loo[feature][k])}
                 for k, r in enumerate(rows)]
-    return Calibration(feature, kappa, float(low), float(high), measured, per_feature)
+    return Calibration(feature, kappa, dict(zip(lights, map(float, low))), dict(zip(lights, map(float, high))),
+                       measured, per_feature)
 
 
-def uncalibrated(feature: str = DEFAULT_FEATURE) -> Calibration:
-    """kappa = 1: predictions in nats per token of the feature, not in log gen PPL."""
-    return Calibration(feature, 1.0, 1.0, 1.0, [], {})
+def uncalibrated(costs: StepCosts, feature: str = DEFAULT_FEATURE) -> Calibration:
+    """kappa = 1 for every light model: predictions in nats per token of the feature, not in log gen PPL."""
+    ones = {m: 1.0 for m in costs.names[:-1]}
+    return Calibration(feature, ones, dict(ones), dict(ones), [], {})
+
+
+def predicted_change(costs: StepCosts, calibration: Calibration, per_step: Sequence[str]) -> tuple[float, float, float]:
+    """A schedule's predicted delta log gen PPL: estimate, low, high. The interval takes, per light model, the
+    extremes of kappa's interval times the feature's band integrated over that model's steps."""
+    f = costs.features[calibration.feature]
+    est = low = high = 0.0
+    for m in set(per_step) - {costs.names[-1]}:
+        band = sum(costs.dt[i] * f[m][:, i] for i, name in enumerate(per_step) if name == m)  # [3]
+        k = calibration.kappa.get(m, math.nan)
+        ends = [a * b for a in (calibration.kappa_low.get(m, k), calibration.kappa_high.get(m, k))
+                for b in (band[1], band[2])]
+        est, low, high = est + k * band[0], low + min(ends), high + max(ends)
+    return est, low, high
 
 
 @dataclass
@@ -266,8 +303,10 @@ def optimise(costs: StepCosts, calibration: Calibration, bins: int, saving: floa
                   "blocks-only", 1 - schedule_flops(costs, [costs.names[0]] * costs.steps))
     groups = _bins(costs.steps, bins)
     f = costs.features[calibration.feature]
-    cost = np.array([[calibration.kappa * sum(costs.dt[i] * f[m][0, i] for i in g) for g in groups]
-                     for m in costs.names])  # [M, B]
+    kappa = {**calibration.kappa, costs.names[-1]: 0.0}  # the heaviest model's feature is 0: any slope
+    cost = np.array([[kappa.get(m, math.nan) * sum(costs.dt[i] * f[m][0, i] for i in g) for g in groups]
+                     for m in costs.names])  # [M, B]; a light model without a fitted slope is never chosen
+    cost = np.where(np.isnan(cost), np.inf, cost)
     share = np.array([[sum(costs.flops[m][i] for i in g) for g in groups] for m in costs.names])  # [M, B]
     _, totals, trace = _pareto_knapsack(cost, share, 1 - saving if saving is not None else np.inf)
     if saving is not None:
@@ -276,9 +315,7 @@ def optimise(costs: StepCosts, calibration: Calibration, bins: int, saving: floa
         k = int(np.nonzero(totals <= math.log1p(tolerance) + 1e-12)[0][0])  # all-heavy (cost 0) is always in
     assignment = trace(k)
     per_step = [costs.names[m] for b, m in enumerate(assignment) for _ in groups[b]]
-    est, low, high = schedule_feature(costs, calibration.feature, per_step)
-    ends = (calibration.kappa_low * low, calibration.kappa_high * high)
-    predicted = (calibration.kappa * est, min(ends), max(ends))
+    predicted = predicted_change(costs, calibration, per_step)
     return Solution(per_step, _segments(per_step), _thresholds(per_step, costs), schedule_flops(costs, per_step),
                     predicted)
 
@@ -304,6 +341,10 @@ def _thresholds(per_step: Sequence[str], costs: StepCosts) -> str:
     return "t:" + ",".join(parts)
 
 
+def _kappa_text(kappa: Mapping[str, float]) -> str:
+    return ", ".join(f"{m} {k:.3g}" for m, k in kappa.items())
+
+
 def run_optimise(analysis: AnalysisDir, out: OptimiseDir, savings: Sequence[float] = (),
                  tolerances: Sequence[float] = (), bins: int = DEFAULT_BINS, flops: str = FLOPS_CONVENTIONS[0],
                  sweep: SweepDir | None = None, models: Sequence[str] = (), steps: int | None = None,
@@ -323,7 +364,7 @@ def run_optimise(analysis: AnalysisDir, out: OptimiseDir, savings: Sequence[floa
     check_writable(out.root, "--out")
     rows, meta = analysis.read()
     costs = step_costs(rows, meta, flops, steps, models)
-    calibration = uncalibrated()
+    calibration = uncalibrated(costs)
     if sweep is not None:
         results = sweep.read()
         named = set(results.settings.get("models", {}))
@@ -349,7 +390,7 @@ def run_optimise(analysis: AnalysisDir, out: OptimiseDir, savings: Sequence[floa
     }
     atomic_write_json(out.record, record)
     echo(f"optimised over {', '.join(costs.names)} at T={costs.steps}, {bins} bins, FLOPs {flops}; cost model "
-         f"{calibration.feature} x {calibration.kappa:.3g} ({record['cost_model']['unit']})")
+         f"{calibration.feature} x kappa {_kappa_text(calibration.kappa)} ({record['cost_model']['unit']})")
     for item in record["schedules"]:
         echo(f"  {item['target']} {item['value']:g}: {item['segments']} saves {item['saving']:.1%}, predicted "
              f"{item['predicted']:+.4f} [{item['predicted_low']:+.4f}, {item['predicted_high']:+.4f}]; "

@@ -41,7 +41,8 @@ from mdlm_sched.optimise import DEFAULT_BINS, FLOPS_CONVENTIONS, check_targets, 
 from mdlm_sched.per_step import analyze_models
 from mdlm_sched.provenance import provenance
 from mdlm_sched.runtime import RECORDED_FAILURES, resolve_device
-from mdlm_sched.sampling_config import AnalysisConfig, SweepConfig, SweepGroup, validate_analysis, validate_sweep
+from mdlm_sched.sampling_config import (AnalysisConfig, SweepConfig, SweepGroup, check_group_draws, validate_analysis,
+                                        validate_sweep)
 from mdlm_sched.schedule import PLACEMENTS, parse_schedule
 from mdlm_sched.summary import best_placement
 from mdlm_sched.sweep import plan as plan_points
@@ -71,6 +72,8 @@ class OptimiseStage:
     bins: int = DEFAULT_BINS
     flops: str = FLOPS_CONVENTIONS[0]  # blocks-only, or executed
     group: str = "optimised"  # the sweep group of the optimised schedules (labels optimised-<saving>)
+    seeds: list[int] | None = None  # None = the sweep's
+    num_samples: int | None = None
 
 
 @dataclass
@@ -162,6 +165,8 @@ def load_experiment(args: list[str] | tuple[str, ...]) -> Plan:
     for spec in exp.analysis.shade:
         parse_schedule(spec, exp.analysis.steps, light_to_heavy, exp.analysis.t_min)
     curve = exp.fraction_curve
+    check_group_draws(opt.seeds, opt.num_samples, "optimise")
+    check_group_draws(curve.seeds, curve.num_samples, "fraction_curve")
     if curve.fractions:
         group = sweep.groups.get(curve.among)
         if group is None or not [label for label in group.schedules if label in PLACEMENTS]:
@@ -271,7 +276,8 @@ def run_pipeline(plan: Plan, progress: bool = True, echo: Callable[[str], None] 
         echo(f"pipeline: optimiser for FLOPs savings {', '.join(f'{s:g}' for s in opt.savings)} -> {out.optimise.root}")
         record = run_optimise(analysis, out.optimise, opt.savings, (), opt.bins, opt.flops, echo=echo)
         named = {f"{opt.group}-{item['value']:g}": item["thresholds"] for item in record["schedules"]}
-        sweep_cfg = replace(sweep_cfg, groups={**sweep_cfg.groups, opt.group: SweepGroup(named=named)})
+        group = SweepGroup(named=named, seeds=opt.seeds, num_samples=opt.num_samples)
+        sweep_cfg = replace(sweep_cfg, groups={**sweep_cfg.groups, opt.group: group})
     elif opt.savings:
         failed.append("optimise")  # there is no analysis to optimise from
 

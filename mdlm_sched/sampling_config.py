@@ -152,6 +152,9 @@ class SweepConfig(SamplingConfig):
     mauve: bool = False  # MAUVE of each point against the headline reference (needs pip install 'mdlm-sched[mauve]')
     mauve_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])  # k-means seeds: its spread
     save_samples: bool = True  # samples/<point>.jsonl beside the results
+    # features/<point>.npy and features/reference.npy: MAUVE's judge features, for MAUVE computed later
+    # elsewhere (sweep_mauve), e.g. where the GPU machine lacks mauve-text
+    save_features: bool = False
     cache_dir: str = ".cache/mdlm_sched"  # tokenised reference blocks
     out_dir: str = "runs/sweep"
 
@@ -171,6 +174,15 @@ def check_num_samples(n: int, what: str = "num_samples") -> None:
     """A run holds at most MAX_SAMPLES samples."""
     require(1 <= n <= MAX_SAMPLES, f"{what}={n} must be in [1, {MAX_SAMPLES:,}]; split a larger run into several "
                                    f"runs with other seeds")
+
+
+def check_group_draws(seeds: list[int] | None, num_samples: int | None, what: str) -> None:
+    """A group's own seeds and sample count (None = the sweep's), e.g. what=groups.placements."""
+    if num_samples is not None:
+        check_num_samples(num_samples, f"{what}.num_samples")
+    require(seeds is None or len(seeds) > 0, f"{what}.seeds is empty; list at least one")
+    for seed in seeds or []:
+        check_seed(seed, f"{what}.seeds entry")
 
 
 def validate_sampling(cfg: SamplingConfig) -> SamplerSettings:
@@ -225,15 +237,11 @@ def validate_sweep(cfg: SweepConfig) -> SamplerSettings:
         require(bool(group.placements) == bool(group.fractions),
                 f"groups.{name}: placements and fractions go together; give both or neither")
         require(group.segments >= 0, f"groups.{name}.segments={group.segments} must be >= 0")
-        if group.num_samples is not None:
-            check_num_samples(group.num_samples, f"groups.{name}.num_samples")
         require(group.step_counts is None or len(group.step_counts) > 0,
                 f"groups.{name}.step_counts is empty; list at least one step count")
         for steps in group.step_counts or []:
             check_steps(steps, f"groups.{name}.step_counts entry")
-        require(group.seeds is None or len(group.seeds) > 0, f"groups.{name}.seeds is empty; list at least one")
-        for seed in group.seeds or []:
-            check_seed(seed, f"groups.{name}.seeds entry")
+        check_group_draws(group.seeds, group.num_samples, f"groups.{name}")
     require(len(cfg.step_counts) > 0, "step_counts is empty; list at least one step count")
     for steps in cfg.step_counts:
         check_steps(steps, "step_counts entry")
@@ -246,6 +254,8 @@ def validate_sweep(cfg: SweepConfig) -> SamplerSettings:
                                            f"{', '.join(TOKEN_RULES)}")
     require(not cfg.mauve or (bool(cfg.reference.sources) and len(cfg.mauve_seeds) > 0),
             "mauve: true needs a reference source (reference.sources) and at least one of mauve_seeds")
+    require(not cfg.save_features or bool(cfg.reference.sources),
+            "save_features: true needs a reference source (reference.sources), whose features MAUVE compares with")
     require(cfg.reference.num_samples >= 1, f"reference.num_samples={cfg.reference.num_samples} must be >= 1")
     for name, source in cfg.reference.sources.items():
         try:

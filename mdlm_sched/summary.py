@@ -10,13 +10,17 @@ Conventions:
 - its baseline is the all-heavy schedule of the same T and sample count; the comparison uses the seeds
   both ran, sample i of seed s paired, and gives the gen PPL ratio and the entropy difference, each with
   a paired bootstrap 95% interval (stats.py);
-- a wall-clock saving is set against the spread of the baseline's repeated timings (the sweep times
-  the baseline's first batch again after its last point).
+- a wall-clock saving is measured against the baseline timing nearest in time: each point's first batch
+  against the all-heavy first batch (its points' and those timed again after the sweep's last point) whose
+  UTC stamp is closest to the point's, so that a drift of the GPU over the run does not read as a saving;
+  it is set against the spread of those baseline timings. A first-layout sweep without batch times
+  compares whole points the same way.
 """
 
 from __future__ import annotations
 
 import math
+from datetime import datetime, timezone
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -85,6 +89,28 @@ def wall_spread(base_points: Sequence[SweepPoint], timings: Sequence[Timing]) ->
     return {"measurements": len(values), "first_batch_s": values, "relative": rel}
 
 
+def _utc(stamp: str) -> float:
+    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+
+
+def nearest_wall_saving(group: Sequence[SweepPoint], base_points: Sequence[SweepPoint],
+                        timings: Sequence[Timing]) -> float:
+    """1 - mean over the group's points of (its first batch / the baseline first batch nearest in UTC time); see
+    the module docstring (whole points where the first layout kept no batch times). nan without a baseline time."""
+    keys = {p.key for p in base_points}
+    if all(p.batch_wall_s for p in [*group, *base_points]):
+        base = [(_utc(p.provenance["utc"]), p.batch_wall_s[0]) for p in base_points]
+        base += [(_utc(t.utc), t.wall_s) for t in timings if t.key in keys]
+        ours = [(_utc(p.provenance["utc"]), p.batch_wall_s[0]) for p in group]
+    else:
+        base = [(_utc(p.provenance["utc"]), p.wall_s) for p in base_points]
+        ours = [(_utc(p.provenance["utc"]), p.wall_s) for p in group]
+    if not base:
+        return math.nan
+    ratios = [wall / min(base, key=lambda b: abs(b[0] - when))[1] for when, wall in ours]
+    return 1.0 - float(np.mean(ratios))
+
+
 def summarize(points: Sequence[SweepPoint], timings: Sequence[Timing] = ()) -> list[dict[str, Any]]:
     """One row per (schedule, T, sample count): pooled over seeds, FLOPs, calls, wall-clock, and the paired
     comparison with the all-heavy baseline of the same T and sample count."""
@@ -127,7 +153,7 @@ def summarize(points: Sequence[SweepPoint], timings: Sequence[Timing] = ()) -> l
         r["flops_ratio"] = 1.0 - r["saving_blocks_only"]
         base = all_heavy(rows, r)
         r.update(paired(r["_points"], base["_points"], r["token_rule"]) if base else {"pairs": 0, "paired_seeds": []})
-        r["wall_saving"] = 1.0 - r["wall_s"] / base["wall_s"] if base else math.nan
+        r["wall_saving"] = nearest_wall_saving(r["_points"], base["_points"], timings) if base else math.nan
         r["wall_spread"] = wall_spread(base["_points"], timings)["relative"] if base else math.nan
     for r in rows:
         del r["_points"]

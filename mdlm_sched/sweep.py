@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields, replace
@@ -49,7 +48,7 @@ from mdlm_sched.sampler import RANDOMNESS_LAYOUT
 from mdlm_sched.sampling_config import SamplerSettings, SweepConfig, SweepGroup, shared_settings, validate_sweep
 from mdlm_sched.schedule import ModelSchedule, coarse_segment_specs, is_single_segment, parse_schedule
 from mdlm_sched.sweep_records import (CacheUse, EntropySummary, Failure, MauveSummary, PerSample, PPLSummary,
-                                      ReferenceRow, SamplingFlops, SweepPoint, Timing)
+                                      ReferenceRow, SamplingFlops, SweepPoint, Timing, point_slug)
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +74,7 @@ class Point:
 
     @property
     def slug(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{self.label}-T{self.steps}-s{self.seed}-n{self.num_samples}")
+        return point_slug(self.label, self.steps, self.seed, self.num_samples)
 
 
 def plan(cfg: SweepConfig, light_to_heavy: Sequence[str]) -> list[Point]:
@@ -151,13 +150,19 @@ def _write_samples(path: Path, rows: list[list[int]], tokenizer: Any, values: Pe
                                  "entropy": values.entropy[i]}) + "\n")
 
 
+def _save_array(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path, "wb") as fh:
+        np.save(fh, array)
+
+
 def run_point(point: Point, model_set: ModelSet, judge: Judge, cfg: SweepConfig, settings: SamplerSettings,
               out: SweepDir, progress: bool, ctx: DistContext = ONE_PROCESS,
               mauve_reference: np.ndarray | None = None) -> SweepPoint:
     """Sample, count, judge one point; return its results record (samples written first when kept).
 
-    mauve_reference: judge features of the reference blocks, when the sweep measures MAUVE.
-    Under torchrun every rank calls this and gets the line; rank 0 alone writes the samples.
+    mauve_reference: judge features of the reference blocks, when the sweep measures MAUVE or saves features.
+    Under torchrun every rank calls this and gets the line; rank 0 alone writes the samples and features.
     """
     output = run_schedule(model_set, point.schedule, settings, point.num_samples, cfg.batch_size, point.seed,
                           progress=progress, ctx=ctx)
@@ -168,7 +173,10 @@ def run_point(point: Point, model_set: ModelSet, judge: Judge, cfg: SweepConfig,
     mauve = None
     if mauve_reference is not None:
         features = judge_features(judge_ids, judge, cfg.judge_batch_size, model_set.seq_len)
-        mauve = MauveSummary(**mauve_scores(features, mauve_reference, cfg.mauve_seeds))
+        if cfg.mauve:
+            mauve = MauveSummary(**mauve_scores(features, mauve_reference, cfg.mauve_seeds))
+        if cfg.save_features and ctx.is_main:
+            _save_array(out.feature_file(point.slug), features)
     judge_s = time.perf_counter() - start
     if cfg.save_samples and ctx.is_main:
         _write_samples(out.sample_file(point.slug), rows, model_set.tokenizer, quality["per_sample"], cfg.token_rule)
@@ -262,13 +270,16 @@ class _SweepRun:
         self._mauve_reference: np.ndarray | None = None
 
     def mauve_reference(self) -> np.ndarray | None:
-        """Judge features of the headline reference blocks (computed once), when the sweep measures MAUVE."""
-        if self.cfg.mauve and self._mauve_reference is None:
+        """Judge features of the headline reference blocks (computed once), when the sweep measures MAUVE or
+        saves features (then also written to features/reference.npy)."""
+        if (self.cfg.mauve or self.cfg.save_features) and self._mauve_reference is None:
             source = next(iter(self.cfg.reference.sources.values()))
             rows = _reference_rows(source, self.model_set, self.cfg, self.ctx)
             judge_ids = judge_tokens(rows, self.model_set.tokenizer, self.judge, self.ctx)
             self._mauve_reference = judge_features(judge_ids, self.judge, self.cfg.judge_batch_size,
                                                    self.model_set.seq_len)
+            if self.cfg.save_features and self.ctx.is_main:
+                _save_array(self.outcome.out.reference_features, self._mauve_reference)
         return self._mauve_reference
 
     def _finished(self) -> set[str]:
@@ -285,7 +296,8 @@ class _SweepRun:
             if reference_key(name, source, cfg.reference.num_samples) not in finished:
                 record = run_reference(name, source, self.model_set, self.judge, cfg, self.progress, self.ctx)
                 self._append(record)
-                self.echo(f"  reference {name} ({source}, {cfg.reference.num_samples} blocks) done")
+                # the blocks judged: fewer than asked for where the source has fewer
+                self.echo(f"  reference {name} ({source}, {record.num_samples} blocks) done")
 
     def points(self, points: list[Point]) -> None:
         """Run the points not yet in results.jsonl; record the ones that fail for want of memory or on bad input."""

@@ -13,6 +13,7 @@ No torch: the analysis package reads results through this module.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -167,6 +168,11 @@ class CacheUse:
     noise_removal_sequences: int
 
 
+def point_slug(label: str, steps: int, seed: int, num_samples: int) -> str:
+    """A point's file name stem: its label, T, seed and sample count, with anything but [A-Za-z0-9_.-] as _."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{label}-T{steps}-s{seed}-n{num_samples}")
+
+
 @dataclass(frozen=True, kw_only=True)
 class SweepPoint(Judged):
     """One finished point of a sweep: a schedule at T steps, one seed, sampled, counted, timed and judged."""
@@ -189,6 +195,11 @@ class SweepPoint(Judged):
     def all_heavy(self) -> bool:
         """Whether the heaviest model took every step."""
         return set(self.steps_per_model) == {self.flops.baseline_model}
+
+    @property
+    def slug(self) -> str:
+        """Its file name stem under samples/ and features/."""
+        return point_slug(self.label, self.steps, self.seed, self.num_samples)
 
     @property
     def schedule_key(self) -> tuple[str, int, int]:

@@ -301,3 +301,20 @@ def test_the_paper_sweep_preset_loads(monkeypatch):
     cfg = load_sweep([str(REPO / "configs" / "sweep" / "paper.yaml"), "judge=gpt2-large"])
     assert cfg.judge == "gpt2-large" and cfg.groups["exhaustive"].segments == 4
     assert cfg.groups["placements"].schedules[-1] == "small-in-the-middle"
+
+
+def test_mauve_from_saved_features_equals_mauve_measured_during_the_sweep(trained_tiny, tmp_path):
+    inline, later = tmp_path / "inline", tmp_path / "later"
+    for out, extra in ((inline, {"mauve": "true"}), (later, {"save_features": "true"})):
+        cfg = sweep_yaml(tmp_path / f"{out.name}.yaml", trained_tiny, out, "  g: {schedules: [all-large]}",
+                         mauve_seeds="[0, 1]", **extra)
+        assert main(["sweep", "--no-progress", str(cfg)]) == 0
+    assert SweepDir(later).read().points[0].mauve is None
+    features = np.load(later / "features" / "all-large-T16-s0-n3.npy")
+    assert features.shape == (3, 64) and features.dtype == np.float32 and np.isfinite(features).all()
+    assert np.load(later / "features" / "reference.npy").shape == (4, 64)
+    assert main(["mauve", "--no-progress", str(later), "--seeds", "0", "1"]) == 0
+    (measured,), (computed,) = SweepDir(inline).read().points, SweepDir(later).read().points
+    assert computed.mauve == measured.mauve and len(measured.mauve.values) == 2  # same features, same k-means seeds
+    (later / "features" / "reference.npy").unlink()
+    assert main(["mauve", "--no-progress", str(later)]) == 2  # one line: the features are missing

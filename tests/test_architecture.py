@@ -23,9 +23,9 @@ LAYERS = [
      "objectives", "latent_cache",
      "optimise"},  # maths, configs, models
     {"sampler", "cudagraph", "modelset", "metrics", "checkpoint"},  # sampling and loading
-    {"generate", "per_step", "sweep", "train", "convert"},  # stages
+    {"generate", "per_step", "sweep", "sweep_mauve", "train", "convert"},  # stages
     {"pipeline"},
-    {"cli", "__main__"},  # entry points
+    {"cli", "cli_inputs", "__main__"},  # entry points
 ]
 ENTRY_POINTS = {"cli", "__main__"}
 

@@ -15,8 +15,8 @@ import pytest
 
 from mdlm_sched.artifacts import AnalysisDir, OptimiseDir, SweepDir
 from mdlm_sched.errors import ConfigError
-from mdlm_sched.optimise import (calibrate, optimise, run_optimise, schedule_feature, schedule_flops, step_costs,
-                                 uncalibrated)
+from mdlm_sched.optimise import (calibrate, optimise, predicted_change, run_optimise, schedule_feature, schedule_flops,
+                                 step_costs, uncalibrated)
 from mdlm_sched.schedule import parse_schedule, time_grid
 
 from conftest import REPO
@@ -69,7 +69,7 @@ def test_a_planted_optimum_is_recovered():
     # and 7-9 of 10), exactly the 60% of steps a 40% saving needs at a FLOPs ratio of 1/3; 1 elsewhere.
     rows, meta = analysis({"small": lambda t: 1.0 if 0.31 < t < 0.69 else 0.0}, {"small": 1.0, "large": 3.0})
     costs = step_costs(rows, meta)
-    solution = optimise(costs, uncalibrated(), bins=10, saving=0.4)
+    solution = optimise(costs, uncalibrated(costs), bins=10, saving=0.4)
     assert solution.per_step == ["small"] * 12 + ["large"] * 16 + ["small"] * 12
     assert solution.predicted[0] == pytest.approx(0.0, abs=1e-9)
 
@@ -78,7 +78,7 @@ def test_a_planted_optimum_is_recovered():
 def test_budgets_are_met_and_nothing_within_them_is_better(saving):
     rows, meta = analysis({"small": bump}, {"small": 1.0, "large": 3.0})
     costs = step_costs(rows, meta)
-    solution = optimise(costs, uncalibrated(), bins=10, saving=saving)
+    solution = optimise(costs, uncalibrated(costs), bins=10, saving=saving)
     assert solution.flops_share <= 1 - saving + 1e-12  # never over the budget
     assert solution.flops_share == pytest.approx(schedule_flops(costs, solution.per_step))
     cost, _ = brute_force(costs, "kl_trajectory", 10, budget=1 - saving)
@@ -92,9 +92,10 @@ def test_three_models_reach_a_budget_two_cannot():
     per_forward = {"tiny": 0.5, "medium": 5.0, "large": 10.0}
     rows, meta = analysis({"tiny": lambda t: 20 * bump(t), "medium": lambda t: bump(t) / 10}, per_forward, steps=12)
     with pytest.raises(ConfigError, match="saves 50.0%"):
-        optimise(step_costs(rows, meta, models=["medium", "large"]), uncalibrated(), bins=6, saving=0.6)
+        two = step_costs(rows, meta, models=["medium", "large"])
+        optimise(two, uncalibrated(two), bins=6, saving=0.6)
     costs = step_costs(rows, meta)
-    solution = optimise(costs, uncalibrated(), bins=6, saving=0.6)
+    solution = optimise(costs, uncalibrated(costs), bins=6, saving=0.6)
     assert solution.segments == "tiny:2,medium:8,tiny:2" and solution.flops_share <= 0.4 + 1e-12
     cost, _ = brute_force(costs, "kl_trajectory", 6, budget=0.4)
     assert solution.predicted[0] == pytest.approx(cost, rel=1e-9)
@@ -104,7 +105,7 @@ def test_a_tolerance_gives_the_cheapest_schedule_within_it():
     rows, meta = analysis({"small": bump}, {"small": 1.0, "large": 3.0})
     costs = step_costs(rows, meta)
     for tolerance in (0.0, 0.01, 0.05, 0.2, 1.0):
-        solution = optimise(costs, uncalibrated(), bins=8, tolerance=tolerance)
+        solution = optimise(costs, uncalibrated(costs), bins=8, tolerance=tolerance)
         _, flops = brute_force(costs, "kl_trajectory", 8, tolerance=math.log1p(tolerance))
         assert solution.predicted[0] <= math.log1p(tolerance) + 1e-12
         assert solution.flops_share == pytest.approx(flops, rel=1e-12)  # the fewest FLOPs within the tolerance
@@ -115,7 +116,7 @@ def test_the_strings_give_back_the_same_schedule(steps):
     rows, meta = analysis({"small": bump, "medium": lambda t: bump(t) / 3}, {"small": 1.0, "medium": 2.0,
                                                                             "large": 3.0}, steps=steps)
     costs = step_costs(rows, meta)
-    solution = optimise(costs, uncalibrated(), bins=7, saving=0.4)
+    solution = optimise(costs, uncalibrated(costs), bins=7, saving=0.4)
     for spec in (solution.segments, solution.thresholds):
         assert list(parse_schedule(spec, steps, costs.names, T_MIN).names) == solution.per_step
     assert solution.thresholds.startswith("t:")
@@ -146,7 +147,7 @@ def test_calibration_recovers_a_planted_kappa_and_feature():
                          math.exp(y + 0.01)})
     calibration = calibrate(costs, measured)
     assert calibration.feature in ("ce_gap_masked", "ce_gap_trajectory")  # the same values in this planted set
-    assert calibration.kappa == pytest.approx(2.5)
+    assert calibration.kappa == {"small": pytest.approx(2.5)}
     assert calibration.per_feature["kl_trajectory"]["loo_mean_abs_error"] > 1e-3
     assert all(m["loo_predicted"] == pytest.approx(m["measured"]) for m in calibration.measured)
     # With kappa fitted, a tolerance is in gen PPL: the schedule's predicted ratio stays within it.
@@ -197,13 +198,25 @@ def test_a_sweep_of_other_models_is_refused(tmp_path):
                      sweep=SweepDir(sweep))
 
 
-def test_a_feature_that_anticorrelates_gets_kappa_zero():
+def test_a_negative_slope_is_kept_and_reorders_the_schedules():
+    # Measured costs fall where the KL rises (the middle steps are the cheap ones): kappa = -1, not clamped to 0.
     rows, meta = analysis({"small": bump}, {"small": 1.0, "large": 3.0})
     costs = step_costs(rows, meta)
     measured = []
-    for k, spec in enumerate(["small:10,large:30", "large:10,small:20,large:10", "small:40"]):
+    for k, spec in enumerate(["small:10,large:30", "large:10,small:20,large:10", "large:30,small:10", "small:40"]):
         y = -schedule_feature(costs, "kl_trajectory", parse_schedule(spec, 40, costs.names).names)[0]
         measured.append({"label": f"s{k}", "segments": spec, "groups": ["g"], "saving_blocks_only": 0.0,
                          "ppl_ratio": math.exp(y), "ppl_ratio_low": math.exp(y - 0.01),
                          "ppl_ratio_high": math.exp(y + 0.01)})
-    assert all(v["kappa"] == 0.0 for v in calibrate(costs, measured).per_feature.values())
+    calibration = calibrate(costs, measured)
+    assert calibration.feature == "kl_trajectory" and calibration.kappa == {"small": pytest.approx(-1.0)}
+    assert calibration.kappa_high["small"] < 0
+    assert calibration.per_feature["light_share"]["loo_mean_abs_error"] > 1e-3  # the share alone predicts worse
+    # Uncalibrated, the ends (low KL) are cheaper than the middle; calibrated, the order turns round.
+    ends, middle = (parse_schedule(spec, 40, costs.names).names for spec in ("small:5,large:30,small:5",
+                                                                            "large:15,small:10,large:15"))
+    assert predicted_change(costs, uncalibrated(costs), ends)[0] < predicted_change(costs, uncalibrated(costs),
+                                                                                     middle)[0]
+    assert predicted_change(costs, calibration, middle)[0] < predicted_change(costs, calibration, ends)[0] < 0
+    low, est, high = (predicted_change(costs, calibration, middle)[k] for k in (1, 0, 2))
+    assert low <= est <= high

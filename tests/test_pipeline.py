@@ -116,6 +116,9 @@ def test_quickstart_pipeline_end_to_end_then_resume(tmp_path, shared_data, capsy
     ({"optimise": {"tolerances": [-0.1]}}, "tolerance=-0.1 must be >= 0"),
     ({"optimise": {"bins": 101}}, "bins=101 exceeds the analysis's steps=100"),
     ({"optimise": {"group": "placements"}}, "is a group of the sweep already"),
+    ({"optimise": {"seeds": []}}, "optimise.seeds is empty"),
+    ({"optimise": {"num_samples": 0}}, "optimise.num_samples=0 must be in [1,"),
+    ({"fraction_curve": {"seeds": [-1]}}, "fraction_curve.seeds entry=-1 must be in [0,"),
 ])
 def test_experiment_errors_come_before_any_work(tmp_path, shared_data, extra, message) -> None:
     overlay = tmp_path / "overlay.yaml"  # a file's mapping replaces the one before it (models: a single one)

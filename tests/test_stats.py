@@ -83,13 +83,14 @@ def test_ratio_curve_bands_and_the_interval_of_the_peak():
 
 
 def _point(label: str, segments: str, seed: int, nll: np.ndarray, tokens: np.ndarray, heavy: bool,
-           wall: float) -> SweepPoint:
+           wall: float, utc: str = "2026-12-01T00:00:00Z") -> SweepPoint:
     sequences = {"large": 8} if heavy else {"small": 2, "large": 6}
     gen = PPLSummary(1.0, float(nll.sum()), int(tokens.sum()), len(nll), "judge", "mdlm")
     return SweepPoint(
         key=f"{segments}|T8|seed{seed}|n{len(nll)}", num_samples=len(nll), gen_ppl=gen, gen_ppl_rules={"mdlm": gen},
         entropy=EntropySummary(5.0, 0.0, len(nll), "nats"),
-        per_sample=PerSample({"mdlm": nll.tolist()}, {"mdlm": tokens.tolist()}, [5.0] * len(nll)), provenance={},
+        per_sample=PerSample({"mdlm": nll.tolist()}, {"mdlm": tokens.tolist()}, [5.0] * len(nll)),
+        provenance={"utc": utc},
         label=label, groups=["g"], segments=segments, steps=8, seed=seed, steps_per_model=sequences,
         light_fraction=0 if heavy else 0.25,
         flops=SamplingFlops(blocks_only=1, full=1, baseline_model="large", baseline_blocks_only=1, baseline_full=1,
@@ -103,17 +104,19 @@ def test_summary_rows_pool_seeds_pair_with_all_heavy_and_set_wall_clock_against_
     rng = np.random.default_rng(5)
     tokens = {s: rng.integers(80, 120, 32).astype(float) for s in (0, 1)}
     base = {s: rng.normal(4.0, 0.4, 32) * tokens[s] for s in (0, 1)}
-    points = [_point("all-large", "large:8", s, base[s], tokens[s], True, 10.0 + s) for s in (0, 1)]
-    points += [_point("late-small", "large:6,small:2", s, base[s] + 0.1 * tokens[s], tokens[s], False, 8.0)
-               for s in (0, 1)]
-    timings = [Timing(points[0].key, 0, 12.0, "")]
+    points = [_point("all-large", "large:8", s, base[s], tokens[s], True, 10.0 + s, f"2026-12-01T00:{10 * s:02d}:00Z")
+              for s in (0, 1)]
+    points += [_point("late-small", "large:6,small:2", s, base[s] + 0.1 * tokens[s], tokens[s], False, 8.0,
+                      f"2026-12-01T00:{1 + 18 * s:02d}:00Z") for s in (0, 1)]  # at 00:01 and 00:19
+    timings = [Timing(points[0].key, 0, 12.0, "2026-12-01T00:20:00Z")]  # all-large at 00:00, 00:10, 00:20
     rows = {r["label"]: r for r in summarize(points, timings)}
     late = rows["late-small"]
     assert late["seeds"] == 2 and late["pairs"] == 64 and late["paired_seeds"] == [0, 1]
     assert late["ppl_ratio"] == pytest.approx(math.exp(0.1)) and late["ppl_ratio_low"] == pytest.approx(math.exp(0.1))
     assert late["gen_ppl"] == pytest.approx(math.exp(sum((base[s] + 0.1 * tokens[s]).sum() for s in (0, 1)) /
                                                      sum(tokens[s].sum() for s in (0, 1))))
-    assert late["wall_saving"] == pytest.approx(1 - 8.0 / 10.5)
+    # each point against the baseline timing nearest in time: 00:00 (10 s) and the retime at 00:20 (12 s)
+    assert late["wall_saving"] == pytest.approx(1 - (8.0 / 10.0 + 8.0 / 12.0) / 2)
     assert late["wall_spread"] == pytest.approx((12.0 - 10.0) / 11.0)  # first batches timed 10 s and again 12 s
     assert late["saving_head_everywhere"] == pytest.approx(1 - (2 * 2.0 + 6 * 4.0) / (8 * 4.0))
     assert wall_spread(points[:1], [])["measurements"] == 1 and math.isnan(wall_spread(points[:1], [])["relative"])
