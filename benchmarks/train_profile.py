@@ -11,6 +11,9 @@ family, and the longest kernels. Wall-clock minus kernel time is the time the GP
 Families, by kernel name: attention (cuDNN / flash SDPA), matmul (cuBLAS nvjet / cutlass),
 fused elementwise (inductor's Triton kernels: norms, dropout, GELU, rotary, cross-entropy),
 optimizer (fused AdamW, EMA, clipping), other.
+
+`--runtime cpu` without a GPU profiles the CPU ops instead (tests/test_benchmark_smoke.py): a check that the
+script runs, not a measurement.
 """
 
 from __future__ import annotations
@@ -46,6 +49,9 @@ def main() -> None:
     parser.add_argument("--model", default="large")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--data-root", default="../shared/data")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--runtime", default="h200", help="runtime preset; cpu (with a GPU absent) profiles the CPU "
+                                                          "ops instead: a check that the script runs")
     parser.add_argument("--top", type=int, default=12, help="longest kernels to list")
     parser.add_argument("--capture-nonzero", action="store_true",
                         help="trace the masked positions' nonzero into the compiled graph (no graph break)")
@@ -54,11 +60,15 @@ def main() -> None:
         torch._dynamo.config.capture_dynamic_output_shape_ops = True
 
     out = tempfile.mkdtemp()
-    cfg = load([f"model={args.model}", "data=owt", "runtime=h200", f"data.root={args.data_root}",
+    cfg = load([f"model={args.model}", "data=owt", f"runtime={args.runtime}", f"data.root={args.data_root}",
+                f"data.seq_len={args.seq_len}",
                 f"train.out_dir={out}/run", f"train.steps={STEPS}", f"train.batch_size={args.batch}",
                 f"train.micro_batch_size={args.batch}", "train.log_every=8", f"train.val_every={10 * STEPS}",
                 f"train.ckpt_every={10 * STEPS}", "train.val_batches=1", "train.warmup_steps=10"])
-    prof = profile(activities=[ProfilerActivity.CUDA], schedule=schedule(wait=WAIT, warmup=WARMUP, active=ACTIVE))
+    on_gpu = torch.cuda.is_available()
+    activity, kind = (ProfilerActivity.CUDA, torch.autograd.DeviceType.CUDA) if on_gpu else \
+        (ProfilerActivity.CPU, torch.autograd.DeviceType.CPU)
+    prof = profile(activities=[activity], schedule=schedule(wait=WAIT, warmup=WARMUP, active=ACTIVE))
     stamps: list[float] = []
     step = trainer.train_step
 
@@ -75,17 +85,18 @@ def main() -> None:
     per_family: collections.Counter[str] = collections.Counter()
     per_kernel: collections.Counter[str] = collections.Counter()
     for event in prof.key_averages():
-        if event.device_type != torch.autograd.DeviceType.CUDA:
+        if event.device_type != kind:
             continue
-        ms = event.self_device_time_total / ACTIVE / 1e3  # per step
+        ms = (event.self_device_time_total if on_gpu else event.self_cpu_time_total) / ACTIVE / 1e3  # per step
         per_family[family(event.key)] += ms
         per_kernel[event.key] += ms
     wall = statistics.median((b - a) * 1e3 for a, b in zip(stamps[3:], stamps[4:]))
     total = sum(per_family.values())
-    print(f"\n{args.model}, micro-batch {args.batch} x 1024, {torch.cuda.get_device_name()}, torch {torch.__version__}"
+    device = torch.cuda.get_device_name() if on_gpu else "CPU (ops, not kernels)"
+    print(f"\n{args.model}, micro-batch {args.batch} x {args.seq_len}, {device}, torch {torch.__version__}"
           f"{', nonzero captured' if args.capture_nonzero else ''}")
     print(f"{'wall-clock per step':<30} {wall:8.1f} ms")
-    print(f"{'CUDA kernel time per step':<30} {total:8.1f} ms   (GPU idle {wall - total:.1f} ms, "
+    print(f"{'kernel time per step':<30} {total:8.1f} ms   (device idle {wall - total:.1f} ms, "
           f"{(wall - total) / wall:.1%})")
     for name, ms in per_family.most_common():
         print(f"  {name:<28} {ms:8.1f} ms {ms / total:6.1%}")

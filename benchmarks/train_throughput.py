@@ -14,6 +14,8 @@ for comparison with those runs only.
 
     python benchmarks/train_throughput.py --models small large --batches 32 64 --data-root .carry \
         --out reports/h200-train-throughput/bench_train.json
+
+`--runtime cpu --models tiny` runs it on a CPU (tests/test_benchmark_smoke.py): a check, not a measurement.
 """
 
 from __future__ import annotations
