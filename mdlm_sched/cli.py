@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from analysis.compare_section import comparison_lines
 from analysis.report import build_report, per_step_figures
 from mdlm_sched.cli_inputs import add_sampling_run_args, model_pairs, read_prompt_file, runtime_from_args
 from mdlm_sched.errors import NonFiniteLossError, UserError
@@ -191,6 +192,33 @@ def _mauve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from mdlm_sched.artifacts import SweepDir
+    from mdlm_sched.fileio import atomic_write_json, atomic_write_text, check_writable
+    from mdlm_sched.sweep_compare import check_pairable, compare_points
+
+    if args.out:
+        check_writable(Path(args.out), "--out")
+    results = []
+    for folder in (args.a, args.b):
+        out = SweepDir(Path(folder))
+        if not out.results.is_file():
+            raise UserError(f"{folder} holds no sweep results ({out.results.name}); give two out folders of "
+                            f"mdlm-sched sweep")
+        results.append(out.read())
+    differing = check_pairable(results[0].settings, results[1].settings)
+    rows = compare_points(results[0].points, results[1].points)
+    text = "\n".join(comparison_lines(rows, differing, args.a, args.b)) + "\n"
+    print(text, end="")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(Path(args.out) / "compare.json", {"a": args.a, "b": args.b, "differing": differing,
+                                                            "rows": rows})
+        atomic_write_text(Path(args.out) / "compare.md", text)
+        print(f"wrote {Path(args.out) / 'compare.md'} and compare.json")
+    return 0
+
+
 def _config(args: argparse.Namespace) -> int:
     from mdlm_sched.config_load import load, to_yaml
 
@@ -329,6 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="k-means seeds (the spread)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_mauve)
+    p = sub.add_parser("compare", help="two sweeps of the same schedules, paired point by point (e.g. a sampler "
+                                       "setting against exact sampling)")
+    p.add_argument("a", help="out folder of the baseline sweep (A)")
+    p.add_argument("b", help="out folder of the sweep compared with it (B)")
+    p.add_argument("--out", help="also write compare.md and compare.json here")
+    p.set_defaults(func=_compare)
     p = sub.add_parser("config", help="print the resolved config")
     p.add_argument("config", nargs="*", help=CONFIG_HELP)
     p.set_defaults(func=_config)

@@ -158,6 +158,14 @@ def test_a_sweep_with_the_latent_cache_refreshed_every_step_judges_the_exact_sam
     assert cached.per_sample == exact.per_sample and cached.gen_ppl == exact.gen_ppl  # the same samples
     # FLOPs count what ran: each refresh computes the latents once more for the cache.
     assert exact.flops.blocks_only < cached.flops.blocks_only < 1.05 * exact.flops.blocks_only
+    # Across the two folders the samples pair: the cached sweep's gen PPL over the exact one's is exactly 1.
+    assert main(["compare", str(tmp_path / "exact"), str(tmp_path / "cached"), "--out", str(tmp_path / "cmp")]) == 0
+    compared = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert compared["differing"] == ["latent_cache", "latent_refresh_every"]
+    (row,) = compared["rows"]
+    assert row["pairs"] == 3 and row["ppl_ratio"] == row["ppl_ratio_low"] == row["ppl_ratio_high"] == 1.0
+    assert row["flops_ratio_full"] > 1.0 and row["label"] == "sandwich"  # the refreshes' extra latent projection
+    assert "no difference in gen PPL detectable at ±0.0%" in (tmp_path / "cmp" / "compare.md").read_text()
     with pytest.raises(ConfigError, match="another latent_cache"):  # one sampler per results folder
         run_sweep(load_sweep([str(tmp_path / "exact.yaml"), f"out_dir={tmp_path / 'cached'}"]), progress=False,
                   echo=lambda _: None)

@@ -15,7 +15,8 @@ from conftest import REPO
 # report (the analysis package).
 LAYERS = [
     # no torch: the analysis package reads through these
-    {"errors", "fileio", "sweep_records", "artifacts", "schedule", "stats", "summary", "architecture", "config"},
+    {"errors", "fileio", "sweep_records", "artifacts", "schedule", "stats", "summary", "sweep_compare", "architecture",
+     "config"},
     {"noise", "config_checks", "config_load", "data", "diffusion", "runtime", "provenance", "distributed",
      "sampling_config", "hub",
      "models.mla", "models.mha", "models.denoiser", "models.loading", "models.mdlm_format", "models.transmla",

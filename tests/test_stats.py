@@ -7,9 +7,11 @@ import math
 import numpy as np
 import pytest
 
+from mdlm_sched.errors import ConfigError
 from mdlm_sched.stats import (change_verdict, paired_log_ratio, paired_mean_difference, pooled_ppl_interval,
                               ratio_curve, resample_counts)
 from mdlm_sched.summary import best_placement, paired, pareto_front, summarize, wall_spread
+from mdlm_sched.sweep_compare import check_pairable, compare_points
 from mdlm_sched.sweep_records import CacheUse, EntropySummary, PerSample, PPLSummary, SamplingFlops, SweepPoint, Timing
 
 
@@ -137,3 +139,22 @@ def test_best_placement_says_whether_it_is_separated_from_the_runner_up():
     assert choice["separated"] is False  # 0.02 against 0.02 + noise: not told apart
     far = best_placement([p for p in points if p.label != "sandwich"], "g")
     assert far["placement"] == "late-small" and far["runner_up"] == "early-small" and far["separated"] is True
+
+
+def test_two_sweeps_pair_only_where_models_judge_and_randomness_agree():
+    shared = {"models": {"large": "runs/large"}, "judge": "gpt2", "batch_size": 8, "sampler_randomness": "v2",
+              "token_rule": "mdlm", "latent_cache": False}
+    assert check_pairable(shared, {**shared, "latent_cache": True}) == ["latent_cache"]
+    with pytest.raises(ConfigError, match="differ in judge"):
+        check_pairable(shared, {**shared, "judge": "gpt2-large"})
+    with pytest.raises(ConfigError, match="differ in sampler_randomness"):
+        check_pairable(shared, {**shared, "sampler_randomness": "v1"})
+    rng = np.random.default_rng(7)
+    tokens = rng.integers(80, 120, 16).astype(float)
+    nll = rng.normal(4.0, 0.4, 16) * tokens
+    a = [_point("all-large", "large:8", s, nll, tokens, True, 10.0) for s in (0, 1)]
+    b = [_point("all-large", "large:8", 1, nll + 0.05 * tokens, tokens, True, 4.0),  # seed 1 only
+         _point("sandwich", "small:1,large:6,small:1", 0, nll, tokens, False, 8.0)]  # not in A: no row
+    (row,) = compare_points(a, b)
+    assert row["pairs"] == 16 and row["ppl_ratio"] == pytest.approx(math.exp(0.05))  # paired on seed 1 alone
+    assert row["wall_ratio"] == pytest.approx(0.4) and row["mauve"] == {"a": None, "b": None}

@@ -1,0 +1,35 @@
+"""The Markdown table of two sweeps compared point by point (mdlm_sched.sweep_compare; `mdlm-sched compare`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from analysis.sweep_section import ratio_text
+from mdlm_sched.stats import change_verdict
+
+
+def _mauve(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def comparison_lines(rows: Sequence[Mapping[str, Any]], differing: Sequence[str], a: str, b: str) -> list[str]:
+    """Report lines: what differs between the sweeps, then one row per schedule both ran (B against A)."""
+    lines = [f"B = `{b}` against A = `{a}`; settings that differ: {', '.join(differing) or 'none'}. Sample i of seed s "
+             f"is paired across the sweeps (same models, judge, batches and sampler randomness); intervals are paired "
+             f"bootstrap 95% intervals over the seeds both ran. Wall-clock: B's sampling time over A's, two runs at "
+             f"different times (no shared baseline timing).", "",
+             "| schedule | T | pairs | gen PPL B / A [95% CI] | verdict | entropy B − A [95% CI] | wall-clock B / A | "
+             "FLOPs B / A (full) | MAUVE A / B |", "|---|---:|---:|---|---|---|---:|---:|---|"]
+    for r in rows:
+        if r["pairs"]:
+            verdict = change_verdict(r["ppl_ratio_low"] - 1, r["ppl_ratio_high"] - 1)
+            entropy = f"{r['entropy_diff']:+.3f} [{r['entropy_diff_low']:+.3f}, {r['entropy_diff_high']:+.3f}]"
+        else:
+            verdict, entropy = "no seeds in common", "-"
+        lines.append(f"| {r['label']} | {r['steps']} | {r['pairs']} | {ratio_text(r) if r['pairs'] else '-'} | "
+                     f"{verdict} | {entropy} | {r['wall_ratio']:.3f} | {r['flops_ratio_full']:.3f} | "
+                     f"{_mauve(r['mauve']['a'])} / {_mauve(r['mauve']['b'])} |")
+    if not rows:
+        lines.append("| (no schedule ran in both sweeps with the same T and sample count) | | | | | | | | |")
+    return lines
