@@ -8,6 +8,9 @@ OWT bounds gets a paired 95% bootstrap interval over the validation blocks. The 
 for every run and there is one run per shape: the intervals cover the choice of validation blocks and
 masks, not the spread between training seeds.
 
+    # the attention ablation of issue 31 (MHA, GQA, MQA, MLA at equal caches), one budget:
+    python benchmarks/mla_recipe.py run --data-root .carry --out /tmp/ablation --parallel 4 --runs dit12:1000 \
+        gqa4:1000 gqa2:1000 mqa:1000 mla512:1000 mla256:1000 mla128:1000 --collect $OUT/data
     # on the GPU: train the named runs (NAME:STEPS), --parallel at a time; rerunning resumes unfinished runs
     python benchmarks/mla_recipe.py run --data-root .carry --out /tmp/recipe --runs dit12:1000 gated12:1000 \
         --collect $OUT/data
@@ -58,6 +61,15 @@ RUNS: dict[str, list[str]] = {
     "nope96": gated_mla("large", nope=96, v=96),
     "v128": gated_mla("large", v=128),  # a value head wider than the query/key head
     "v96head": gated_mla("large", v=96, extra=("model.head_bias=true", "model.zero_head=true")),
+    # Issue 31, attention alone: every shape has MDLM's gated block and DiT final layer (head bias, zero head),
+    # 12 query heads and values 64 wide. MHA is dit12; GQA/MQA share K/V heads; MLA at the cache of each of them
+    # (elements per token and block: GQA 2 x kv_heads x 64, MLA latent + rotary 32).
+    "gqa4": ["model=dit_small", "model.num_key_value_heads=4"],  # cache 512
+    "gqa2": ["model=dit_small", "model.num_key_value_heads=2"],  # cache 256
+    "mqa": ["model=dit_small", "model.num_key_value_heads=1"],  # cache 128
+    "mla512": gated_mla("large", latent=480, extra=("model.head_bias=true", "model.zero_head=true")),
+    "mla256": gated_mla("large", latent=224, extra=("model.head_bias=true", "model.zero_head=true")),
+    "mla128": gated_mla("large", latent=96, extra=("model.head_bias=true", "model.zero_head=true")),
     "small": gated_mla("small"),
     "small_rope64": gated_mla("small", rope=64),
     "small_v96": gated_mla("small", rope=64, v=96),

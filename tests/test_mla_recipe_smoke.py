@@ -50,3 +50,24 @@ def test_mla_recipe_runs_and_reports(tmp_path):
                              cwd=REPO, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1 and "nothere-2" in missing.stderr
     assert summary["gated12-2"]["blocks"] >= 1 and (tmp_path / "rep" / "validation_curves.png").is_file()
+
+
+def test_the_attention_ablation_shapes_differ_in_attention_alone(tmp_path):
+    # Issue 31's runs, at full size: the same gated block, DiT final layer and 12 query heads; the caches pair up.
+    import importlib.util
+
+    from mdlm_sched.config_load import load
+    from mdlm_sched.models import denoiser_config
+
+    spec = importlib.util.spec_from_file_location("mla_recipe", REPO / "benchmarks" / "mla_recipe.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    configs = {name: denoiser_config(load(recipe.run_words(str(SHARED_DATA), tmp_path, name, 10, ["runtime=cpu"])),
+                                     50257, 50256, "gpt2")
+               for name in ("dit12", "gqa4", "gqa2", "mqa", "mla512", "mla256", "mla128")}
+    assert {n: c.kv_cache_elements for n, c in configs.items()} == {
+        "dit12": 1536, "gqa4": 512, "gqa2": 256, "mqa": 128, "mla512": 512, "mla256": 256, "mla128": 128}
+    for c in configs.values():
+        assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.ada_ln, c.head_bias) == \
+            (12, 768, 12, True, True)
+    assert {c.attention for c in configs.values()} == {"mha", "mla"}
