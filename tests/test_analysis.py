@@ -198,8 +198,16 @@ def test_end_to_end_analyze_sweep_report(trained_tiny, tmp_path, capsys):
     sweep = tmp_path / "sweep"
     cfg = sweep_yaml(tmp_path / "sweep.yaml", trained_tiny, sweep,
                      "  placements: {schedules: [all-large, all-small, sandwich]}", seeds="[0, 1]", mauve="true",
-                     mauve_seeds="[0]")
+                     mauve_seeds="[0]", save_features="true")
     assert main(["sweep", "--no-progress", str(cfg)]) == 0
+    # MAUVE from the saved judge features equals the MAUVE measured during the sweep (same features, same seed).
+    features = np.load(sweep / "features" / "all-large-T16-s0-n3.npy")
+    assert features.shape == (3, 64) and features.dtype == np.float32 and np.isfinite(features).all()
+    assert np.load(sweep / "features" / "reference.npy").shape == (4, 64)
+    assert main(["mauve", "--no-progress", str(sweep), "--seeds", "0"]) == 0
+    later = json.loads((sweep / "mauve.json").read_text())
+    assert {p.key: later[p.key]["values"] for p in SweepDir(sweep).read().points} == \
+        {p.key: p.mauve.values for p in SweepDir(sweep).read().points} and len(later) == 6
     records = read_jsonl(sweep / "results.jsonl")
     points = [r for r in records if r["kind"] == "point"]
     assert [r["kind"] for r in records].count("reference") == 1 and len(points) == 6
@@ -311,18 +319,13 @@ def test_the_paper_sweep_preset_loads(monkeypatch):
     assert cfg.groups["placements"].schedules[-1] == "small-in-the-middle"
 
 
-def test_mauve_from_saved_features_equals_mauve_measured_during_the_sweep(trained_tiny, tmp_path):
-    inline, later = tmp_path / "inline", tmp_path / "later"
-    for out, extra in ((inline, {"mauve": "true"}), (later, {"save_features": "true"})):
-        cfg = sweep_yaml(tmp_path / f"{out.name}.yaml", trained_tiny, out, "  g: {schedules: [all-large]}",
-                         mauve_seeds="[0, 1]", **extra)
-        assert main(["sweep", "--no-progress", str(cfg)]) == 0
-    assert SweepDir(later).read().points[0].mauve is None
-    features = np.load(later / "features" / "all-large-T16-s0-n3.npy")
-    assert features.shape == (3, 64) and features.dtype == np.float32 and np.isfinite(features).all()
-    assert np.load(later / "features" / "reference.npy").shape == (4, 64)
-    assert main(["mauve", "--no-progress", str(later), "--seeds", "0", "1"]) == 0
-    (measured,), (computed,) = SweepDir(inline).read().points, SweepDir(later).read().points
-    assert computed.mauve == measured.mauve and len(measured.mauve.values) == 2  # same features, same k-means seeds
-    (later / "features" / "reference.npy").unlink()
-    assert main(["mauve", "--no-progress", str(later)]) == 2  # one line: the features are missing
+def test_mauve_from_saved_features_is_read_into_the_points(trained_tiny, tmp_path):
+    out = tmp_path / "later"
+    cfg = sweep_yaml(tmp_path / "later.yaml", trained_tiny, out, "  g: {schedules: [all-large]}", save_features="true")
+    assert main(["sweep", "--no-progress", str(cfg)]) == 0
+    assert SweepDir(out).read().points[0].mauve is None
+    assert main(["mauve", "--no-progress", str(out), "--seeds", "0", "1"]) == 0
+    (point,) = SweepDir(out).read().points
+    assert len(point.mauve.values) == 2 and point.mauve.samples == 3 and point.mauve.reference_samples == 4
+    (out / "features" / "reference.npy").unlink()
+    assert main(["mauve", "--no-progress", str(out)]) == 2  # one line: the features are missing
