@@ -116,8 +116,9 @@ def sweep_section(folder: Path, out: ReportDir) -> tuple[list[str], SweepView]:
     """The sweep's report lines, figures and summary JSON; and what the paper section needs of it."""
     results = SweepDir(folder).read()
     points, settings = results.points, results.settings
-    if not points:
-        return [f"## Sweep `{folder}`", "", "No finished points yet.", ""], SweepView([], [], None)
+    if not points:  # the reference rows run first: a sweep cut short may hold them alone
+        ref_lines, _ = _reference_lines(results.references)
+        return [f"## Sweep `{folder}`", "", "No finished points yet.", "", *ref_lines], SweepView([], [], None)
     rows = summarize(points, results.timings)
     rule = rows[0]["token_rule"]
     heavy = rows[0]["baseline_model"]
