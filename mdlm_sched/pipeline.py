@@ -212,6 +212,9 @@ class PipelineState:
 
     def set(self, name: str, **record: Any) -> None:
         self.data["stages"][name] = record
+        self.save()
+
+    def save(self) -> None:
         atomic_write_json(self.path, self.data)
 
     def check_models(self, name: str, folder: Path, models: dict[str, int]) -> None:
@@ -255,6 +258,11 @@ def run_pipeline(plan: Plan, progress: bool = True, echo: Callable[[str], None] 
         trained_steps[name] = result.step
         if state.stage(stage).get("step") != result.step:  # it trained now: this is the stage's wall-clock
             state.set(stage, step=result.step, wall_s=time.perf_counter() - start)
+
+    # Written as soon as training ends, so that a run cut short in a later stage still says what its models are.
+    state.data["training"] = {name: training_summary(TrainRun(Path(cfg.train.out_dir)))
+                              for name, cfg in plan.runs.items()}
+    state.save()
 
     analysis = out.analysis
     state.check_models("analysis", analysis.root, trained_steps)
@@ -307,8 +315,6 @@ def run_pipeline(plan: Plan, progress: bool = True, echo: Callable[[str], None] 
         echo(f"pipeline: optimiser calibrated on the sweep's measured schedules -> {out.calibrated.root}")
         run_optimise(analysis, out.calibrated, opt.savings, opt.tolerances, opt.bins, opt.flops, sweep, echo=echo)
 
-    state.data["training"] = {name: training_summary(TrainRun(Path(cfg.train.out_dir)))
-                              for name, cfg in plan.runs.items()}
     folders = [root for root, done in ((analysis.root, analysis.exists()), (sweep.root, sweep.results.is_file()),
                                        (out.optimise.root, out.optimise.record.is_file()),
                                        (out.calibrated.root, out.calibrated.record.is_file())) if done]

@@ -99,6 +99,8 @@ def test_quickstart_pipeline_end_to_end_then_resume(tmp_path, shared_data, capsy
     assert main(["pipeline", "--no-progress", *short_quickstart(tmp_path, shared_data, "train.steps=5")]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # (after the export's progress bars)
     assert last.startswith("mdlm-sched: error:") and "was made from models at steps" in last
+    # The training summary is written once training ends, before a later stage can stop the run.
+    assert json.loads((out / "pipeline.json").read_text())["training"]["small"]["steps"] == 5
 
 
 @pytest.mark.parametrize("extra, message", [
