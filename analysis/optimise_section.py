@@ -16,6 +16,7 @@ from scipy.stats import spearmanr
 from analysis import plots
 from analysis.sweep_section import SweepView, ratio_text, verdict
 from mdlm_sched.artifacts import OptimiseDir, ReportDir
+from mdlm_sched.optimise import kappa_text
 from mdlm_sched.schedule import PRESETS
 from mdlm_sched.stats import change_verdict, interval
 from mdlm_sched.summary import paired, placement_of, row_points
@@ -47,11 +48,6 @@ def _rank_correlation(predicted: np.ndarray, measured: np.ndarray) -> tuple[floa
     return rho, float(low), float(high)
 
 
-def _kappa_text(kappa: float | Mapping[str, float]) -> str:
-    """Slopes per light model (a record before per-model slopes holds one number for all)."""
-    return f"{kappa:.3g}" if isinstance(kappa, (int, float)) else ", ".join(f"{m} {k:.3g}" for m, k in kappa.items())
-
-
 def _model_text(record: Mapping[str, Any]) -> str:
     model, measured = record["cost_model"], record["measured"]
     text = (f"Cost model: predicted change in log gen PPL = Σ_steps κ_m · dt_i · f_m(t_i), with f = "
@@ -66,7 +62,7 @@ def _model_text(record: Mapping[str, Any]) -> str:
                        f"prediction's interval combines the per-step bands with κ's.")
     bounds = ", ".join(f"{m} [{model['kappa_low'][m]:.3g}, {model['kappa_high'][m]:.3g}]" for m in model["kappa"])
     return text + (f"Each light model's κ fitted with its sign on {len(measured)} measured schedules: "
-                   f"{_kappa_text(model['kappa'])} (95% bootstrap intervals over schedules: {bounds}); a negative "
+                   f"{kappa_text(model['kappa'])} (95% bootstrap intervals over schedules: {bounds}); a negative "
                    f"κ means the measured cost falls where the feature rises. A prediction's interval combines the "
                    f"per-step bands with the κ intervals.")
 
@@ -77,7 +73,7 @@ def _fit_lines(record: Mapping[str, Any], out: ReportDir, name: str) -> list[str
     if model["per_feature"]:
         lines += ["Features compared by their leave-one-out error (the one with the least predicts):", "",
                   "| feature | κ | mean abs. leave-one-out error (log gen PPL) |", "|---|---:|---:|"]
-        lines += [f"| {f} | {_kappa_text(v['kappa'])} | {v['loo_mean_abs_error']:.4f} |"
+        lines += [f"| {f} | {kappa_text(v['kappa'])} | {v['loo_mean_abs_error']:.4f} |"
                   for f, v in model["per_feature"].items()]
         lines.append("")
     usable = [m for m in measured if math.isfinite(m["loo_predicted"])]

@@ -236,9 +236,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from mdlm_sched.config import DataConfig, ModelConfig, RuntimeConfig
     from mdlm_sched.optimise import DEFAULT_BINS, FLOPS_CONVENTIONS
-    from mdlm_sched.sampling_config import AnalysisConfig, SampleConfig
+    from mdlm_sched.sampling_config import AnalysisConfig, SampleConfig, SweepConfig
 
-    sample, analysis = SampleConfig(), AnalysisConfig()
+    sample, analysis, sweep_defaults = SampleConfig(), AnalysisConfig(), SweepConfig()
     # No abbreviated options: with config words between options, "--no-progres" must be an error, not a guess.
     parser = _Parser(prog="mdlm-sched", description=__doc__.splitlines()[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")  # a usage line that does not wrap
@@ -354,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_report)
     p = sub.add_parser("mauve", help="MAUVE of a sweep's points from the judge features it saved (save_features)")
     p.add_argument("sweep", help="out folder of mdlm-sched sweep")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="k-means seeds (the spread)")
+    p.add_argument("--seeds", type=int, nargs="+", default=sweep_defaults.mauve_seeds,
+                   help=f"k-means seeds, whose spread MAUVE's s.d. is (default {sweep_defaults.mauve_seeds})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_mauve)
     p = sub.add_parser("compare", help="two sweeps of the same schedules, paired point by point (e.g. a sampler "

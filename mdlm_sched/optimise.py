@@ -341,8 +341,9 @@ def _thresholds(per_step: Sequence[str], costs: StepCosts) -> str:
     return "t:" + ",".join(parts)
 
 
-def _kappa_text(kappa: Mapping[str, float]) -> str:
-    return ", ".join(f"{m} {k:.3g}" for m, k in kappa.items())
+def kappa_text(kappa: float | Mapping[str, float]) -> str:
+    """Slopes per light model, "small 1.2, medium 0.4" (a record from before per-model slopes holds one number)."""
+    return f"{kappa:.3g}" if isinstance(kappa, (int, float)) else ", ".join(f"{m} {k:.3g}" for m, k in kappa.items())
 
 
 def run_optimise(analysis: AnalysisDir, out: OptimiseDir, savings: Sequence[float] = (),
@@ -390,7 +391,7 @@ def run_optimise(analysis: AnalysisDir, out: OptimiseDir, savings: Sequence[floa
     }
     atomic_write_json(out.record, record)
     echo(f"optimised over {', '.join(costs.names)} at T={costs.steps}, {bins} bins, FLOPs {flops}; cost model "
-         f"{calibration.feature} x kappa {_kappa_text(calibration.kappa)} ({record['cost_model']['unit']})")
+         f"{calibration.feature} x kappa {kappa_text(calibration.kappa)} ({record['cost_model']['unit']})")
     for item in record["schedules"]:
         echo(f"  {item['target']} {item['value']:g}: {item['segments']} saves {item['saving']:.1%}, predicted "
              f"{item['predicted']:+.4f} [{item['predicted_low']:+.4f}, {item['predicted_high']:+.4f}]; "

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from mdlm_sched.sweep_records import UTC_FORMAT
+
 _PACKAGES = ("mdlm-sched", "torch", "transformers", "tokenizers", "safetensors", "numpy", "omegaconf")
 
 
@@ -57,5 +59,5 @@ def provenance(device: torch.device, world_size: int = 1) -> dict[str, Any]:
         "versions": versions(),
         "hardware": {**hardware(device), "world_size": world_size},
         "argv": sys.argv,
-        "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "utc": time.strftime(UTC_FORMAT, time.gmtime()),
     }

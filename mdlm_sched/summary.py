@@ -30,7 +30,7 @@ import numpy as np
 from mdlm_sched.errors import ConfigError
 from mdlm_sched.schedule import PLACEMENTS
 from mdlm_sched.stats import paired_log_ratio, paired_mean_difference
-from mdlm_sched.sweep_records import Judged, SweepPoint, Timing
+from mdlm_sched.sweep_records import UTC_FORMAT, Judged, SweepPoint, Timing
 
 
 def pooled_ppl(points: Sequence[Judged], rule: str) -> float:
@@ -90,24 +90,24 @@ def wall_spread(base_points: Sequence[SweepPoint], timings: Sequence[Timing]) ->
 
 
 def _utc(stamp: str) -> float:
-    return datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp()
+    return datetime.strptime(stamp, UTC_FORMAT).replace(tzinfo=timezone.utc).timestamp()
 
 
 def nearest_wall_saving(group: Sequence[SweepPoint], base_points: Sequence[SweepPoint],
                         timings: Sequence[Timing]) -> float:
     """1 - mean over the group's points of (its first batch / the baseline first batch nearest in UTC time); see
     the module docstring (whole points where the first layout kept no batch times). nan without a baseline time."""
+    batched = all(p.batch_wall_s for p in [*group, *base_points])
+
+    def timed(p: SweepPoint) -> tuple[float, float]:
+        return _utc(p.provenance["utc"]), p.batch_wall_s[0] if batched else p.wall_s
+
     keys = {p.key for p in base_points}
-    if all(p.batch_wall_s for p in [*group, *base_points]):
-        base = [(_utc(p.provenance["utc"]), p.batch_wall_s[0]) for p in base_points]
-        base += [(_utc(t.utc), t.wall_s) for t in timings if t.key in keys]
-        ours = [(_utc(p.provenance["utc"]), p.batch_wall_s[0]) for p in group]
-    else:
-        base = [(_utc(p.provenance["utc"]), p.wall_s) for p in base_points]
-        ours = [(_utc(p.provenance["utc"]), p.wall_s) for p in group]
+    base = [timed(p) for p in base_points] + ([(_utc(t.utc), t.wall_s) for t in timings if t.key in keys]
+                                             if batched else [])
     if not base:
         return math.nan
-    ratios = [wall / min(base, key=lambda b: abs(b[0] - when))[1] for when, wall in ours]
+    ratios = [wall / min(base, key=lambda b: abs(b[0] - when))[1] for when, wall in map(timed, group)]
     return 1.0 - float(np.mean(ratios))
 
 

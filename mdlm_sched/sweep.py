@@ -47,8 +47,8 @@ from mdlm_sched.runtime import RECORDED_FAILURES
 from mdlm_sched.sampler import RANDOMNESS_LAYOUT
 from mdlm_sched.sampling_config import SamplerSettings, SweepConfig, SweepGroup, shared_settings, validate_sweep
 from mdlm_sched.schedule import ModelSchedule, coarse_segment_specs, is_single_segment, parse_schedule
-from mdlm_sched.sweep_records import (CacheUse, EntropySummary, Failure, MauveSummary, PerSample, PPLSummary,
-                                      ReferenceRow, SamplingFlops, SweepPoint, Timing, point_slug)
+from mdlm_sched.sweep_records import (UTC_FORMAT, CacheUse, EntropySummary, Failure, MauveSummary, PerSample,
+                                      PPLSummary, ReferenceRow, SamplingFlops, SweepPoint, Timing, point_slug)
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def run_reference(name: str, source: str, model_set: ModelSet, judge: Judge, cfg
 
 
 def _utc_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return time.strftime(UTC_FORMAT, time.gmtime())
 
 
 def reference_key(name: str, source: str, num_samples: int) -> str:

@@ -168,6 +168,9 @@ class CacheUse:
     noise_removal_sequences: int
 
 
+UTC_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # the records' time stamps (provenance "utc", Timing.utc, Failure.utc)
+
+
 def point_slug(label: str, steps: int, seed: int, num_samples: int) -> str:
     """A point's file name stem: its label, T, seed and sample count, with anything but [A-Za-z0-9_.-] as _."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{label}-T{steps}-s{seed}-n{num_samples}")
