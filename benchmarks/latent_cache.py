@@ -31,6 +31,7 @@ import torch
 
 from mdlm_sched.config_load import load
 from mdlm_sched.diffusion import unmask_probability
+from mdlm_sched.fileio import atomic_write_json
 from mdlm_sched.flops import forward_flops, latent_cached_flops, trace_flops
 from mdlm_sched.latent_cache import plan_latent_steps
 from mdlm_sched.modelset import PreparedDenoiser
@@ -133,7 +134,10 @@ def main() -> None:
     models = {name: build(name, device, args.smoke) for name in ("small", "large")}
     configs = {name: m.config for name, m in models.items()}
     seq_len = configs["large"].max_position_embeddings
-    rows = []
+    rows: list[dict] = []
+    run_info = {"share": args.share, "device": str(device), "provenance": provenance(device, 1)}
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
     for steps in args.steps:
         for spec in args.schedules:
             schedule = parse_schedule(spec, steps, ["small", "large"])
@@ -162,10 +166,8 @@ def main() -> None:
                            "same_tokens_as_exact": statistics.mean(same) if same else None}
                     rows.append(row)
                     print(json.dumps(row), flush=True)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"rows": rows, "share": args.share, "device": str(device),
-                                        "provenance": provenance(device, 1)}, indent=1) + "\n")
+                    if args.out is not None:  # rewritten after every row: a run cut short keeps what it measured
+                        atomic_write_json(args.out, {"rows": rows, **run_info})
 
 
 if __name__ == "__main__":

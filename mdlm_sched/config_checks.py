@@ -7,14 +7,11 @@ import math
 import os
 from pathlib import Path
 
-import torch
-
 from mdlm_sched.config import (ARCHS, LR_SCHEDULES, MAX_SEED, MAX_STEP_TOKENS, DataConfig, ModelConfig, RunConfig,
                                RuntimeConfig, TrainConfig)
 from mdlm_sched.data import check_source
 from mdlm_sched.errors import ConfigError, DataError
 from mdlm_sched.fileio import check_writable
-from mdlm_sched.noise import NOISE_SCHEDULES
 
 
 def require(ok: bool, message: str) -> None:
@@ -103,12 +100,16 @@ def validate_runtime(r: RuntimeConfig) -> None:
     require(r.cuda_graph_rows >= 0, f"runtime.cuda_graph_rows={r.cuda_graph_rows} must be >= 0 (0 = no CUDA graphs)")
     require(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"),
              f"runtime.device={r.device!r}; use auto, cpu, cuda or cuda:N")
-    require(not r.device.startswith("cuda") or torch.cuda.is_available(),
-             f"runtime.device={r.device} but no CUDA GPU is visible; use runtime.device=cpu")
+    if r.device.startswith("cuda"):
+        import torch  # here, not at the top: the CLI checks its words (and answers --help) before torch loads
+
+        require(torch.cuda.is_available(), f"runtime.device={r.device} but no CUDA GPU is visible; use runtime.device=cpu")
 
 
 def validate(cfg: RunConfig) -> None:
     """Check values that types cannot; raise ConfigError naming the field and the fix."""
+    from mdlm_sched.noise import NOISE_SCHEDULES  # here: noise imports torch, which words-only checks do not need
+
     _validate_model(cfg.model)
     require(cfg.noise.schedule in NOISE_SCHEDULES,
              f"noise.schedule={cfg.noise.schedule!r} is unknown; use one of {', '.join(NOISE_SCHEDULES)}")

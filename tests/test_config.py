@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from mdlm_sched.config import RunConfig
 from mdlm_sched.config_load import from_yaml, load, to_yaml
@@ -173,6 +174,20 @@ def test_bad_config_raises_config_error_naming_the_field(args: list[str], field:
     message = str(info.value)
     assert field in message
     assert "\n" not in message and message.strip() == message
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the check refuses cuda only where no GPU is visible")
+def test_cuda_without_a_gpu_is_refused() -> None:
+    with pytest.raises(ConfigError, match="runtime.device=cuda but no CUDA GPU is visible"):
+        load(["runtime.device=cuda"])
+
+
+def test_help_and_config_checks_do_not_import_torch() -> None:
+    # --help and the words-only checks answer before torch loads (seconds of imports on a 2-core machine)
+    code = ("import sys; from mdlm_sched.cli import main; from mdlm_sched.sampling_config import SampleConfig\n"
+            "try: main(['train', '--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stderr
 
 
 def test_config_error_is_a_user_error() -> None:
