@@ -45,8 +45,9 @@ import torch
 from mdlm_sched.artifacts import SweepDir
 from mdlm_sched.config import RuntimeConfig
 from mdlm_sched.config_load import load
-from mdlm_sched.distributed import DistContext, distributed
+from mdlm_sched.distributed import distributed
 from mdlm_sched.provenance import provenance
+from mdlm_sched.ranks import DistContext
 from mdlm_sched.sampling_config import ReferenceConfig, SweepConfig, SweepGroup
 from mdlm_sched.sweep import run_sweep
 from mdlm_sched.train import train

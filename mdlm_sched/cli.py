@@ -21,6 +21,7 @@ from analysis.compare_section import comparison_lines
 from analysis.report import build_report, per_step_figures
 from mdlm_sched.cli_inputs import add_sampling_run_args, model_pairs, read_prompt_file, runtime_from_args
 from mdlm_sched.errors import NonFiniteLossError, UserError
+from mdlm_sched.ranks import launch_context
 
 CONFIG_HELP = ("config words, in order: section=preset (configs/<section>/<preset>.yaml), "
                "a.b=value overrides, or YAML files")
@@ -30,7 +31,6 @@ def _train(args: argparse.Namespace) -> int:
     from mdlm_sched.config_load import load
 
     cfg = load(args.config)  # before importing the trainer (and transformers): bad input fails fast
-    from mdlm_sched.distributed import launch_context
     from mdlm_sched.train import train
 
     result = train(cfg, progress=not args.no_progress)
@@ -72,13 +72,13 @@ def _analyze(args: argparse.Namespace) -> int:
                               trajectory_samples=args.trajectory_samples, batch_size=args.batch_size,
                               seed=args.seed, shade=args.shade or AnalysisConfig().shade, cache_dir=args.cache_dir,
                               t_min=args.t_min)
-    from mdlm_sched.per_step import analyze_models
-    from mdlm_sched.summary import band_text
-
     out = AnalysisDir(Path(args.out))
     if out.csv.exists() or out.json.exists():  # an analysis is hours of work on big models: never overwrite it
         raise UserError(f"--out {args.out} already holds a per-step analysis ({out.csv.name}); give a new --out, or "
                         f"delete that folder to analyse again")
+    from mdlm_sched.per_step import analyze_models
+    from mdlm_sched.summary import band_text
+
     record = analyze_models(model_pairs(args.model), settings, runtime_from_args(args), out, args.seq_len,
                             progress=not args.no_progress)
     figures = per_step_figures(out.root, out.root)
@@ -95,7 +95,6 @@ def _sweep(args: argparse.Namespace) -> int:
     from mdlm_sched.sampling_config import load_sweep
 
     cfg = load_sweep(args.config)
-    from mdlm_sched.distributed import launch_context
     from mdlm_sched.sweep import run_sweep
 
     outcome = run_sweep(cfg, progress=not args.no_progress)
@@ -384,8 +383,6 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "config") or any(word.startswith("-") for word in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.config += extra
-    from mdlm_sched.distributed import launch_context
-
     # The project's own progress at INFO; libraries (matplotlib's font cache, fontTools' PDF subsetting) only warn.
     # Under torchrun, the other ranks log only warnings and errors: rank 0 speaks for the run.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")

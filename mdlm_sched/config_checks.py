@@ -12,6 +12,7 @@ from mdlm_sched.config import (ARCHS, LR_SCHEDULES, MAX_SEED, MAX_STEP_TOKENS, D
 from mdlm_sched.data import check_source
 from mdlm_sched.errors import ConfigError, DataError
 from mdlm_sched.fileio import check_writable
+from mdlm_sched.noise import NOISE_SCHEDULES
 
 
 def require(ok: bool, message: str) -> None:
@@ -103,13 +104,12 @@ def validate_runtime(r: RuntimeConfig) -> None:
     if r.device.startswith("cuda"):
         import torch  # here, not at the top: the CLI checks its words (and answers --help) before torch loads
 
-        require(torch.cuda.is_available(), f"runtime.device={r.device} but no CUDA GPU is visible; use runtime.device=cpu")
+        require(torch.cuda.is_available(),
+                f"runtime.device={r.device} but no CUDA GPU is visible; use runtime.device=cpu")
 
 
 def validate(cfg: RunConfig) -> None:
     """Check values that types cannot; raise ConfigError naming the field and the fix."""
-    from mdlm_sched.noise import NOISE_SCHEDULES  # here: noise imports torch, which words-only checks do not need
-
     _validate_model(cfg.model)
     require(cfg.noise.schedule in NOISE_SCHEDULES,
              f"noise.schedule={cfg.noise.schedule!r} is unknown; use one of {', '.join(NOISE_SCHEDULES)}")

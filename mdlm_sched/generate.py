@@ -22,12 +22,12 @@ import torch
 from tqdm.auto import tqdm
 
 from mdlm_sched.artifacts import SampleRun
-from mdlm_sched.distributed import ONE_PROCESS, DistContext
 from mdlm_sched.errors import ConfigError
 from mdlm_sched.fileio import atomic_file, atomic_write_json, atomic_write_text, read_json
 from mdlm_sched.flops import forward_flops, trace_flops
 from mdlm_sched.modelset import ModelSet, open_models
 from mdlm_sched.provenance import provenance
+from mdlm_sched.ranks import ONE_PROCESS, DistContext
 from mdlm_sched.runtime import STREAM_SAMPLE, step_generator
 from mdlm_sched.sampler import StepRecord, check_prompts, sample
 from mdlm_sched.sampling_config import SampleConfig, SamplerSettings, validate_sample

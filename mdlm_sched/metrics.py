@@ -43,9 +43,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mdlm_sched.artifacts import HF_CONFIG, model_folder
-from mdlm_sched.distributed import ONE_PROCESS, DistContext
 from mdlm_sched.errors import CheckpointError, ConfigError
 from mdlm_sched.hub import HUB_PREFIX, local_path, snapshot
+from mdlm_sched.ranks import ONE_PROCESS, DistContext
 from mdlm_sched.sampling_config import TOKEN_RULES
 
 PROTOCOL_CONTEXT = 1024  # the field's chunk length

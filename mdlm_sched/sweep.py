@@ -17,7 +17,7 @@ the judge and takes part in every point: the sampler batches of a point (each dr
 (seed, batch index) generator) and its judge batches are dealt out to the ranks and gathered back
 in order, so a results line is the one a single process writes, apart from the wall-clock and the
 provenance (which records world_size). Rank 0 alone writes files. A point that fails on any rank
-fails on all of them (distributed.DistContext.gather_all), so the ranks stay in step.
+fails on all of them (ranks.DistContext.gather_all), so the ranks stay in step.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from omegaconf import OmegaConf
 
 from mdlm_sched.artifacts import SweepDir, SweepResults
 from mdlm_sched.data import load_sources
-from mdlm_sched.distributed import ONE_PROCESS, DistContext, distributed
+from mdlm_sched.distributed import distributed
 from mdlm_sched.errors import ConfigError, ScheduleError
 from mdlm_sched.fileio import atomic_file, atomic_write_json, read_json
 from mdlm_sched.generate import cache_summary, flops_summary, run_schedule, warm_up
@@ -43,6 +43,7 @@ from mdlm_sched.metrics import (Judge, entropy_summary, judge_features, judge_to
                                 score_token_ids)
 from mdlm_sched.modelset import ModelSet, open_models
 from mdlm_sched.provenance import provenance
+from mdlm_sched.ranks import ONE_PROCESS, DistContext
 from mdlm_sched.runtime import RECORDED_FAILURES
 from mdlm_sched.sampler import RANDOMNESS_LAYOUT
 from mdlm_sched.sampling_config import SamplerSettings, SweepConfig, SweepGroup, shared_settings, validate_sweep

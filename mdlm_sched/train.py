@@ -37,12 +37,13 @@ from mdlm_sched.checkpoint import export_model, load_latest_state, save_state
 from mdlm_sched.config import RunConfig, TrainConfig, flagged_fields
 from mdlm_sched.config_load import to_yaml
 from mdlm_sched.data import load_sources, load_tokenizer, mask_token_id, tokenizer_hash
-from mdlm_sched.distributed import ONE_PROCESS, DistContext, distributed
+from mdlm_sched.distributed import distributed
 from mdlm_sched.errors import CheckpointError, ConfigError, NonFiniteLossError
 from mdlm_sched.fileio import append_jsonl, atomic_write_text, read_jsonl
 from mdlm_sched.models import build_model
 from mdlm_sched.models.loading import load_denoiser
 from mdlm_sched.objectives import evaluate, make_objective
+from mdlm_sched.ranks import ONE_PROCESS, DistContext
 from mdlm_sched.runtime import (STREAM_DROPOUT, STREAM_INIT, STREAM_NOISE, STREAM_VAL, autocast, autocast_dtype,
                                 configure_backends, rank_seed, step_generator, step_seed)
 from mdlm_sched.stats import mean_interval

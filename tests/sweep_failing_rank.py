@@ -11,7 +11,7 @@ import torch
 
 import mdlm_sched.generate as generate
 from mdlm_sched.cli import main
-from mdlm_sched.distributed import launch_context
+from mdlm_sched.ranks import launch_context
 
 config, failing = sys.argv[1:]
 real_sample = generate.sample

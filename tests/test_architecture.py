@@ -16,7 +16,7 @@ from conftest import REPO
 LAYERS = [
     # no torch: the analysis package reads through these
     {"errors", "fileio", "sweep_records", "artifacts", "schedule", "stats", "summary", "sweep_compare", "architecture",
-     "config"},
+     "config", "ranks"},
     {"noise", "config_checks", "config_load", "data", "diffusion", "runtime", "provenance", "distributed",
      "sampling_config", "hub",
      "models.mla", "models.mha", "models.denoiser", "models.loading", "models.mdlm_format", "models.transmla",

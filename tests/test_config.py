@@ -182,12 +182,14 @@ def test_cuda_without_a_gpu_is_refused() -> None:
         load(["runtime.device=cuda"])
 
 
-def test_help_and_config_checks_do_not_import_torch() -> None:
-    # --help and the words-only checks answer before torch loads (seconds of imports on a 2-core machine)
+def test_help_and_refused_config_words_do_not_import_torch() -> None:
+    # --help, the sampling options and a refused config answer before torch loads (seconds on a 2-core machine)
     code = ("import sys; from mdlm_sched.cli import main; from mdlm_sched.sampling_config import SampleConfig\n"
-            "try: main(['train', '--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)")
+            "try: main(['train', '--help'])\nexcept SystemExit: pass\n"
+            "print(main(['train', 'model=tiny', 'noise.schedule=cosine']), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
-    assert out.stdout.strip().splitlines()[-1] == "False", out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "2 False", out.stderr
+    assert "noise.schedule='cosine' is unknown" in out.stderr
 
 
 def test_config_error_is_a_user_error() -> None:
