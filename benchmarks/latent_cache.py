@@ -136,8 +136,6 @@ def main() -> None:
     seq_len = configs["large"].max_position_embeddings
     rows: list[dict] = []
     run_info = {"share": args.share, "device": str(device), "provenance": provenance(device, 1)}
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
     for steps in args.steps:
         for spec in args.schedules:
             schedule = parse_schedule(spec, steps, ["small", "large"])

@@ -134,7 +134,7 @@ def test_bad_latent_cache_settings_are_refused(pair):
 
 def test_the_speed_benchmark_runs_on_the_cpu(tmp_path):
     # benchmarks/latent_cache.py at tiny widths, so that it cannot rot; through PreparedDenoiser, R1 is exact.
-    out = tmp_path / "speed.json"
+    out = tmp_path / "new" / "speed.json"  # its folder is made by the write
     run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "latent_cache.py"), "--smoke", "--schedules",
                           "sandwich", "--settings", "exact", "R1", "R0", "--out", str(out)],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
