@@ -147,11 +147,22 @@ def _against_presets(view: SweepView, steps: int, group: str | None) -> list[str
     return lines + [""]
 
 
-def _solution_lines(record: Mapping[str, Any]) -> list[str]:
+def solution_lines(record: Mapping[str, Any]) -> list[str]:
+    """The table of the schedules the cost model picks, with what the picks can mean under its feature."""
     unit = "gen PPL / all-heavy's" if record["measured"] else record["cost_model"]["unit"]
+    kappa = record["cost_model"]["kappa"]  # per light model; one number in records from before that
+    if record["measured"] and all(v == 0 for v in (kappa.values() if isinstance(kappa, Mapping) else [kappa])):
+        caveat = (": with κ = 0 it predicts no cost for any schedule and picks the cheapest, so these picks carry no "
+                  "information.")
+    elif record["cost_model"]["feature"] == "light_share":
+        # Every step then costs kappa * dt_i wherever it lies: the solver's choice among equals is arbitrary.
+        caveat = (": the feature is the light share alone, so the model predicts every schedule of the same light "
+                  "share alike, wherever its light steps lie; each segment string is one of many equal picks, not a "
+                  "placement the measurements favour.")
+    else:
+        caveat = ":"
     lines = [f"Schedules the cost model picks (predictions as {unit}; interval from the per-step bands and κ's)"
-             + (": with κ = 0 it predicts no cost for any schedule and picks the cheapest, so these picks carry no "
-                "information." if record["measured"] and record["cost_model"]["kappa"] in (0, 0.0) else ":"),
+             + caveat,
              "", f"| target | schedule at T = {record['steps']} | t-thresholds (any T) | FLOPs saved "
                  f"({record['flops']}) | predicted [interval] |", "|---|---|---|---:|---|"]
     for s in record["schedules"]:
@@ -171,4 +182,4 @@ def optimise_section(folder: Path, out: ReportDir, view: SweepView | None, group
     lines = [f"## Schedule optimiser, {title}: `{folder}`", "", *_fit_lines(record, out, folder.name)]
     if record["measured"] and view is not None and view.rows:
         lines += _against_presets(view, record["steps"], group)
-    return lines + _solution_lines(record)
+    return lines + solution_lines(record)

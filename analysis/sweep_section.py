@@ -53,6 +53,14 @@ def verdict(r: Mapping[str, Any]) -> str:
     return change_verdict(r["ppl_ratio_low"] - 1, r["ppl_ratio_high"] - 1) if r.get("pairs") else "not compared"
 
 
+def mauve_text(r: Mapping[str, Any]) -> str:
+    """MAUVE against the reference text, the mean over seeds with the lowest and highest seed's ("—" if none)."""
+    if r.get("mauve") is None:
+        return "—"
+    per_seed = r["mauve_per_seed"]
+    return f"{r['mauve']:.3f}" + (f" [{min(per_seed):.3f}, {max(per_seed):.3f}]" if len(per_seed) > 1 else "")
+
+
 def wall_text(r: Mapping[str, Any]) -> str:
     """The wall-clock saving against all-heavy, with the baseline's timing spread."""
     if math.isnan(r["wall_saving"]):
@@ -64,11 +72,14 @@ def wall_text(r: Mapping[str, Any]) -> str:
 def _schedule_table(rows: Sequence[Mapping[str, Any]], front: set[str]) -> list[str]:
     """Rows of one token rule; a second gen PPL column under the first-EOS rule where the points kept it."""
     second = SECOND_RULE if rows and rows[0]["token_rule"] != SECOND_RULE else None
+    with_mauve = any(r.get("mauve") is not None for r in rows)
     lines = ["| schedule | segments | light share | FLOPs saved: blocks only / head at decoded / head everywhere | "
              "calls per model | wall-clock s | wall-clock saved (± baseline spread) | "
              f"gen PPL ({rows[0]['token_rule']}) " + (f"| gen PPL ({second}) " if second else "")
-             + "| gen PPL / all-heavy [95% CI] | entropy | entropy − all-heavy [95% CI] | seeds × samples | Pareto |",
-             "|---|---|---:|---|---|---:|---:|---:|" + ("---:|" if second else "") + "---|---:|---|---:|:-:|"]
+             + "| gen PPL / all-heavy [95% CI] | entropy | entropy − all-heavy [95% CI] | "
+             + ("MAUVE, mean [lowest, highest seed] | " if with_mauve else "") + "seeds × samples | Pareto |",
+             "|---|---|---:|---|---|---:|---:|---:|" + ("---:|" if second else "") + "---|---:|---|"
+             + ("---|" if with_mauve else "") + "---:|:-:|"]
     for r in rows:
         calls = ", ".join(f"{k} {v:.0f}" for k, v in r["calls"].items())
         other = r.get("gen_ppl_by_rule", {}).get(second)
@@ -77,7 +88,8 @@ def _schedule_table(rows: Sequence[Mapping[str, Any]], front: set[str]) -> list[
                      f"/ {r['saving_full']:.2%} / {r['saving_head_everywhere']:.2%} | {calls} | {r['wall_s']:.1f} | "
                      f"{wall_text(r)} | {r['gen_ppl']:.2f} | {second_cell}{'—' if r['all_heavy'] else ratio_text(r)} | "
                      f"{r['entropy']:.3f} | {'—' if r['all_heavy'] else entropy_text(r)} | "
-                     f"{r['seeds']} × {r['num_samples']} | {'yes' if r['name'] in front else ''} |")
+                     + (f"{mauve_text(r)} | " if with_mauve else "")
+                     + f"{r['seeds']} × {r['num_samples']} | {'yes' if r['name'] in front else ''} |")
     return lines
 
 
@@ -110,6 +122,16 @@ def _reference_lines(refs: Sequence[ReferenceRow]) -> tuple[list[str], dict[str,
 
 def _ppl_text(gen: PPLSummary | None) -> str:
     return "not measured" if gen is None else f"{gen.ppl:.2f}"
+
+
+def _mauve_sentence(points: Sequence[SweepPoint]) -> str:
+    """How MAUVE was measured, from the first point that has it ("" where none has)."""
+    m = next((p.mauve for p in points if p.mauve is not None), None)
+    if m is None:
+        return ""
+    return (f" MAUVE (mauve-text): each point's {m.samples} samples against {m.reference_samples} reference texts "
+            f"(the {m.features}), the mean over {len(m.values)} k-means seeds; a row gives the mean over its seeds' "
+            f"points and the lowest and highest of them.")
 
 
 def sweep_section(folder: Path, out: ReportDir) -> tuple[list[str], SweepView]:
@@ -150,7 +172,7 @@ def sweep_section(folder: Path, out: ReportDir) -> tuple[list[str], SweepView]:
              f"entropy of each sample's tokens (nats), mean over samples. Most rows: {n_points[0]} seed(s) × "
              f"{n_points[1]} samples. Wall-clock saving: each point's first batch against the all-heavy first batch "
              f"timed nearest to it (its points', and the one timed again at the end of the run), ± the spread "
-             f"of those all-heavy timings (no spread where it was timed once).", "",
+             f"of those all-heavy timings (no spread where it was timed once).{_mauve_sentence(points)}", "",
              *ref_lines]
     groups = list(dict.fromkeys(g for r in rows for g in r["groups"]))
     for group in groups:

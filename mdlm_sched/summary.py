@@ -147,6 +147,7 @@ def summarize(points: Sequence[SweepPoint], timings: Sequence[Timing] = ()) -> l
             "gen_ppl_by_rule": {r: pooled_ppl(group, r) for r in first.rules},
             "entropy": mean(e for p in group for e in p.per_sample.entropy),
             "mauve": mean(p.mauve.mean for p in group) if first.mauve is not None else None,
+            "mauve_per_seed": [p.mauve.mean for p in group] if first.mauve is not None else [],
             "_points": group,
         })
     for r in rows:

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from mdlm_sched.artifacts import AnalysisDir, SweepDir
+from analysis.sweep_section import sweep_section
+from mdlm_sched.artifacts import AnalysisDir, ReportDir, SweepDir
 from mdlm_sched.cli import main
 from mdlm_sched.config import RuntimeConfig
 from mdlm_sched.errors import ConfigError, DataError, ScheduleError
@@ -327,5 +328,9 @@ def test_mauve_from_saved_features_is_read_into_the_points(trained_tiny, tmp_pat
     assert main(["mauve", "--no-progress", str(out), "--seeds", "0", "1"]) == 0
     (point,) = SweepDir(out).read().points
     assert len(point.mauve.values) == 2 and point.mauve.samples == 3 and point.mauve.reference_samples == 4
+    lines, _ = sweep_section(out, ReportDir(tmp_path / "report"))
+    table = next(line for line in lines if line.startswith("| all-large |"))
+    assert f"| {point.mauve.mean:.3f} | 1 × 3 |" in table  # the MAUVE column, beside the sample count
+    assert any("each point's 3 samples against 4 reference texts" in line for line in lines)
     (out / "features" / "reference.npy").unlink()
     assert main(["mauve", "--no-progress", str(out)]) == 2  # one line: the features are missing

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from analysis.optimise_section import solution_lines
 from mdlm_sched.artifacts import AnalysisDir, OptimiseDir, SweepDir
 from mdlm_sched.errors import ConfigError
 from mdlm_sched.optimise import (calibrate, optimise, predicted_change, run_optimise, schedule_feature, schedule_flops,
@@ -220,3 +221,13 @@ def test_a_negative_slope_is_kept_and_reorders_the_schedules():
     assert predicted_change(costs, calibration, middle)[0] < predicted_change(costs, calibration, ends)[0] < 0
     low, est, high = (predicted_change(costs, calibration, middle)[k] for k in (1, 0, 2))
     assert low <= est <= high
+
+def test_the_report_says_a_light_share_pick_is_one_of_many_equals(tmp_path):
+    _write_analysis(tmp_path / "analysis")
+    record = run_optimise(AnalysisDir(tmp_path / "analysis"), OptimiseDir(tmp_path / "opt"), [0.25], bins=10,
+                          echo=lambda _: None)
+    assert "one of many equal picks" not in solution_lines(record)[0]  # the KL feature ranks placements
+    record["cost_model"]["feature"] = "light_share"
+    assert "one of many equal picks" in solution_lines(record)[0]
+    record.update(measured=[{}], cost_model={**record["cost_model"], "kappa": {"small": 0.0}})
+    assert "these picks carry no information" in solution_lines(record)[0]  # a fit of 0: nothing was learnt

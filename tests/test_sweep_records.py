@@ -63,11 +63,11 @@ def test_a_line_this_version_cannot_read_is_one_error_naming_the_file(tmp_path: 
 
 
 def test_a_report_of_a_sweep_cut_before_its_first_point_shows_its_reference_rows(tmp_path):
-    # reports/owt-h200-v3: the lease ended after the four reference rows, before any point.
+    # reports/owt-h200-v3, first lease: it ended after the four reference rows, before any point.
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     for name in ("results.jsonl", "sweep.json"):
-        (sweep / name).write_bytes((REPO / "reports" / "owt-h200-v3" / "data" / name).read_bytes())
+        (sweep / name).write_bytes((REPO / "reports" / "owt-h200-v3" / "data" / "lease1" / name).read_bytes())
     text = build_report([sweep], tmp_path / "report", "cut short").read_text()
     assert "No finished points yet." in text and "Reference rows (real validation text" in text
     assert "| owt | `/tmp/data/owt_val.jsonl.xz` | 414 | 376.20 [" in text
