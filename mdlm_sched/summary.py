@@ -124,6 +124,7 @@ def summarize(points: Sequence[SweepPoint], timings: Sequence[Timing] = ()) -> l
         calls: Counter = Counter()
         for p in group:
             calls.update(p.flops.calls)
+        mauve = [p.mauve.mean for p in group] if first.mauve is not None else []  # one per seed's point
 
         def mean(values: Iterable[float]) -> float:
             return float(np.mean(list(values)))
@@ -146,8 +147,8 @@ def summarize(points: Sequence[SweepPoint], timings: Sequence[Timing] = ()) -> l
             "gen_ppl": pooled_ppl(group, rule),
             "gen_ppl_by_rule": {r: pooled_ppl(group, r) for r in first.rules},
             "entropy": mean(e for p in group for e in p.per_sample.entropy),
-            "mauve": mean(p.mauve.mean for p in group) if first.mauve is not None else None,
-            "mauve_per_seed": [p.mauve.mean for p in group] if first.mauve is not None else [],
+            "mauve": mean(mauve) if mauve else None,
+            "mauve_per_seed": mauve,
             "_points": group,
         })
     for r in rows:
