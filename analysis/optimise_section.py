@@ -155,10 +155,10 @@ def solution_lines(record: Mapping[str, Any]) -> list[str]:
         caveat = (": with κ = 0 it predicts no cost for any schedule and picks the cheapest, so these picks carry no "
                   "information.")
     elif record["cost_model"]["feature"] == "light_share":
-        # Every step then costs kappa * dt_i wherever it lies: the solver's choice among equals is arbitrary.
+        # Every step then costs kappa * dt_i wherever it lies: the solver breaks the tie by fewest switches.
         caveat = (": the feature is the light share alone, so the model predicts every schedule of the same light "
-                  "share alike, wherever its light steps lie; each segment string is one of many equal picks, not a "
-                  "placement the measurements favour.")
+                  "share alike, wherever its light steps lie; each segment string is one of many equal picks (the "
+                  "one with the fewest model switches), not a placement the measurements favour.")
     else:
         caveat = ":"
     lines = [f"Schedules the cost model picks (predictions as {unit}; interval from the per-step bands and κ's)"

@@ -266,31 +266,45 @@ def _bins(steps: int, bins: int) -> list[range]:
 def _pareto_knapsack(cost: np.ndarray, flops: np.ndarray, budget: float) -> tuple[np.ndarray, np.ndarray, Callable]:
     """Multiple-choice knapsack over bins, exactly: cost [M, B] and FLOPs share [M, B] of giving bin b to model m.
 
-    Bin by bin it keeps the Pareto frontier of partial assignments (none other has FLOPs as few and a cost as low)
-    of FLOPs at most `budget`. Returns the final frontier's FLOPs [K] (increasing) and costs [K] (decreasing), and
-    a function giving the model of each bin of frontier entry k.
+    Bin by bin it keeps, for each model of the last bin, the Pareto frontier of partial assignments (none other
+    has FLOPs as few and a cost as low) of FLOPs at most `budget`; among assignments equal in both (to 1e-10: a
+    light-share cost is flat across placements) the one with the fewest model switches, so that ties resolve to
+    contiguous runs rather than to whichever came first. Returns the final frontier's FLOPs [K] (increasing) and
+    costs [K] (decreasing), and a function giving the model of each bin of frontier entry k.
     """
     n_models, n_bins = cost.shape
-    total_f, total_c = np.zeros(1), np.zeros(1)
+    models = np.arange(n_models)
+    total_f, total_c, total_s, last = np.zeros(1), np.zeros(1), np.zeros(1, dtype=int), np.full(1, -1)
     steps: list[tuple[np.ndarray, np.ndarray]] = []  # per bin: (parent entry, model) of each frontier entry
     for b in range(n_bins):
         f = (total_f[:, None] + flops[None, :, b]).ravel()  # [K * M], entry-major
         c = (total_c[:, None] + cost[None, :, b]).ravel()
-        order = np.lexsort((c, f))  # by FLOPs, then cost
-        order = order[f[order] <= budget + 1e-12]  # FLOPs only grow: a partial assignment over budget stays over
-        below = np.concatenate([[np.inf], np.minimum.accumulate(c[order])[:-1]])
-        order = order[c[order] < below]  # strictly cheaper than everything with fewer FLOPs
-        steps.append((order // n_models, order % n_models))
-        total_f, total_c = f[order], c[order]
+        s = (total_s[:, None] + ((last[:, None] != models[None, :]) & (last[:, None] >= 0))).ravel()  # switches
+        model = np.tile(models, len(last))
+        within = f <= budget + 1e-12  # FLOPs only grow: a partial assignment over budget stays over
+        order = np.concatenate([_frontier(np.nonzero(within & (model == m))[0], f, c, s) for m in models])
+        steps.append((order // n_models, model[order]))
+        total_f, total_c, total_s, last = f[order], c[order], s[order], model[order]
+    final = _frontier(np.arange(len(total_f)), total_f, total_c, total_s)  # across the models of the last bin
 
     def assignment(k: int) -> list[int]:
-        models = []
+        k = int(final[k])
+        chosen = []
         for parent, model in reversed(steps):
-            models.append(int(model[k]))
+            chosen.append(int(model[k]))
             k = int(parent[k])
-        return models[::-1]
+        return chosen[::-1]
 
-    return total_f, total_c, assignment
+    return total_f[final], total_c[final], assignment
+
+
+def _frontier(idx: np.ndarray, f: np.ndarray, c: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """The entries of `idx` on the (FLOPs, cost) Pareto frontier, by FLOPs; ties to 1e-10 go to fewer switches."""
+    f_key, c_key = np.round(f[idx], 10), np.round(c[idx], 10)
+    order = idx[np.lexsort((s[idx], c_key, f_key))]  # by FLOPs, then cost, then switches
+    c_sorted = np.round(c[order], 10)
+    below = np.concatenate([[np.inf], np.minimum.accumulate(c_sorted)[:-1]])
+    return order[c_sorted < below]  # strictly cheaper than everything with fewer FLOPs (or equal, earlier)
 
 
 def optimise(costs: StepCosts, calibration: Calibration, bins: int, saving: float | None = None,

@@ -222,6 +222,21 @@ def test_a_negative_slope_is_kept_and_reorders_the_schedules():
     low, est, high = (predicted_change(costs, calibration, middle)[k] for k in (1, 0, 2))
     assert low <= est <= high
 
+
+@pytest.mark.parametrize("saving", [0.2, 0.4])
+def test_equal_costs_resolve_to_the_fewest_switches(saving):
+    # Under the light-share feature every placement of the same number of light bins costs the same: the pick
+    # among them is one light run at an end (one switch), not the scattered bins of whichever came first.
+    rows, meta = analysis({"small": bump}, {"small": 1.0, "large": 3.0})
+    costs = step_costs(rows, meta)
+    solution = optimise(costs, uncalibrated(costs, "light_share"), bins=10, saving=saving)
+    assert solution.flops_share <= 1 - saving + 1e-12
+    assert len(solution.segments.split(",")) == 2, solution.segments
+    # With a cost that does vary (the KL bump), the tie-break changes nothing: still the brute-force optimum.
+    solution = optimise(costs, uncalibrated(costs), bins=10, saving=saving)
+    assert solution.predicted[0] == pytest.approx(brute_force(costs, "kl_trajectory", 10, 1 - saving)[0], rel=1e-9)
+
+
 def test_the_report_says_a_light_share_pick_is_one_of_many_equals(tmp_path):
     _write_analysis(tmp_path / "analysis")
     record = run_optimise(AnalysisDir(tmp_path / "analysis"), OptimiseDir(tmp_path / "opt"), [0.25], bins=10,
