@@ -34,31 +34,14 @@ from mdlm_sched.diffusion import unmask_probability
 from mdlm_sched.fileio import atomic_write_json
 from mdlm_sched.flops import forward_flops, latent_cached_flops, trace_flops
 from mdlm_sched.latent_cache import plan_latent_steps
-from mdlm_sched.modelset import PreparedDenoiser
 from mdlm_sched.models import denoiser_config
-from mdlm_sched.models.denoiser import MDLMDenoiser
 from mdlm_sched.noise import LogLinearNoise
 from mdlm_sched.provenance import provenance
 from mdlm_sched.runtime import configure_backends
 from mdlm_sched.sampler import sample, unmask_steps
 from mdlm_sched.sampling_config import SamplerSettings
 from mdlm_sched.schedule import DEFAULT_T_MIN, parse_schedule, time_grid
-
-GPT2 = 50257  # tokenizer length ([MASK] is appended)
-SMOKE = ("model.hidden_size=64", "model.num_attention_heads=4", "model.kv_lora_rank=32", "model.qk_nope_head_dim=16",
-         "model.qk_rope_head_dim=8", "model.v_head_dim=16", "model.max_seq_len=64", "data.seq_len=64")
-
-
-def build(preset: str, device: torch.device, smoke: bool) -> PreparedDenoiser:
-    """A random-weight denoiser of configs/model/<preset>.yaml (tiny widths with smoke), bf16 autocast on a GPU."""
-    config = denoiser_config(load([f"model={preset}", *(SMOKE if smoke else ())]), GPT2, GPT2 - 1, "")
-    torch.manual_seed(config.num_hidden_layers)
-    model = MDLMDenoiser(config).to(device)
-    with torch.no_grad():  # adaLN-Zero starts every gate at zero: random gates, so that every block does work
-        for p in model.parameters():
-            if not p.abs().sum():
-                p.normal_(0, 0.02)
-    return PreparedDenoiser(model, torch.bfloat16 if device.type == "cuda" else None)
+from presets import GPT2, random_denoiser
 
 
 def settings_of(spec: str, share: float) -> SamplerSettings:
@@ -131,7 +114,7 @@ def main() -> None:
         args.batches, args.steps, args.seeds = [2], [16], 1
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     configure_backends(device)
-    models = {name: build(name, device, args.smoke) for name in ("small", "large")}
+    models = {name: random_denoiser(name, device, args.smoke) for name in ("small", "large")}
     configs = {name: m.config for name, m in models.items()}
     seq_len = configs["large"].max_position_embeddings
     rows: list[dict] = []

@@ -1,8 +1,8 @@
 """Sampling speed of the scheduled sampler on one GPU (the H200 here), with random-weight models.
 
-Models: `large` (12 x 768) and `small` (4 x 768), MLA as in configs/model, GPT-2 vocabulary, length
-1024, bf16 autocast, float32 head, the blocks compiled with torch.compile (dynamic batch). Random
-weights cost the same FLOPs and time as trained ones; the sampler's work does not depend on them.
+Models: the `large` (12 x 768) and `small` (4 x 768) presets of configs/model (the gated MLA block; random
+weights, benchmarks/presets.py), GPT-2 vocabulary, length 1024, bf16 autocast, float32 head, the blocks compiled
+with torch.compile (dynamic batch). Before 2026-12-06 this script built plain (ungated) blocks.
 
 Parts (--parts):
   network   the compiled blocks alone, [B, 1024] per call, B = 1 .. 128: tokens/s and fraction of
@@ -37,12 +37,12 @@ import torch
 from mdlm_sched.flops import forward_flops, names_light_to_heavy
 from mdlm_sched.generate import cache_summary, flops_summary, run_schedule
 from mdlm_sched.modelset import ModelSet, PreparedDenoiser
-from mdlm_sched.models.denoiser import DenoiserConfig, MDLMDenoiser
 from mdlm_sched.noise import LogLinearNoise
 from mdlm_sched.provenance import provenance
 from mdlm_sched.runtime import configure_backends
 from mdlm_sched.sampling_config import SamplerSettings
 from mdlm_sched.schedule import DEFAULT_T_MIN
+from presets import SMOKE_LEN, random_denoiser
 
 PEAK_BF16 = 776e12  # measured 8192^3 bf16 matmul rate of the lent H200 (REFERENCE.md section 6)
 SEQ_LEN = 1024  # the paper's length; --smoke runs 64
@@ -84,14 +84,6 @@ class Timed:
         total = sum(s.elapsed_time(e) for s, e in self.events) / 1e3
         self.events.clear()
         return total
-
-
-def build(layers: int, device: torch.device, compile: bool, smoke: bool, graph_rows: int) -> PreparedDenoiser:
-    width = dict(hidden_size=64, num_attention_heads=4, kv_lora_rank=32, intermediate_size=256) if smoke else {}
-    config = DenoiserConfig(num_hidden_layers=layers, max_position_embeddings=SEQ_LEN, dropout=0.0, **width)
-    torch.manual_seed(layers)
-    dtype = torch.bfloat16 if device.type == "cuda" else None
-    return PreparedDenoiser(MDLMDenoiser(config).to(device), dtype, compile, graph_rows)
 
 
 def bench_network(models: dict[str, PreparedDenoiser], batches: list[int], reps: int) -> list[dict]:
@@ -278,13 +270,13 @@ def main() -> None:
 
     global SEQ_LEN
     if args.smoke:
-        SEQ_LEN = 64
+        SEQ_LEN = SMOKE_LEN
     device = torch.device("cpu" if args.smoke else "cuda")
     configure_backends(device)
     t0 = time.perf_counter()
     compile = not (args.no_compile or args.smoke)
     # The network, steps and full parts run without CUDA graphs, as measured before them; latency compares.
-    models = {"small": build(4, device, compile, args.smoke, 0), "large": build(12, device, compile, args.smoke, 0)}
+    models = {name: random_denoiser(name, device, args.smoke, compile) for name in ("small", "large")}
     result: dict = {"seq_len": SEQ_LEN, "t_min": DEFAULT_T_MIN, "compile": compile,
                     "provenance": provenance(device)}
     if "network" in args.parts:

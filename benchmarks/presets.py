@@ -1,0 +1,35 @@
+"""Random-weight denoisers of the model presets (configs/model), for the speed benchmarks.
+
+Random weights cost the same FLOPs and time as trained ones. adaLN-Zero starts every gate at zero, which would
+make each gated block the identity; the zero parameters are drawn like the others, so that every block works.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mdlm_sched.config_load import load
+from mdlm_sched.modelset import PreparedDenoiser
+from mdlm_sched.models import denoiser_config
+from mdlm_sched.models.denoiser import MDLMDenoiser
+
+GPT2 = 50257  # tokenizer length ([MASK] is appended)
+SMOKE_LEN = 64
+SMOKE = ("model.hidden_size=64", "model.num_attention_heads=4", "model.kv_lora_rank=32", "model.qk_nope_head_dim=16",
+         "model.qk_rope_head_dim=8", "model.v_head_dim=16", f"model.max_seq_len={SMOKE_LEN}",
+         f"data.seq_len={SMOKE_LEN}")
+
+
+def random_denoiser(preset: str, device: torch.device, smoke: bool = False, compile: bool = False,
+                    graph_rows: int = 0, overrides: tuple[str, ...] = ()) -> PreparedDenoiser:
+    """A random-weight denoiser of configs/model/<preset>.yaml (tiny widths with smoke), bf16 autocast on a GPU,
+    dropout off (the sampler's eval mode)."""
+    words = [f"model={preset}", "model.dropout=0.0", *(SMOKE if smoke else ()), *overrides]
+    config = denoiser_config(load(words), GPT2, GPT2 - 1, "")
+    torch.manual_seed(config.num_hidden_layers)
+    model = MDLMDenoiser(config).to(device)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.abs().sum():
+                p.normal_(0, 0.02)
+    return PreparedDenoiser(model, torch.bfloat16 if device.type == "cuda" else None, compile, graph_rows)
