@@ -21,10 +21,10 @@ SMOKE = ("model.hidden_size=64", "model.num_attention_heads=4", "model.kv_lora_r
 
 
 def random_denoiser(preset: str, device: torch.device, smoke: bool = False, compile: bool = False,
-                    graph_rows: int = 0, overrides: tuple[str, ...] = ()) -> PreparedDenoiser:
+                    graph_rows: int = 0) -> PreparedDenoiser:
     """A random-weight denoiser of configs/model/<preset>.yaml (tiny widths with smoke), bf16 autocast on a GPU,
     dropout off (the sampler's eval mode)."""
-    words = [f"model={preset}", "model.dropout=0.0", *(SMOKE if smoke else ()), *overrides]
+    words = [f"model={preset}", "model.dropout=0.0", *(SMOKE if smoke else ())]
     config = denoiser_config(load(words), GPT2, GPT2 - 1, "")
     torch.manual_seed(config.num_hidden_layers)
     model = MDLMDenoiser(config).to(device)
