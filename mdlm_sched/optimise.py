@@ -300,11 +300,11 @@ def _pareto_knapsack(cost: np.ndarray, flops: np.ndarray, budget: float) -> tupl
 
 def _frontier(idx: np.ndarray, f: np.ndarray, c: np.ndarray, s: np.ndarray) -> np.ndarray:
     """The entries of `idx` on the (FLOPs, cost) Pareto frontier, by FLOPs; ties to 1e-10 go to fewer switches."""
-    f_key, c_key = np.round(f[idx], 10), np.round(c[idx], 10)
-    order = idx[np.lexsort((s[idx], c_key, f_key))]  # by FLOPs, then cost, then switches
-    c_sorted = np.round(c[order], 10)
+    c_key = np.round(c[idx], 10)
+    perm = np.lexsort((s[idx], c_key, np.round(f[idx], 10)))  # by FLOPs, then cost, then switches
+    c_sorted = c_key[perm]
     below = np.concatenate([[np.inf], np.minimum.accumulate(c_sorted)[:-1]])
-    return order[c_sorted < below]  # strictly cheaper than everything with fewer FLOPs (or equal, earlier)
+    return idx[perm][c_sorted < below]  # strictly cheaper than everything with fewer FLOPs (or equal, earlier)
 
 
 def optimise(costs: StepCosts, calibration: Calibration, bins: int, saving: float | None = None,
