@@ -177,12 +177,32 @@ PANELS = (("ppl_ratio", "gen PPL / all-heavy's", lambda ref, base: ref["gen_ppl"
           ("entropy_diff", "entropy − all-heavy's (nats)", lambda ref, base: ref["entropy"] - base["entropy"]))
 
 
+def _dodged(xs: Sequence[float], step: float) -> list[float]:
+    """xs with the points that lie within step / 4 of each other spread step apart around their mean, so that
+    schedules of (nearly) equal FLOPs, e.g. the placements of one light share, do not hide each other's bars."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and xs[i] - xs[groups[-1][-1]] <= step / 4:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    out = list(xs)
+    for members in groups:
+        centre = sum(xs[i] for i in members) / len(members)
+        for k, i in enumerate(members):
+            out[i] = centre + (k - (len(members) - 1) / 2) * step
+    return out
+
+
 def sweep_figure(rows: Sequence[Mapping[str, Any]], reference: Mapping[str, Any] | None, pareto: Sequence[str],
                  stem: Path, baseline: str) -> list[Path]:
     """Gen PPL (as a ratio) and entropy (as a difference) against all-`baseline`, with paired 95% intervals,
     against FLOPs relative to all-`baseline`; rows are summary.summarize rows of one T."""
     rows = [r for r in rows if r["all_heavy"] or r["pairs"]]  # rows without a baseline have no paired value
     base = next((r for r in rows if r["all_heavy"]), None)
+    span = max((r["flops_ratio"] for r in rows), default=1.0) - min((r["flops_ratio"] for r in rows), default=0.0)
+    x = dict(zip((r["name"] for r in rows), _dodged([r["flops_ratio"] for r in rows], 0.03 * (span or 1.0))))
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, 2, figsize=(9.6, 3.9))
         for ax, (metric, label, ref_value) in zip(axes, PANELS):
@@ -190,7 +210,7 @@ def sweep_figure(rows: Sequence[Mapping[str, Any]], reference: Mapping[str, Any]
                 on_front = r["name"] in pareto
                 searched = re.fullmatch("[LH]+", r["label"]) is not None  # an exhaustive-search pattern
                 value, below, above = _paired(r, metric)
-                ax.errorbar(r["flops_ratio"], value, yerr=[[below], [above]], fmt="o" if on_front else "s",
+                ax.errorbar(x[r["name"]], value, yerr=[[below], [above]], fmt="o" if on_front else "s",
                             color=HEAVY if on_front else "0.45", markersize=2.5 if searched and not on_front else 4,
                             capsize=2, linewidth=0.9)
             ax.axhline(_paired(base, metric)[0] if base else 1.0, color="0.6", linewidth=0.8)
@@ -201,20 +221,20 @@ def sweep_figure(rows: Sequence[Mapping[str, Any]], reference: Mapping[str, Any]
             ax.set_xlabel(f"FLOPs relative to all-{baseline} (blocks only)")
             ax.set_ylabel(label)
         front = sorted((r for r in rows if r["name"] in pareto), key=lambda r: r["flops_ratio"])
-        axes[0].plot([r["flops_ratio"] for r in front], [_paired(r, "ppl_ratio")[0] for r in front], color=HEAVY,
+        axes[0].plot([x[r["name"]] for r in front], [_paired(r, "ppl_ratio")[0] for r in front], color=HEAVY,
                      linewidth=1.0, alpha=0.7, label="Pareto frontier")
         axes[0].set_title("Generative perplexity (lower is better)")
         axes[1].set_title("Unigram entropy per sample")
         axes[0].plot([], [], "o", color=HEAVY, markersize=4, label="schedule on the Pareto frontier")
         axes[0].plot([], [], "s", color="0.45", markersize=4, label="schedule off the frontier")
         for ax, (metric, _, _) in zip(axes, PANELS):  # searched schedules off the frontier stay unlabelled
-            place_labels(ax, [(r["flops_ratio"], _paired(r, metric)[0], r["label"]) for r in rows
+            place_labels(ax, [(x[r["name"]], _paired(r, metric)[0], r["label"]) for r in rows
                               if r["name"] in pareto or re.fullmatch("[LH]+", r["label"]) is None])
         # One legend for both panels, under them, where it hides no point.
         fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=4, frameon=False,
                    bbox_to_anchor=(0.5, -0.06))
-        fig.suptitle(f"Error bars: paired bootstrap 95% CIs against all-{baseline} (same seeds)", fontsize=7.5,
-                     y=-0.1)
+        fig.suptitle(f"Error bars: paired bootstrap 95% CIs against all-{baseline} (same seeds). Schedules of "
+                     "equal FLOPs are drawn side by side around their x.", fontsize=7.5, y=-0.1)
         return save(fig, stem)
 
 

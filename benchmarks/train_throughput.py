@@ -35,15 +35,17 @@ from mdlm_sched.noise import make_noise
 from mdlm_sched.train import train
 
 PEAK_BF16 = 776e12  # measured 8192^3 bf16 matmul rate of the lent H200
+SPEC_BF16 = 989e12  # NVIDIA's dense bf16 figure for the H100/H200 SXM
 
 
 def bench(preset: str, batch: int, accum: int, seq_len: int, steps: int, log_every: int, data_root: str,
-          runtime: str, out_dir: Path) -> dict:
+          runtime: str, loss_kernel: str, out_dir: Path) -> dict:
     cfg = load([f"model={preset}", "data=owt", f"runtime={runtime}", f"data.root={data_root}",
                 f"data.seq_len={seq_len}", f"train.out_dir={out_dir}", f"train.steps={steps}",
                 f"train.batch_size={batch * accum}", f"train.micro_batch_size={batch}",
                 f"train.log_every={log_every}", f"train.val_every={steps}",
-                f"train.ckpt_every={steps}", "train.val_batches=1", "train.warmup_steps=10"])
+                f"train.ckpt_every={steps}", "train.val_batches=1", "train.warmup_steps=10",
+                f"train.loss_kernel={loss_kernel}"])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     result = train(cfg, progress=False)
@@ -57,6 +59,7 @@ def bench(preset: str, batch: int, accum: int, seq_len: int, steps: int, log_eve
                  "everywhere": fwd.full / cfg.data.seq_len, "blocks": fwd.blocks_only / cfg.data.seq_len}
     return {
         "model": preset,
+        "loss_kernel": loss_kernel,
         "layers": config.num_hidden_layers,
         "hidden": config.hidden_size,
         "micro_batch": batch,
@@ -68,6 +71,7 @@ def bench(preset: str, batch: int, accum: int, seq_len: int, steps: int, log_eve
         "step_ms": round(batch * accum * cfg.data.seq_len / tokens_per_s * 1e3, 2),
         "masked_fraction": fraction,
         "mfu_executed": round(3 * per_token["executed"] * tokens_per_s / PEAK_BF16, 4),
+        "mfu_executed_spec": round(3 * per_token["executed"] * tokens_per_s / SPEC_BF16, 4),
         "mfu_head_everywhere": round(3 * per_token["everywhere"] * tokens_per_s / PEAK_BF16, 4),
         "mfu_blocks_only": round(3 * per_token["blocks"] * tokens_per_s / PEAK_BF16, 4),
         "fwd_gflop_per_token_executed": round(per_token["executed"] / 1e9, 4),
@@ -87,6 +91,8 @@ def main() -> None:
     parser.add_argument("--log-every", type=int, default=5)
     parser.add_argument("--data-root", default="../shared/data", help="folder with gpt2-tokenizer/ and owt_*.jsonl.xz")
     parser.add_argument("--runtime", default="h200", help="runtime preset (h200: bf16 + torch.compile)")
+    parser.add_argument("--loss-kernels", nargs="+", default=["torch"],
+                        help="train.loss_kernel values: torch, liger, cce (the last two need their library)")
     parser.add_argument("--out", default=None, help="write the rows and the environment as JSON here")
     args = parser.parse_args()
 
@@ -94,22 +100,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for preset in args.models:
             for batch in args.batches:
-                rows.append(bench(preset, batch, args.accum, args.seq_len, args.steps, args.log_every, args.data_root,
-                                  args.runtime, Path(tmp) / f"{preset}-{batch}"))
-                print(json.dumps(rows[-1]), flush=True)
-                torch._dynamo.reset()
+                for kernel in args.loss_kernels:
+                    rows.append(bench(preset, batch, args.accum, args.seq_len, args.steps, args.log_every,
+                                      args.data_root, args.runtime, kernel, Path(tmp) / f"{preset}-{batch}-{kernel}"))
+                    print(json.dumps(rows[-1]), flush=True)
+                    torch._dynamo.reset()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     env = {"torch": torch.__version__, "device": device,
-           "runtime": args.runtime, "peak_bf16_flops": PEAK_BF16, "steps": args.steps, "log_every": args.log_every}
+           "runtime": args.runtime, "peak_bf16_flops": PEAK_BF16, "spec_bf16_flops": SPEC_BF16, "steps": args.steps, "log_every": args.log_every}
     if args.out:
         Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=1))
     print(f"\n{env}")
-    print(f"{'model':>6} {'micro':>5} {'accum':>5} {'step ms':>8} {'tokens/s':>10} {'MFU executed':>12} "
-          f"{'MFU head everywhere':>19} {'MFU blocks':>10} {'mem GiB':>8}")
+    print(f"{'model':>6} {'kernel':>6} {'micro':>5} {'accum':>5} {'step ms':>8} {'tokens/s':>10} "
+          f"{'MFU executed':>12} {'of 989T':>7} {'MFU head everywhere':>19} {'MFU blocks':>10} {'mem GiB':>8}")
     for r in rows:
-        print(f"{r['model']:>6} {r['micro_batch']:>5} {r['accum']:>5} {r['step_ms']:>8} {r['tokens_per_s']:>10} "
-              f"{r['mfu_executed']:>12.1%} {r['mfu_head_everywhere']:>19.1%} {r['mfu_blocks_only']:>10.1%} "
-              f"{r['peak_mem_GiB']!s:>8}")
+        print(f"{r['model']:>6} {r['loss_kernel']:>6} {r['micro_batch']:>5} {r['accum']:>5} {r['step_ms']:>8} "
+              f"{r['tokens_per_s']:>10} {r['mfu_executed']:>12.1%} {r['mfu_executed_spec']:>7.1%} "
+              f"{r['mfu_head_everywhere']:>19.1%} {r['mfu_blocks_only']:>10.1%} {r['peak_mem_GiB']!s:>8}")
 
 
 if __name__ == "__main__":

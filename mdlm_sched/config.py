@@ -11,6 +11,8 @@ from mdlm_sched.architecture import Architecture
 
 ARCHS = ("mdlm", "gpt2")
 LR_SCHEDULES = ("constant", "cosine")
+# The denoiser's head + cross-entropy in training: PyTorch, or a fused kernel library (models/head_loss.py)
+LOSS_KERNELS = ("torch", "liger", "cce")
 
 # Seeds are non-negative and below 2^31: every random stream is seeded from (seed, step, stream)
 # (runtime.step_seed), which must stay inside the 64-bit range torch generators take.
@@ -97,6 +99,7 @@ class TrainConfig:
     val_batches: int = 8  # micro-batches per validation source
     ckpt_every: int = 500
     keep_checkpoints: int = 2
+    loss_kernel: str = "torch"  # torch | liger | cce (optional extras, CUDA only): the denoiser's head + loss
 
 
 @dataclass

@@ -7,8 +7,8 @@ import math
 import os
 from pathlib import Path
 
-from mdlm_sched.config import (ARCHS, LR_SCHEDULES, MAX_SEED, MAX_STEP_TOKENS, DataConfig, ModelConfig, RunConfig,
-                               RuntimeConfig, TrainConfig)
+from mdlm_sched.config import (ARCHS, LOSS_KERNELS, LR_SCHEDULES, MAX_SEED, MAX_STEP_TOKENS, DataConfig, ModelConfig,
+                               RunConfig, RuntimeConfig, TrainConfig)
 from mdlm_sched.data import check_source
 from mdlm_sched.errors import ConfigError, DataError
 from mdlm_sched.fileio import check_writable
@@ -93,6 +93,8 @@ def _validate_train(t: TrainConfig) -> None:
     require(t.grad_clip >= 0, f"train.grad_clip={t.grad_clip} must be >= 0 (0 = off)")
     require(0 <= t.ema < 1, f"train.ema={t.ema} must be in [0, 1) (0 = off)")
     require(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay} must be >= 0")
+    require(t.loss_kernel in LOSS_KERNELS,
+            f"train.loss_kernel={t.loss_kernel!r} is unknown; use one of {', '.join(LOSS_KERNELS)}")
 
 
 def validate_runtime(r: RuntimeConfig) -> None:
@@ -123,6 +125,9 @@ def validate(cfg: RunConfig) -> None:
     require(cfg.train.init is None or cfg.model.arch == "mdlm",
              f"train.init={cfg.train.init} starts a denoiser, but model.arch={cfg.model.arch!r}; train the judge "
              f"from scratch (drop train.init)")
+    require(cfg.train.loss_kernel == "torch" or cfg.model.arch == "mdlm",
+            f"train.loss_kernel={cfg.train.loss_kernel} fuses the denoiser's head; the {cfg.model.arch} judge trains "
+            f"with train.loss_kernel=torch")
     validate_runtime(cfg.runtime)
     check_writable(cfg.train.out_dir, "train.out_dir")
     check_writable(cfg.data.cache_dir, "data.cache_dir")

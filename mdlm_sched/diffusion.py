@@ -48,17 +48,15 @@ def masked_nll(logits: torch.Tensor, x0: torch.Tensor, mask_id: int) -> torch.Te
     return F.cross_entropy(logits.flatten(0, -2), x0.flatten(), reduction="none").view_as(x0)
 
 
-def nelbo_terms(logits: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, positions: torch.Tensor,
-                noise: LogLinearNoise, mask_id: int) -> torch.Tensor:
+def nelbo_terms(nll: torch.Tensor, t: torch.Tensor, positions: torch.Tensor, seq_len: int,
+                noise: LogLinearNoise) -> torch.Tensor:
     """Continuous-time NELBO terms [M] of the masked positions: w(t) * -log p(x_0 | x_t).
 
-    positions [M] are masked_positions(x_t) and logits [M, V] the network's there; x0 [B, L], t [B].
+    positions [M] are masked_positions(x_t) (flat indices into x_t [B, seq_len]), nll [M] masked_nll there, t [B].
     Every other position costs 0 under SUBS (carry-over), so the NELBO per token is
     terms.sum() / x0.numel(), and exp of it bounds the perplexity.
     """
-    nll = masked_nll(logits, x0.flatten().index_select(0, positions), mask_id)  # [M]
-    weight = noise.loss_weight(t).index_select(0, positions // x0.shape[1])  # [M]: the row's time
-    return weight * nll
+    return noise.loss_weight(t).index_select(0, positions // seq_len) * nll  # the row's time weight
 
 
 # ----------------------------------------------------------------------------- sampling

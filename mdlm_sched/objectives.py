@@ -38,6 +38,7 @@ class MDLMObjective:
     noise: LogLinearNoise
     mask_id: int
     sampling_eps: float
+    loss_kernel: str = "torch"  # the head's cross-entropy in training (config.LOSS_KERNELS)
 
     def prepare(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, ...]:
         # One low-discrepancy set of times over the whole step's batch, then masks at those times.
@@ -51,9 +52,12 @@ class MDLMObjective:
         # 12 x 768 model) runs only at the masked ones: about half of them. Under torch.compile the
         # data-dependent M splits the graph here; the part after it compiles with M dynamic.
         positions = masked_positions(x_t, self.mask_id)  # [M]
-        # Training keeps the output head in the autocast dtype for speed; evaluation uses float32.
-        logits = model(x_t, sigma=self.noise.sigma(t), head_fp32=not training, positions=positions)  # [M, V]
-        return nelbo_terms(logits, x0, t, positions, self.noise, self.mask_id), positions
+        # Training keeps the output head in the autocast dtype (and its kernel) for speed; evaluation uses
+        # PyTorch's float32 head.
+        nll = model(x_t, sigma=self.noise.sigma(t), head_fp32=not training, positions=positions,
+                    targets=x0.flatten().index_select(0, positions),
+                    loss_kernel=self.loss_kernel if training else "torch")  # [M]
+        return nelbo_terms(nll, t, positions, x0.shape[1], self.noise), positions
 
     def loss(self, model: torch.nn.Module, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, *,
              training: bool) -> torch.Tensor:
@@ -87,7 +91,8 @@ def make_objective(cfg: RunConfig, mask_id: int) -> Objective:
     """The objective for cfg.model.arch."""
     if cfg.model.arch == "gpt2":
         return AutoregressiveObjective()
-    return MDLMObjective(make_noise(cfg.noise.schedule, cfg.noise.eps), mask_id, cfg.noise.sampling_eps)
+    return MDLMObjective(make_noise(cfg.noise.schedule, cfg.noise.eps), mask_id, cfg.noise.sampling_eps,
+                         cfg.train.loss_kernel)
 
 
 def denoiser_objective(config: DenoiserConfig) -> MDLMObjective:

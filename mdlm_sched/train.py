@@ -41,6 +41,7 @@ from mdlm_sched.distributed import distributed
 from mdlm_sched.errors import CheckpointError, ConfigError, NonFiniteLossError
 from mdlm_sched.fileio import append_jsonl, atomic_write_text, read_jsonl
 from mdlm_sched.models import build_model
+from mdlm_sched.models.head_loss import require_loss_kernel
 from mdlm_sched.models.loading import load_denoiser
 from mdlm_sched.objectives import evaluate, make_objective
 from mdlm_sched.ranks import ONE_PROCESS, DistContext
@@ -209,6 +210,7 @@ class _Trainer:
         tc = cfg.train
         self.cfg, self.ctx, self.device = cfg, ctx, device
         self.accum = rank_accumulation(tc, ctx.world_size)  # before any work: a batch that does not split fails
+        require_loss_kernel(tc.loss_kernel, device)  # and a kernel library that is not there
         self.run = TrainRun(Path(tc.out_dir))
         # The newest checkpoint, read before any work too: a damaged one fails before the data are tokenised.
         self.state = load_latest_state(self.run, ["model", "ema"] if tc.ema > 0 else ["model"])

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from analysis.plots import _dodged
 from analysis.sweep_section import sweep_section
 from mdlm_sched.artifacts import AnalysisDir, ReportDir, SweepDir
 from mdlm_sched.cli import main
@@ -69,6 +70,17 @@ def test_kl_in_float64_against_a_direct_sum():
     assert _kl(a, b).tolist() == pytest.approx(direct, rel=1e-12) and _kl(a, a).tolist() == [0.0] * 5
     a[:, 3], b[:, 3] = float("-inf"), float("-inf")  # the [MASK] column: 0 log 0 counts as 0, not nan
     assert torch.isfinite(_kl(a.log_softmax(-1), b.log_softmax(-1))).all()
+
+
+def test_schedules_of_nearly_equal_flops_are_drawn_side_by_side():
+    # Four placements of one light share (FLOPs apart by 1e-4), and two schedules far from them.
+    xs = [1.0, 0.7777, 0.11, 0.7776, 0.7779, 0.7775]
+    got = _dodged(xs, 0.03)
+    assert got[0] == 1.0 and got[2] == 0.11  # alone at their x
+    cluster = sorted((got[i], xs[i]) for i in (1, 3, 4, 5))
+    assert [x for _, x in cluster] == sorted(xs[i] for i in (1, 3, 4, 5))  # the true order is kept
+    np.testing.assert_allclose(np.diff([g for g, _ in cluster]), 0.03)
+    assert abs(np.mean([g for g, _ in cluster]) - np.mean([xs[i] for i in (1, 3, 4, 5)])) < 1e-12
 
 
 def test_pareto_front_and_torn_results_line(tmp_path):

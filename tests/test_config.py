@@ -163,6 +163,8 @@ BAD = [
     (["runtime.precision=fp16"], "runtime.precision"),
     (["noise.schedule=cosine"], "noise.schedule"),
     (["model=judge_tiny", "data=owt_tiny", "model.num_attention_heads=5"], "model.num_attention_heads"),
+    (["train.loss_kernel=triton"], "train.loss_kernel"),
+    (["model=judge_tiny", "data=owt_tiny", "train.loss_kernel=liger"], "train.loss_kernel"),
 ]
 
 

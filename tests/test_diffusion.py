@@ -176,12 +176,18 @@ def test_masked_positions_are_the_mask_tokens_in_order() -> None:
     assert (positions.diff() > 0).all()
 
 
+def _terms(head: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, positions: torch.Tensor,
+           mask_id: int) -> torch.Tensor:
+    """NELBO terms [M] from the head's logits [M, V] at positions [M], as the objective computes them."""
+    return nelbo_terms(masked_nll(head, x0.flatten()[positions], mask_id), t, positions, x0.shape[1], NOISE)
+
+
 def test_nelbo_terms_matches_float64_reference() -> None:
     logits, x0, xt, t, mask_id = _batch(22)
     masked = xt == mask_id
     assert masked.any() and (~masked).any()
     positions = masked_positions(xt, mask_id)
-    terms = nelbo_terms(logits.flatten(0, 1)[positions], x0, t, positions, NOISE, mask_id)
+    terms = _terms(logits.flatten(0, 1)[positions], x0, t, positions, mask_id)
     assert terms.shape == positions.shape
     ref = (1 / t.double())[:, None] * ref_nll64(logits, x0, mask_id)  # [B, L]
     torch.testing.assert_close(terms.double(), ref[masked], rtol=1e-5, atol=1e-5)  # masked in row-major order
@@ -192,7 +198,7 @@ def test_nelbo_gradients_are_finite_and_skip_mask_column() -> None:
     logits, x0, xt, t, mask_id = _batch(23)
     positions = masked_positions(xt, mask_id)
     head = logits.flatten(0, 1)[positions].requires_grad_(True)
-    nelbo_terms(head, x0, t, positions, NOISE, mask_id).sum().backward()
+    _terms(head, x0, t, positions, mask_id).sum().backward()
     grad = head.grad
     assert torch.isfinite(grad).all()
     assert (grad[:, mask_id] == 0).all()  # the -inf [MASK] logit gets no gradient
@@ -230,7 +236,7 @@ def test_uniform_predictor_nelbo_is_one_minus_eps_log_v_minus_1() -> None:
     t = sample_times(batch, g)
     xt = corrupt(x0, t, NOISE, mask_id, g)
     positions = masked_positions(xt, mask_id)
-    terms = nelbo_terms(torch.zeros(len(positions), vocab), x0, t, positions, NOISE, mask_id)
+    terms = _terms(torch.zeros(len(positions), vocab), x0, t, positions, mask_id)
     mean = terms.double().sum().item() / x0.numel()
 
     log_v = math.log(vocab - 1)

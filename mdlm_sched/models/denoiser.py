@@ -34,6 +34,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrained
 from transformers import initialization as init
 
 from mdlm_sched.architecture import Architecture
+from mdlm_sched.diffusion import masked_nll
+from mdlm_sched.models.head_loss import fused_head_nll
 from mdlm_sched.models.mha import GroupedQueryAttention
 from mdlm_sched.models.mla import MLADims, MultiHeadLatentAttention, rotary_cos_sin, rotary_frequencies
 
@@ -364,6 +366,8 @@ class MDLMDenoiser(DenoiserPreTrainedModel):
         sigma: torch.Tensor | None = None,
         head_fp32: bool = True,
         positions: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        loss_kernel: str = "torch",
     ) -> torch.Tensor:
         """Logits of p(x_0 | x_t) [B, L, vocab_size], float32 when head_fp32 (the default).
 
@@ -371,11 +375,19 @@ class MDLMDenoiser(DenoiserPreTrainedModel):
         sampling and evaluation keep the default float32 head (REFERENCE.md section 3).
         positions: flat indices [M] into the B * L positions; the head then runs only there and the
         logits are [M, vocab_size] (the NELBO needs them at the masked positions only).
+        targets [M] (with positions): the clean tokens there; the output is then -log p(targets) [M] under SUBS,
+        float32, from the head and cross-entropy of loss_kernel (head_loss.LOSS_KERNELS; the fused ones never
+        write out the logits, and take the autocast dtype whatever head_fp32 says).
         """
         hidden = self.hidden(input_ids, sigma)  # [B, L, d]
         if positions is not None:
             hidden = hidden.flatten(0, 1).index_select(0, positions)  # [M, d]
-        return self.logits_from_hidden(hidden, head_fp32)
+        if targets is None:
+            return self.logits_from_hidden(hidden, head_fp32)
+        if loss_kernel == "torch":
+            return masked_nll(self.logits_from_hidden(hidden, head_fp32), targets, self.config.mask_token_id)
+        return fused_head_nll(hidden, self.lm_head.weight, self.lm_head.bias, targets, self.config.vocab_size,
+                              self.config.mask_token_id, loss_kernel)
 
 
 AutoConfig.register(DenoiserConfig.model_type, DenoiserConfig, exist_ok=True)
