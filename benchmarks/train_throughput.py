@@ -21,6 +21,7 @@ for comparison with those runs only.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import tempfile
@@ -96,20 +97,24 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="write the rows and the environment as JSON here")
     args = parser.parse_args()
 
-    rows = []
+    rows, failed = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for preset in args.models:
-            for batch in args.batches:
-                for kernel in args.loss_kernels:
-                    rows.append(bench(preset, batch, args.accum, args.seq_len, args.steps, args.log_every,
-                                      args.data_root, args.runtime, kernel, Path(tmp) / f"{preset}-{batch}-{kernel}"))
-                    print(json.dumps(rows[-1]), flush=True)
-                    torch._dynamo.reset()
+        for preset, batch, kernel in itertools.product(args.models, args.batches, args.loss_kernels):
+            try:
+                rows.append(bench(preset, batch, args.accum, args.seq_len, args.steps, args.log_every,
+                                  args.data_root, args.runtime, kernel, Path(tmp) / f"{preset}-{batch}-{kernel}"))
+                print(json.dumps(rows[-1]), flush=True)
+            except Exception as e:  # one configuration failing (a kernel library, say) keeps the others
+                failed.append({"model": preset, "micro_batch": batch, "loss_kernel": kernel,
+                               "error": f"{type(e).__name__}: {e}"[:2000]})
+                print(json.dumps(failed[-1]), flush=True)
+            torch._dynamo.reset()
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     env = {"torch": torch.__version__, "device": device,
-           "runtime": args.runtime, "peak_bf16_flops": PEAK_BF16, "spec_bf16_flops": SPEC_BF16, "steps": args.steps, "log_every": args.log_every}
+           "runtime": args.runtime, "peak_bf16_flops": PEAK_BF16, "spec_bf16_flops": SPEC_BF16, "steps": args.steps,
+           "log_every": args.log_every}
     if args.out:
-        Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=1))
+        Path(args.out).write_text(json.dumps({"env": env, "rows": rows, "failed": failed}, indent=1))
     print(f"\n{env}")
     print(f"{'model':>6} {'kernel':>6} {'micro':>5} {'accum':>5} {'step ms':>8} {'tokens/s':>10} "
           f"{'MFU executed':>12} {'of 989T':>7} {'MFU head everywhere':>19} {'MFU blocks':>10} {'mem GiB':>8}")

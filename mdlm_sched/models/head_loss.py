@@ -63,15 +63,20 @@ def fused_head_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     rows, kept_bias, targets = head_without_mask(weight, bias, targets, vocab_size, mask_id)
+    if kernel == "cce" and kept_bias is not None:
+        raise ConfigError("train.loss_kernel=cce takes no head bias; set train.loss_kernel=liger or torch")
+    return _kernel(kernel, hidden, rows, kept_bias, targets).float()
+
+
+@torch.compiler.disable  # the libraries' own Triton kernels, run as they are: torch.compile splits the graph here
+def _kernel(kernel: str, hidden: torch.Tensor, rows: torch.Tensor, bias: torch.Tensor | None,
+            targets: torch.Tensor) -> torch.Tensor:
+    """-log softmax(hidden rows^T + bias)[targets] [M] by the named library, outside autocast."""
     with torch.autocast(device_type=hidden.device.type, enabled=False):
         if kernel == "liger":
             from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
-            nll = liger_fused_linear_cross_entropy(hidden, rows, targets, bias=kept_bias, reduction="none")
-        elif kernel == "cce" and kept_bias is None:
+            return liger_fused_linear_cross_entropy(hidden, rows, targets, bias=bias, reduction="none")
+        if kernel == "cce":
             from cut_cross_entropy import linear_cross_entropy
-            nll = linear_cross_entropy(hidden, rows, targets, reduction="none")
-        elif kernel == "cce":
-            raise ConfigError("train.loss_kernel=cce takes no head bias; set train.loss_kernel=liger or torch")
-        else:
-            raise ConfigError(f"train.loss_kernel={kernel} is not a fused kernel (liger, cce)")
-    return nll.float()
+            return linear_cross_entropy(hidden, rows, targets, reduction="none")
+    raise ConfigError(f"train.loss_kernel={kernel} is not a fused kernel (liger, cce)")
