@@ -210,7 +210,6 @@ class _Trainer:
         tc = cfg.train
         self.cfg, self.ctx, self.device = cfg, ctx, device
         self.accum = rank_accumulation(tc, ctx.world_size)  # before any work: a batch that does not split fails
-        require_loss_kernel(tc.loss_kernel, device)  # and a kernel library that is not there
         self.run = TrainRun(Path(tc.out_dir))
         # The newest checkpoint, read before any work too: a damaged one fails before the data are tokenised.
         self.state = load_latest_state(self.run, ["model", "ema"] if tc.ema > 0 else ["model"])
@@ -223,6 +222,8 @@ class _Trainer:
         self.model = build_model(cfg, len(self.tokenizer), self.tokenizer.eos_token_id,
                                  tokenizer_hash(self.tokenizer)).to(device) if tc.init is None else \
             self._initial_model(tc.init, device)
+        # Before the data are tokenised: a kernel library that is not there, or cannot take this head.
+        require_loss_kernel(tc.loss_kernel, device, self.model.lm_head.bias is not None)
         self.objective = make_objective(cfg, mask_id=mask_token_id(self.tokenizer))
         data_args = dict(tokenizer=self.tokenizer, seq_len=cfg.data.seq_len, cache_dir=cfg.data.cache_dir,
                          text_field=cfg.data.text_field, max_docs=cfg.data.max_docs)

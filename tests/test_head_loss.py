@@ -55,13 +55,15 @@ def test_the_targets_path_of_the_model_equals_its_logits_path() -> None:
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_a_fused_kernel_is_refused_off_cuda_and_without_its_library() -> None:
-    require_loss_kernel("torch", torch.device("cpu"))
+def test_a_fused_kernel_is_refused_off_cuda_without_its_library_and_for_a_head_it_cannot_take() -> None:
+    require_loss_kernel("torch", torch.device("cpu"), head_bias=True)
     with pytest.raises(ConfigError, match="train.loss_kernel=liger runs Triton kernels on a CUDA device"):
-        require_loss_kernel("liger", torch.device("cpu"))
+        require_loss_kernel("liger", torch.device("cpu"), head_bias=False)
+    with pytest.raises(ConfigError, match="train.loss_kernel=cce takes no head bias"):
+        require_loss_kernel("cce", torch.device("cuda"), head_bias=True)
     if importlib.util.find_spec("cut_cross_entropy") is None:
         with pytest.raises(ConfigError, match=r"pip install 'mdlm-sched\[cce\]'"):
-            require_loss_kernel("cce", torch.device("cuda"))
+            require_loss_kernel("cce", torch.device("cuda"), head_bias=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the fused kernels are Triton: CUDA only")

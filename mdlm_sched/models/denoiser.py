@@ -376,7 +376,7 @@ class MDLMDenoiser(DenoiserPreTrainedModel):
         positions: flat indices [M] into the B * L positions; the head then runs only there and the
         logits are [M, vocab_size] (the NELBO needs them at the masked positions only).
         targets [M] (with positions): the clean tokens there; the output is then -log p(targets) [M] under SUBS,
-        float32, from the head and cross-entropy of loss_kernel (head_loss.LOSS_KERNELS; the fused ones never
+        float32, from the head and cross-entropy of loss_kernel (config.LOSS_KERNELS; the fused ones never
         write out the logits, and take the autocast dtype whatever head_fp32 says).
         """
         hidden = self.hidden(input_ids, sigma)  # [B, L, d]

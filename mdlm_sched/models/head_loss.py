@@ -21,11 +21,15 @@ from mdlm_sched.errors import ConfigError
 _LIBRARIES = {"liger": ("liger_kernel", "liger"), "cce": ("cut_cross_entropy", "cce")}
 
 
-def require_loss_kernel(kernel: str, device: torch.device) -> None:
-    """Refuse a fused kernel that is not installed, or asked for off a CUDA device (both are Triton kernels)."""
+def require_loss_kernel(kernel: str, device: torch.device, head_bias: bool) -> None:
+    """Refuse a fused kernel that is not installed, asked for off a CUDA device (both are Triton kernels), or
+    that cannot take the model's head (cut-cross-entropy has no bias)."""
     if kernel not in _LIBRARIES:  # "torch" (config_checks refused the unknown names)
         return
     module, extra = _LIBRARIES[kernel]
+    if kernel == "cce" and head_bias:
+        raise ConfigError("train.loss_kernel=cce takes no head bias and this model's head has one; set "
+                          "train.loss_kernel=liger or torch")
     if device.type != "cuda":
         raise ConfigError(f"train.loss_kernel={kernel} runs Triton kernels on a CUDA device, not {device.type}; "
                           "set train.loss_kernel=torch")
@@ -63,8 +67,8 @@ def fused_head_nll(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
     rows, kept_bias, targets = head_without_mask(weight, bias, targets, vocab_size, mask_id)
-    if kernel == "cce" and kept_bias is not None:
-        raise ConfigError("train.loss_kernel=cce takes no head bias; set train.loss_kernel=liger or torch")
+    if kernel == "cce" and kept_bias is not None:  # require_loss_kernel refuses this before training starts
+        raise ValueError("cut-cross-entropy takes no head bias")
     return _kernel(kernel, hidden, rows, kept_bias, targets).float()
 
 
