@@ -25,7 +25,8 @@ def random_denoiser(preset: str, device: torch.device, smoke: bool = False, comp
     """A random-weight denoiser of configs/model/<preset>.yaml (tiny widths with smoke), bf16 autocast on a GPU,
     dropout off (the sampler's eval mode)."""
     words = [f"model={preset}", "model.dropout=0.0", *(SMOKE if smoke else ())]
-    config = denoiser_config(load(words), GPT2, GPT2 - 1, "")
+    # random weights read no data: the preset's data files need not be on this machine (the GPU's has no ../shared)
+    config = denoiser_config(load(words, sources=False), GPT2, GPT2 - 1, "")
     torch.manual_seed(config.num_hidden_layers)
     model = MDLMDenoiser(config).to(device)
     with torch.no_grad():

@@ -56,13 +56,15 @@ def _validate_model(m: ModelConfig) -> None:
              "model.qk_nope_head_dim and model.v_head_dim must be >= 1")
 
 
-def _validate_data(d: DataConfig, m: ModelConfig) -> None:
+def _validate_data(d: DataConfig, m: ModelConfig, sources: bool) -> None:
     require(d.seq_len >= 3, f"data.seq_len={d.seq_len} must be >= 3 ([BOS] + text + [EOS])")
     require(d.seq_len <= m.max_seq_len,
              f"data.seq_len={d.seq_len} is above the model's maximum model.max_seq_len={m.max_seq_len}; "
              f"lower data.seq_len or raise model.max_seq_len")
     require(len(d.train) > 0, "data.train is empty; list at least one source")
     require(d.max_docs is None or d.max_docs >= 1, f"data.max_docs={d.max_docs} must be >= 1 or null")
+    if not sources:
+        return
     named = [(f"data.train[{i}]", s) for i, s in enumerate(d.train)] + [(f"data.val.{k}", s) for k, s in d.val.items()]
     for field_name, source in named:
         try:
@@ -110,14 +112,15 @@ def validate_runtime(r: RuntimeConfig) -> None:
                 f"runtime.device={r.device} but no CUDA GPU is visible; use runtime.device=cpu")
 
 
-def validate(cfg: RunConfig) -> None:
-    """Check values that types cannot; raise ConfigError naming the field and the fix."""
+def validate(cfg: RunConfig, sources: bool = True) -> None:
+    """Check values that types cannot; raise ConfigError naming the field and the fix. sources=False skips the
+    check that the data files and tokenizer exist (for a caller that builds a model and reads no data)."""
     _validate_model(cfg.model)
     require(cfg.noise.schedule in NOISE_SCHEDULES,
              f"noise.schedule={cfg.noise.schedule!r} is unknown; use one of {', '.join(NOISE_SCHEDULES)}")
     require(0 < cfg.noise.eps < 1, f"noise.eps={cfg.noise.eps} must be in (0, 1)")
     require(0 < cfg.noise.sampling_eps < 1, f"noise.sampling_eps={cfg.noise.sampling_eps} must be in (0, 1)")
-    _validate_data(cfg.data, cfg.model)
+    _validate_data(cfg.data, cfg.model, sources)
     _validate_train(cfg.train)
     require(cfg.train.batch_size * cfg.data.seq_len <= MAX_STEP_TOKENS,
             f"train.batch_size={cfg.train.batch_size} x data.seq_len={cfg.data.seq_len} tokens per step is above "

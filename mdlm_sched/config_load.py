@@ -81,8 +81,9 @@ def _replace_mappings(target: DictConfig, overlay: DictConfig) -> None:
                 _replace_mappings(target[key], value)
 
 
-def load(args: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Build a validated RunConfig from presets, YAML files and key=value overrides (in order)."""
+def load(args: list[str] | tuple[str, ...] = (), sources: bool = True) -> RunConfig:
+    """Build a validated RunConfig from presets, YAML files and key=value overrides (in order); sources=False
+    leaves out the check that its data files exist (see config_checks.validate)."""
     cfg = OmegaConf.structured(RunConfig)
     try:
         for arg in args:
@@ -97,7 +98,7 @@ def load(args: list[str] | tuple[str, ...] = ()) -> RunConfig:
         run: RunConfig = OmegaConf.to_object(cfg)  # resolves ${...} interpolations
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe(exc)) from exc
-    validate(run)
+    validate(run, sources)
     return run
 
 

@@ -209,6 +209,16 @@ def test_missing_data_file(section: str) -> None:
     assert missing in message and "\n" not in message
 
 
+def test_a_model_only_load_does_not_need_the_data_files() -> None:
+    """The speed benchmarks build random-weight models from presets on a machine without ../shared."""
+    args = ["model=small", "data.root=/nonexistent-data-root"]
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(args)
+    assert load(args, sources=False).model.num_hidden_layers == 4
+    with pytest.raises(ConfigError, match="data.seq_len"):  # the other data checks still run
+        load([*args, "data.seq_len=2"], sources=False)
+
+
 def test_missing_yaml_file_argument(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="no such file"):
         load([str(tmp_path / "nope.yaml")])
