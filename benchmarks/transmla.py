@@ -82,11 +82,14 @@ def run(args: argparse.Namespace) -> None:
         torch._dynamo.reset()
         record = run_log(folder)
         fraction = make_noise(cfg.noise.schedule, cfg.noise.eps).masked_fraction(cfg.noise.sampling_eps)
-        per_token = training_flops_per_token(AutoConfig.from_pretrained(folder / "model"), cfg.data.seq_len, fraction)
+        model_config = AutoConfig.from_pretrained(folder / "model")
+        per_token = training_flops_per_token(model_config, cfg.data.seq_len, fraction)
         mfu = per_token * (record["tokens_per_s"] or 0) / PEAK_BF16
-        save(key, {**record, "mfu_executed": mfu, "wall_s": round(time.perf_counter() - start, 1), "config": words})
+        save(key, {**record, "mfu_executed": mfu, "wall_s": round(time.perf_counter() - start, 1), "config": words,
+                   "shape": f"{model_config.num_hidden_layers} x {model_config.hidden_size}", "device": device_name})
         return folder
 
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     steps, tune = args.source_steps, max(1, round(args.source_steps * args.tune_share))
     source = trained("source", recipe(args.data_root, out / "source", steps, 6e-4, 300,
                                       ["model=dit_small", "model.dropout=0.0", *args.override]))
@@ -184,11 +187,13 @@ def report(args: argparse.Namespace) -> None:
         return val[max(val, key=int)][source]
 
     src = final("source")
+    # Runs before 2026-12-07 recorded neither: all were the dit_small source (12 x 768) on one H200.
+    shape, device = results["source"].get("shape", "12 x 768"), results["source"].get("device", "one H200")
     lines = ["| model | KV elements / token / block | OWT bound: as trained, or right after conversion | "
              "after fine-tune | tokens seen |", "| --- | ---: | ---: | ---: | ---: |"]
     ranks = sorted((int(k.removeprefix("convert")) for k in results if k.startswith("convert")), reverse=True)
     kv_source = results[f"convert{ranks[0]}"]["kv_source"] if ranks else None
-    lines.append(f"| source DiT (MHA, 12 x 768) | {kv_source} | {src:.2f} | - | "
+    lines.append(f"| source DiT (MHA, {shape}) | {kv_source} | {src:.2f} | - | "
                  f"{results['source']['tokens_seen'] / 1e6:.1f}M |")
     points = []
     for rank in ranks:
@@ -255,7 +260,9 @@ def report(args: argparse.Namespace) -> None:
     if points:
         kv, before, after = zip(*points)
         ax.plot(kv, before, "o-", label="converted, before training")
-        ax.plot(kv, after, "s-", label="converted + fine-tune (5% of the source's tokens)")
+        tuned = next(results[k] for k in results if k.startswith("tuned"))
+        share = tuned["tokens_seen"] / results["source"]["tokens_seen"]
+        ax.plot(kv, after, "s-", label=f"converted + fine-tune ({share:.0%} of the source's tokens)")
     if scratch is not None:
         ax.plot([scratch_rank(results) + ROPE], [scratch], "D", color="C3", label="MLA from scratch, same total tokens")
     ax.set_xscale("log", base=2)
@@ -265,7 +272,7 @@ def report(args: argparse.Namespace) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("key/value elements per token and block (latent + rotary key)")
     ax.set_ylabel("OWT validation perplexity bound")
-    ax.set_title("TransMLA on a 12 x 768 MDLM (one H200)")
+    ax.set_title(f"TransMLA on a {shape} MDLM ({device})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     for ext in ("png", "pdf"):
