@@ -1,11 +1,14 @@
-"""The Markdown table of two sweeps compared point by point (mdlm_sched.sweep_compare; `mdlm-sched compare`)."""
+"""The Markdown table of two sweeps compared point by point (mdlm_sched.sweep_compare; `mdlm-sched compare`), and the
+report's section made from a saved comparison."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from analysis.sweep_section import ratio_text
+from mdlm_sched.artifacts import CompareDir
 from mdlm_sched.stats import change_verdict
 
 
@@ -33,3 +36,10 @@ def comparison_lines(rows: Sequence[Mapping[str, Any]], differing: Sequence[str]
     if not rows:
         lines.append("| (no schedule ran in both sweeps with the same T and sample count) | | | | | | | | |")
     return lines
+
+
+def compare_section(folder: Path) -> list[str]:
+    """A report section from a CompareDir folder (`mdlm-sched compare --out`, or a pipeline variant's)."""
+    record = CompareDir(folder).read()
+    return [f"## Sampler settings compared: `{record['b']}` against `{record['a']}`", "",
+            *comparison_lines(record["rows"], record["differing"], record["a"], record["b"]), ""]

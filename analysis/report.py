@@ -2,7 +2,8 @@
 
 A folder holding results.jsonl (a sweep) gives its section (analysis.sweep_section); a folder holding
 per_step.csv and per_step.json (the per-step analysis) gives the per-step figures and the peaks table; a
-folder holding optimise.json gives the optimiser's section (analysis.optimise_section);
+folder holding optimise.json gives the optimiser's section (analysis.optimise_section); a folder holding
+compare.json (`mdlm-sched compare --out`, a pipeline variant's) gives its table (analysis.compare_section);
 a pipeline record adds the experiment (command, device, stages, training). The last section sets each
 of the seed paper's claims against these numbers, with their intervals.
 """
@@ -14,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from analysis import plots
+from analysis.compare_section import compare_section
 from analysis.optimise_section import optimise_section
 from analysis.sweep_section import SweepView, ratio_text, sweep_section, verdict, wall_text
-from mdlm_sched.artifacts import AnalysisDir, OptimiseDir, ReportDir, SweepDir
+from mdlm_sched.artifacts import AnalysisDir, CompareDir, OptimiseDir, ReportDir, SweepDir
 from mdlm_sched.errors import ConfigError
 from mdlm_sched.fileio import atomic_write_text, check_writable
 from mdlm_sched.schedule import PAPER_PLACEMENTS
@@ -243,13 +245,17 @@ def build_report(folders: Sequence[Path], out: Path, title: str = "Model schedul
     lines = [f"# {title}", ""]
     if experiment is not None:
         lines += _experiment_section(experiment)
-    meta, steps_rows, view, optimised = None, [], None, []
+    meta, steps_rows, view, optimised, compared = None, [], None, [], []
     for folder in folders:
         sweep, analysis, optimise = SweepDir(folder), AnalysisDir(folder), OptimiseDir(folder)
-        if not (sweep.results.is_file() or analysis.exists() or optimise.record.is_file()):
+        compare = CompareDir(folder)
+        if not any((sweep.results.is_file(), analysis.exists(), optimise.record.is_file(), compare.record.is_file())):
             raise ConfigError(f"{folder} holds none of {sweep.results.name} (a sweep), {analysis.csv.name} and "
-                              f"{analysis.json.name} (an analysis), {optimise.record.name} (the optimiser); give the "
-                              f"out folder of mdlm-sched sweep, analyze or optimise")
+                              f"{analysis.json.name} (an analysis), {optimise.record.name} (the optimiser), "
+                              f"{compare.record.name} (a comparison); give the out folder of mdlm-sched sweep, "
+                              f"analyze, optimise or compare")
+        if compare.record.is_file():
+            compared.append(folder)
         if analysis.exists():
             section, steps_rows, meta = _per_step_section(folder, report)
             lines += section
@@ -261,6 +267,8 @@ def build_report(folders: Sequence[Path], out: Path, title: str = "Model schedul
     group = experiment["config"].get("optimise", {}).get("group") if experiment is not None else None
     for folder in optimised:  # after the sweeps: the section compares the sweep's schedules
         lines += optimise_section(folder, report, view, group)
+    for folder in compared:
+        lines += compare_section(folder)
     lines += _paper_section(meta, steps_rows, view)
     atomic_write_text(report.report, "\n".join(lines) + "\n")
     return report.report

@@ -11,7 +11,9 @@ No other module spells a file name. Each kind of folder has a small class that n
     SweepDir(out)          results.jsonl, failures.jsonl (typed records: sweep_records.py), sweep.json,
                            samples/<point>.jsonl
     OptimiseDir(out)       optimise.json
-    PipelineDir(out_dir)   pipeline.json, train/<name>/, analysis/, optimise/, sweep/, report/
+    CompareDir(out)        compare.json, compare.md
+    PipelineDir(out_dir)   pipeline.json, train/<name>/, analysis/, optimise/, calibrated/, sweep/,
+                           variants/<name>/{sweep,compare}/, report/
     ReportDir(out)         report.md, experiment.json, summary_<name>.json, figures <stem>.{png,pdf}
 
 Every file is written through fileio's durable writers (never half-written) and read through its
@@ -264,6 +266,26 @@ class OptimiseDir:
         return read_json(self.record, "the optimise.json of mdlm-sched optimise")
 
 
+# ------------------------------------------------------------------------------ sweep comparisons
+@dataclass(frozen=True)
+class CompareDir:
+    """Two sweeps compared point by point (sweep_compare.py): `mdlm-sched compare --out`, a pipeline variant's."""
+
+    root: Path
+    record = _file("compare.json")  # {"a", "b", "differing", "rows"}
+    text = _file("compare.md")  # the table as `mdlm-sched compare` prints it
+
+    def read(self) -> dict[str, Any]:
+        return read_json(self.record, "the compare.json of mdlm-sched compare")
+
+    def write(self, record: Mapping[str, Any], text: str | None = None) -> None:
+        """compare.json, and compare.md if the table is given (the report renders it from the JSON)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.record, record)
+        if text is not None:
+            atomic_write_text(self.text, text)
+
+
 # ------------------------------------------------------------------------------ pipeline
 @dataclass(frozen=True)
 class PipelineDir:
@@ -279,6 +301,14 @@ class PipelineDir:
 
     def train(self, name: str) -> TrainRun:
         return TrainRun(self.root / "train" / name)
+
+    def variant(self, name: str) -> SweepDir:
+        """variants/<name>/sweep: the sweep again with a variant's sampler settings."""
+        return SweepDir(self.root / "variants" / name / "sweep")
+
+    def variant_compare(self, name: str) -> CompareDir:
+        """variants/<name>/compare: that sweep against the main one, point by point."""
+        return CompareDir(self.root / "variants" / name / "compare")
 
 
 # ------------------------------------------------------------------------------ reports

@@ -192,29 +192,19 @@ def _mauve(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from mdlm_sched.artifacts import SweepDir
-    from mdlm_sched.fileio import atomic_write_json, atomic_write_text, check_writable
-    from mdlm_sched.sweep_compare import check_pairable, compare_points
+    from mdlm_sched.artifacts import CompareDir, SweepDir
+    from mdlm_sched.fileio import check_writable
+    from mdlm_sched.sweep_compare import compare_sweeps
 
     if args.out:
         check_writable(Path(args.out), "--out")
-    results = []
-    for folder in (args.a, args.b):
-        out = SweepDir(Path(folder))
-        if not out.results.is_file():
-            raise UserError(f"{folder} holds no sweep results ({out.results.name}); give two out folders of "
-                            f"mdlm-sched sweep")
-        results.append(out.read())
-    differing = check_pairable(results[0].settings, results[1].settings)
-    rows = compare_points(results[0].points, results[1].points)
-    text = "\n".join(comparison_lines(rows, differing, args.a, args.b)) + "\n"
+    record = compare_sweeps(SweepDir(Path(args.a)), SweepDir(Path(args.b)))
+    text = "\n".join(comparison_lines(record["rows"], record["differing"], args.a, args.b)) + "\n"
     print(text, end="")
     if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        atomic_write_json(Path(args.out) / "compare.json", {"a": args.a, "b": args.b, "differing": differing,
-                                                            "rows": rows})
-        atomic_write_text(Path(args.out) / "compare.md", text)
-        print(f"wrote {Path(args.out) / 'compare.md'} and compare.json")
+        out = CompareDir(Path(args.out))
+        out.write(record, text)
+        print(f"wrote {out.text} and {out.record.name}")
     return 0
 
 
@@ -345,8 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=runtime_defaults.precision, help="auto (bf16 on cuda) | bf16 | fp32")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_convert_mla)
-    p = sub.add_parser("report", help="figures and a Markdown report from sweep/analysis/optimise folders")
-    p.add_argument("folders", nargs="+", help="out folders of mdlm-sched sweep, analyze and/or optimise")
+    p = sub.add_parser("report", help="figures and a Markdown report from sweep/analysis/optimise/compare folders")
+    p.add_argument("folders", nargs="+", help="out folders of mdlm-sched sweep, analyze, optimise and/or compare")
     p.add_argument("--out", default="runs/report", help="folder for report.md and the figures")
     p.add_argument("--title", default="Model scheduling report")
     p.add_argument("--experiment", help="pipeline.json of a `mdlm-sched pipeline` run: adds command, device, training")

@@ -3,8 +3,9 @@
 Stages, in order: train each denoiser (its own config words over the words every run shares),
 train the GPT-2 judge (or take a judge as given, e.g. gpt2-large), the per-step analysis, the
 optimiser (schedules for chosen FLOPs savings, added to the sweep), the sweep, the optimiser's cost
-model calibrated on every schedule the sweep measured; the command then writes the report from their
-files (analysis.report). A rerun of the same
+model calibrated on every schedule the sweep measured, then each variant (SweepVariant: the sweep's
+schedules again with other sampler settings, e.g. the latent cache, compared with the sweep point by
+point); the command then writes the report from their files (analysis.report). A rerun of the same
 command picks up where the last one stopped: training continues from its last checkpoint (a
 finished run does nothing), the analysis is kept once written, the sweep skips finished points.
 The analysis and sweep record the training steps of the models they were made from, and a rerun
@@ -23,7 +24,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +42,13 @@ from mdlm_sched.optimise import DEFAULT_BINS, FLOPS_CONVENTIONS, check_targets, 
 from mdlm_sched.per_step import analyze_models
 from mdlm_sched.provenance import provenance
 from mdlm_sched.runtime import RECORDED_FAILURES, resolve_device
-from mdlm_sched.sampling_config import (AnalysisConfig, SweepConfig, SweepGroup, check_group_draws, validate_analysis,
-                                        validate_sweep)
+from mdlm_sched.sampling_config import (AnalysisConfig, SamplerSettings, SweepConfig, SweepGroup, check_group_draws,
+                                        validate_analysis, validate_sweep)
 from mdlm_sched.schedule import PLACEMENTS, parse_schedule
 from mdlm_sched.summary import best_placement
 from mdlm_sched.sweep import plan as plan_points
 from mdlm_sched.sweep import run_sweep
+from mdlm_sched.sweep_compare import PAIRING_SETTINGS, compare_sweeps
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +79,24 @@ class OptimiseStage:
 
 
 @dataclass
+class SweepVariant:
+    """The sweep again with other sampler settings (the latent cache, say), compared point by point with it.
+
+    Its points are those of `groups` (planned as the sweep's are); every other setting is the sweep's but the
+    reference rows, of which it scores only the headline one (MAUVE's reference). Its samples pair with the
+    sweep's (same models, judge, batches and randomness), so each of its schedules that the sweep also ran gets
+    paired intervals (sweep_compare); a setting that would break the pairing is refused.
+    """
+
+    settings: dict[str, Any] = field(default_factory=dict)  # sampler settings replaced, e.g. latent_cache: true
+    groups: dict[str, SweepGroup] = field(default_factory=dict)
+
+
+# The sampler settings a variant may change: all but those its samples must share with the sweep's to pair.
+VARIANT_SETTINGS = tuple(f.name for f in fields(SamplerSettings) if f.name not in PAIRING_SETTINGS)
+
+
+@dataclass
 class ExperimentConfig:
     """An experiment (configs/experiment/*.yaml): what to train, analyse, sweep and report."""
 
@@ -94,6 +114,7 @@ class ExperimentConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)  # its models, judge, out_dir, runtime are set here
     fraction_curve: FractionCurve = field(default_factory=FractionCurve)
     optimise: OptimiseStage = field(default_factory=OptimiseStage)
+    variants: dict[str, SweepVariant] = field(default_factory=dict)  # name -> the sweep with other sampler settings
 
 
 @dataclass
@@ -103,6 +124,7 @@ class Plan:
     experiment: ExperimentConfig
     runs: dict[str, RunConfig]  # denoisers in config order, then the judge if it is trained
     sweep: SweepConfig
+    variants: dict[str, SweepConfig]  # name -> the variant's sweep, resolved (SweepVariant)
 
     @property
     def out(self) -> PipelineDir:
@@ -174,7 +196,31 @@ def load_experiment(args: list[str] | tuple[str, ...]) -> Plan:
                               f"({', '.join(PLACEMENTS)}); name one")
         if not all(0 < f < 1 for f in curve.fractions):
             raise ConfigError(f"fraction_curve.fractions={curve.fractions} must lie in (0, 1)")
-    return Plan(exp, runs, sweep)
+    variants = {name: _variant_sweep(name, variant, sweep, out, light_to_heavy)
+                for name, variant in exp.variants.items()}
+    return Plan(exp, runs, sweep, variants)
+
+
+def _variant_sweep(name: str, variant: SweepVariant, sweep: SweepConfig, out: PipelineDir,
+                   light_to_heavy: list[str]) -> SweepConfig:
+    """A variant's sweep config, checked like the sweep's (bad settings and schedules fail before any work)."""
+    what = f"variants.{name}"
+    if not name or "/" in name or name.startswith("."):
+        raise ConfigError(f"{what}: a variant's name is its folder under variants/; give a plain name")
+    unknown = sorted(set(variant.settings) - set(VARIANT_SETTINGS))
+    if unknown or not variant.settings:
+        raise ConfigError(f"{what}.settings={dict(variant.settings)} must replace one or more of "
+                          f"{', '.join(VARIANT_SETTINGS)}" + (f" (not {', '.join(unknown)}: the variant's samples "
+                                                             f"must pair with the sweep's)" if unknown else ""))
+    if not variant.groups:
+        raise ConfigError(f"{what}.groups is empty; give the schedules to sample again, e.g. "
+                          f"groups: {{cached: {{schedules: [all-large]}}}}")
+    headline = dict(list(sweep.reference.sources.items())[:1])
+    cfg = replace(sweep, **variant.settings, groups=variant.groups, out_dir=str(out.variant(name).root),
+                  reference=replace(sweep.reference, sources=headline))
+    validate_sweep(cfg)
+    plan_points(cfg, light_to_heavy)
+    return cfg
 
 
 def training_summary(run: TrainRun) -> dict[str, Any]:
@@ -318,4 +364,28 @@ def run_pipeline(plan: Plan, progress: bool = True, echo: Callable[[str], None] 
     folders = [root for root, done in ((analysis.root, analysis.exists()), (sweep.root, sweep.results.is_file()),
                                        (out.optimise.root, out.optimise.record.is_file()),
                                        (out.calibrated.root, out.calibrated.record.is_file())) if done]
+    for name, cfg in plan.variants.items():
+        failed += _run_variant(name, cfg, plan, state, trained_steps, progress, echo)
+        if out.variant_compare(name).record.is_file():
+            folders.append(out.variant_compare(name).root)
     return PipelineOutcome(state, folders, failed)
+
+
+def _run_variant(name: str, cfg: SweepConfig, plan: Plan, state: PipelineState, trained_steps: dict[str, int],
+                 progress: bool, echo: Callable[[str], None]) -> list[str]:
+    """Sweep a variant (resumable like the sweep) and compare it with the sweep; return what failed."""
+    out, stage = plan.out, f"variant/{name}"
+    variant = out.variant(name)
+    state.check_models(stage, variant.root, trained_steps)
+    settings = ", ".join(f"{k}={v}" for k, v in plan.experiment.variants[name].settings.items())
+    echo(f"pipeline: variant {name} ({settings}) -> {variant.root}")
+    start = time.perf_counter()
+    outcome = run_sweep(cfg, progress=progress, echo=echo)
+    previous = state.stage(stage).get("wall_s", 0.0)
+    state.set(stage, models=trained_steps, wall_s=previous + (time.perf_counter() - start if outcome.done else 0.0),
+              points_done=outcome.done + outcome.skipped, points_failed=len(outcome.failed))
+    if variant.results.is_file() and out.sweep.results.is_file():
+        compare = out.variant_compare(name)
+        compare.write(compare_sweeps(out.sweep, variant))
+        echo(f"pipeline: variant {name} against the sweep -> {compare.record}")
+    return outcome.failed

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from mdlm_sched.artifacts import SweepDir
 from mdlm_sched.errors import ConfigError
 from mdlm_sched.summary import paired
 from mdlm_sched.sweep_records import SweepPoint
@@ -61,3 +62,16 @@ def compare_points(a: Sequence[SweepPoint], b: Sequence[SweepPoint]) -> list[dic
                         else None for side, pts in (("a", base), ("b", mine))}
         rows.append(row)
     return rows
+
+
+def compare_sweeps(a: SweepDir, b: SweepDir) -> dict[str, Any]:
+    """B against A, as CompareDir's compare.json holds it: the folders, the settings that differ, the rows."""
+    results = []
+    for folder in (a, b):
+        if not folder.results.is_file():
+            raise ConfigError(f"{folder.root} holds no sweep results ({folder.results.name}); give two out folders of "
+                              f"mdlm-sched sweep")
+        results.append(folder.read())
+    differing = check_pairable(results[0].settings, results[1].settings)
+    return {"a": str(a.root), "b": str(b.root), "differing": differing,
+            "rows": compare_points(results[0].points, results[1].points)}

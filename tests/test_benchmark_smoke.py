@@ -1,4 +1,4 @@
-"""The training, attention, scaling and TransMLA benchmarks on a CPU at tiny sizes, so that the scripts cannot rot (their
+"""The training, attention and TransMLA benchmarks on a CPU at tiny sizes, so that the scripts cannot rot (their
 figures come from the GPU; here only that every part runs and reports what it measured)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 from conftest import REPO, SHARED_DATA
 
 
-def _run(script: str, *args: str) -> str:
+def run_benchmark(script: str, *args: str) -> str:
     run = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO, capture_output=True,
                          text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -19,8 +19,9 @@ def _run(script: str, *args: str) -> str:
 
 def test_the_training_throughput_benchmark_runs_the_trainer_and_prices_its_flops(tmp_path):
     out = tmp_path / "bench.json"
-    _run("train_throughput.py", "--models", "tiny", "--batches", "2", "--accum", "2", "--seq-len", "64", "--steps",
-         "8", "--log-every", "2", "--runtime", "cpu", "--data-root", str(SHARED_DATA), "--out", str(out))
+    run_benchmark("train_throughput.py", "--models", "tiny", "--batches", "2", "--accum", "2", "--seq-len", "64",
+                  "--steps", "8", "--log-every", "2", "--runtime", "cpu", "--data-root", str(SHARED_DATA),
+                  "--out", str(out))
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["model"], row["micro_batch"], row["accum"], row["seq_len"]) == ("tiny", 2, 2, 64)
     assert row["loss_kernel"] == "torch"  # the default; the fused kernels need a GPU
@@ -33,47 +34,34 @@ def test_the_training_throughput_benchmark_runs_the_trainer_and_prices_its_flops
 
 
 def test_the_training_profile_benchmark_groups_the_step_by_family():
-    stdout = _run("train_profile.py", "--model", "tiny", "--batch", "2", "--seq-len", "64", "--runtime", "cpu",
-                  "--data-root", str(SHARED_DATA), "--top", "3")
+    stdout = run_benchmark("train_profile.py", "--model", "tiny", "--batch", "2", "--seq-len", "64", "--runtime",
+                           "cpu", "--data-root", str(SHARED_DATA), "--top", "3")
     assert "wall-clock per step" in stdout and "kernel time per step" in stdout
     assert "optimizer / EMA / clipping" in stdout  # the fused AdamW and the EMA are found by name
     assert len(stdout.split("longest kernels (ms per step):")[1].strip().splitlines()) == 3
 
 
 def test_the_attention_backend_benchmark_times_the_unequal_head_widths():
-    stdout = _run("attention_backends.py", "--device", "cpu", "--batch", "1", "--heads", "2", "--seq-len", "32",
-                  "--reps", "2")
+    stdout = run_benchmark("attention_backends.py", "--device", "cpu", "--batch", "1", "--heads", "2", "--seq-len",
+                           "32", "--reps", "2")
     rows = [line.split() for line in stdout.splitlines()[1:]]
     assert [(r[0], r[1]) for r in rows] == [("MATH", "as"), ("MATH", "padded")]
     assert all(float(r[-2]) > 0 for r in rows)  # ms per forward + backward
 
 
-def test_the_scaling_benchmark_runs_one_torchrun_job_per_world_size(tmp_path):
-    out = tmp_path / "ddp.json"
-    stdout = _run("ddp_scaling.py", "--smoke", "--gpus", "1", "2", "--data-root", str(SHARED_DATA), "--out", str(out))
-    jobs = json.loads(out.read_text())["jobs"]
-    assert [j["world_size"] for j in jobs] == [1, 2]
-    for job in jobs:  # every rank count trains every model and samples every schedule
-        assert [r["model"] for r in job["train"]] == ["tiny", "tiny_large", "judge_tiny"]
-        assert all(r["world_size"] == job["world_size"] and r["tokens_per_s"] > 0 for r in job["train"])
-        assert [r["schedule"] for r in job["sweep"]] == ["all-large", "sandwich"]
-        assert all(r["samples"] == 8 and r["wall_s"] > 0 for r in job["sweep"])
-    assert "N=2" in stdout and "eff." in stdout  # the strong-scaling table
-
-
 # A DiT source of 2 blocks x 64 (2 heads of 32, so 128 K/V elements per token and block) and MLA runs of that width.
-TRANSMLA_TINY = ["data=owt", f"data.root={SHARED_DATA}", "data.max_docs=300", "runtime=cpu", "model.hidden_size=64",
-                 "model.num_hidden_layers=2", "model.num_attention_heads=2", "model.cond_dim=16", "model.kv_lora_rank=32",
-                 "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16", "model.max_seq_len=64",
-                 "data.seq_len=64", "train.batch_size=4", "train.micro_batch_size=4", "train.log_every=2",
-                 "train.val_batches=1"]
+TRANSMLA_TINY = ["data=owt", f"data.root={SHARED_DATA}", "data.max_docs=300", "runtime=cpu",
+                 "model.hidden_size=64", "model.num_hidden_layers=2", "model.num_attention_heads=2",
+                 "model.cond_dim=16", "model.kv_lora_rank=32", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8",
+                 "model.v_head_dim=16", "model.max_seq_len=64", "data.seq_len=64", "train.batch_size=4",
+                 "train.micro_batch_size=4", "train.log_every=2", "train.val_batches=1"]
 
 
 def test_the_transmla_benchmark_converts_tunes_samples_and_reports(tmp_path):
     runs, report = tmp_path / "runs", tmp_path / "report"
-    _run("transmla.py", "run", "--data-root", str(SHARED_DATA), "--out", str(runs), "--source-steps", "6",
-         "--tune-share", "0.5", "--ranks", "48", "32", "16", "--device", "cpu", "--sample-batch", "2",
-         "--override", *TRANSMLA_TINY)
+    run_benchmark("transmla.py", "run", "--data-root", str(SHARED_DATA), "--out", str(runs), "--source-steps", "6",
+                  "--tune-share", "0.5", "--ranks", "48", "32", "16", "--device", "cpu", "--sample-batch", "2",
+                  "--override", *TRANSMLA_TINY)
     results = json.loads((runs / "results.json").read_text())
     assert {"source", "scratch", "heads128", "sampling_source", "sampling_converted"} <= set(results)
     for rank in (48, 32, 16):
@@ -81,7 +69,7 @@ def test_the_transmla_benchmark_converts_tunes_samples_and_reports(tmp_path):
         assert results[f"convert{rank}"]["kv_converted"] == rank + 32  # latent + the rotary key of ROPE = 32
         assert results[f"tuned{rank}"]["tokens_seen"] == 3 * 4 * 64  # 3 steps (half of 6) of 4 x 64 tokens
     assert results["source"]["shape"] == "2 x 64" and results["source"]["device"] == "cpu"
-    _run("transmla.py", "report", str(runs), "--out", str(report))
+    run_benchmark("transmla.py", "report", str(runs), "--out", str(report))
     table = (report / "table.md").read_text()
     assert "| source DiT (MHA, 2 x 64) | 128 |" in table
     assert "| converted, latent 16 + rotary 32 | 48 |" in table

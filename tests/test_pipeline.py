@@ -23,15 +23,21 @@ from conftest import REPO
 QUICKSTART = REPO / "configs" / "experiment" / "quickstart.yaml"
 
 
+# The latent cache refreshed at every step draws the exact sampler's tokens: a variant whose comparison is known.
+EXACT_CACHE = {"r1": {"settings": {"latent_cache": True, "latent_refresh_every": 1},
+                      "groups": {"cached": {"schedules": ["all-large", "late-small"]}}}}
+
+
 def short_quickstart(tmp_path: Path, shared_data: Path, *train_extra: str) -> list[str]:
-    """The quickstart's words, cut to seconds: 4 training steps, T = 8, 2 samples a point, one fraction."""
+    """The quickstart's words, cut to seconds: 4 training steps, T = 8, 2 samples a point, one fraction; and a
+    latent-cache variant of two schedules."""
     cache = tmp_path / "cache"
     overlay = tmp_path / "short.yaml"
     quickstart = OmegaConf.to_container(OmegaConf.load(QUICKSTART), resolve=False)  # ${data_root} stays as is
     train_common = [*quickstart["train_common"], "train.steps=4", "train.val_every=4",
                     "train.ckpt_every=4", "train.val_batches=1", "data.max_docs=200", f"data.cache_dir={cache}",
                     *train_extra]
-    OmegaConf.save(OmegaConf.create({"train_common": train_common}), overlay)
+    OmegaConf.save(OmegaConf.create({"train_common": train_common, "variants": EXACT_CACHE}), overlay)
     return [str(QUICKSTART), str(overlay), f"data_root={shared_data}", f"out_dir={tmp_path / 'qs'}",
             "analysis.steps=8", "analysis.grid=3", "analysis.num_blocks=4", "analysis.trajectory_samples=2",
             "analysis.batch_size=4", f"analysis.cache_dir={cache}", "sweep.step_counts=[8]", "sweep.num_samples=2",
@@ -44,7 +50,8 @@ def test_quickstart_pipeline_end_to_end_then_resume(tmp_path, shared_data, capsy
     assert main(["pipeline", "--no-progress", *words]) == 0
     out = tmp_path / "qs"
     state = json.loads((out / "pipeline.json").read_text())
-    assert list(state["stages"]) == ["train/small", "train/large", "train/judge", "analysis", "sweep", "report"]
+    assert list(state["stages"]) == ["train/small", "train/large", "train/judge", "analysis", "sweep", "variant/r1",
+                                     "report"]
     small = state["training"]["small"]
     assert small["steps"] == 4 and small["tokens_seen"] == 4 * 8 * 128
     assert small["passes"] == pytest.approx(small["tokens_seen"] / small["train_tokens"])
@@ -68,9 +75,20 @@ def test_quickstart_pipeline_end_to_end_then_resume(tmp_path, shared_data, capsy
     assert points[-1]["label"] == f"{best}@0.5" and points[-1]["groups"] == ["fraction"]
     assert state["fraction_curve"]["placement"] == best
 
+    # The variant: its two schedules again through the latent cache, paired with the sweep's samples.
+    compare = json.loads((out / "variants" / "r1" / "compare" / "compare.json").read_text())
+    assert compare["differing"] == ["latent_cache", "latent_refresh_every"]  # (the quickstart has one reference)
+    assert [r["label"] for r in compare["rows"]] == ["all-large", "late-small"]
+    for row in compare["rows"]:
+        assert row["pairs"] == 4 and row["paired_seeds"] == [0, 1]
+        assert row["ppl_ratio"] == row["ppl_ratio_low"] == row["ppl_ratio_high"] == pytest.approx(1, abs=1e-12)
+        assert row["flops_ratio_full"] > 1  # refreshing every step recomputes everything, and the cache's own work
+    variant = read_jsonl(out / "variants" / "r1" / "sweep" / "results.jsonl")
+    assert [r["kind"] for r in variant].count("point") == 4
+
     report = (out / "report" / "report.md").read_text()
     for heading in ("## Experiment", "### Training", "## Per-step analysis", "### Fraction curve",
-                    "## Schedule optimiser", "## Against the paper"):
+                    "## Schedule optimiser", "## Sampler settings compared", "## Against the paper"):
         assert heading in report
     assert "passes over" in report and "times fewer" in report
     assert (out / "report" / "experiment.json").is_file()
@@ -81,6 +99,7 @@ def test_quickstart_pipeline_end_to_end_then_resume(tmp_path, shared_data, capsy
         return [r["step"] for r in read_jsonl(out / "train" / "large" / "log.jsonl") if r["kind"] == "train"]
 
     lines, steps_logged = (out / "sweep" / "results.jsonl").read_text(), trained_steps()
+    variant_lines = (out / "variants" / "r1" / "sweep" / "results.jsonl").read_text()
     analysis = (out / "analysis" / "per_step.json").read_text()
     capsys.readouterr()
     assert main(["pipeline", "--no-progress", *words]) == 0
@@ -88,6 +107,7 @@ def test_quickstart_pipeline_end_to_end_then_resume(tmp_path, shared_data, capsy
     assert "small (mdlm, 2 x 64) already trained to step 4" in said and "training to step" not in said
     assert trained_steps() == steps_logged
     assert (out / "sweep" / "results.jsonl").read_text() == lines
+    assert (out / "variants" / "r1" / "sweep" / "results.jsonl").read_text() == variant_lines
     assert (out / "analysis" / "per_step.json").read_text() == analysis
     rerun = json.loads((out / "pipeline.json").read_text())["stages"]
     assert rerun["train/small"] == state["stages"]["train/small"]
@@ -121,6 +141,15 @@ def test_quickstart_pipeline_end_to_end_then_resume(tmp_path, shared_data, capsy
     ({"optimise": {"seeds": []}}, "optimise.seeds is empty"),
     ({"optimise": {"num_samples": 0}}, "optimise.num_samples=0 must be in [1,"),
     ({"fraction_curve": {"seeds": [-1]}}, "fraction_curve.seeds entry=-1 must be in [0,"),
+    # A variant may change only sampler settings that keep its samples paired with the sweep's, to valid values:
+    ({"variants": {"v": {"settings": {"t_min": 0.0}, "groups": {"g": {"schedules": ["all-large"]}}}}},
+     "not t_min: the variant's samples must pair"),
+    ({"variants": {"v": {"settings": {}, "groups": {"g": {"schedules": ["all-large"]}}}}}, "must replace one or more"),
+    ({"variants": {"v": {"settings": {"latent_refresh_share": 2.0}, "groups": {"g": {"schedules": ["all-large"]}}}}},
+     "latent_refresh_share=2.0 must be in [0, 1]"),
+    ({"variants": {"v": {"settings": {"top_p": 0.9}}}}, "variants.v.groups is empty"),
+    ({"variants": {"v": {"settings": {"top_p": 0.9}, "groups": {"g": {"schedules": ["late-smal"]}}}}},
+     "'late-smal' is not a preset"),
 ])
 def test_experiment_errors_come_before_any_work(tmp_path, shared_data, extra, message) -> None:
     overlay = tmp_path / "overlay.yaml"  # a file's mapping replaces the one before it (models: a single one)
@@ -128,6 +157,16 @@ def test_experiment_errors_come_before_any_work(tmp_path, shared_data, extra, me
     with pytest.raises(UserError, match=re.escape(message)):
         load_experiment([str(QUICKSTART), str(overlay), f"data_root={shared_data}", f"out_dir={tmp_path / 'out'}"])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("experiment", sorted((REPO / "configs" / "experiment").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_committed_experiment_resolves(tmp_path, shared_data, experiment) -> None:
+    # Every stage's settings and schedules checked against the configured models (the GPU ones moved to the CPU).
+    plan = load_experiment([str(experiment), f"data_root={shared_data}", f"out_dir={tmp_path / 'out'}",
+                            "runtime.device=cpu"])
+    assert len(plan.runs) >= 3 and plan.sweep.groups
+    for name, variant in plan.variants.items():
+        assert Path(variant.out_dir) == tmp_path / "out" / "variants" / name / "sweep"
 
 
 def test_lr_schedules() -> None:
