@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
 
     def save(key: str, value: dict) -> None:
         results[key] = value
@@ -89,7 +90,6 @@ def run(args: argparse.Namespace) -> None:
                    "shape": f"{model_config.num_hidden_layers} x {model_config.hidden_size}", "device": device_name})
         return folder
 
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     steps, tune = args.source_steps, max(1, round(args.source_steps * args.tune_share))
     source = trained("source", recipe(args.data_root, out / "source", steps, 6e-4, 300,
                                       ["model=dit_small", "model.dropout=0.0", *args.override]))
