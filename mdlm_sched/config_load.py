@@ -14,6 +14,7 @@ names the field and the fix. Interpolations such as ${data.root} are resolved; n
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -112,6 +113,15 @@ def load_structured(schema: type[T], args: list[str] | tuple[str, ...], what: st
             else:
                 cfg = _merge(cfg, _read_yaml(Path(arg), what))
         return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_describe(exc)) from exc
+
+
+def replace_typed(instance: T, changes: Mapping[str, Any]) -> T:
+    """The dataclass `instance` with the fields in `changes` replaced as a config file's values would be: each
+    converted to its field's type or refused (ConfigError), then checked by the dataclass itself."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(instance), dict(changes)))
     except OmegaConfBaseException as exc:
         raise ConfigError(_describe(exc)) from exc
 

@@ -32,7 +32,7 @@ from omegaconf import OmegaConf
 
 from mdlm_sched.artifacts import PipelineDir, ReportDir, SweepResults, TrainingLog, TrainRun
 from mdlm_sched.config import RunConfig, RuntimeConfig
-from mdlm_sched.config_load import load, load_structured
+from mdlm_sched.config_load import load, load_structured, replace_typed
 from mdlm_sched.data import load_tokenizer, tokenizer_hash
 from mdlm_sched.errors import ConfigError
 from mdlm_sched.fileio import atomic_write_json, check_writable, read_json
@@ -216,7 +216,7 @@ def _variant_sweep(name: str, variant: SweepVariant, sweep: SweepConfig, out: Pi
         raise ConfigError(f"{what}.groups is empty; give the schedules to sample again, e.g. "
                           f"groups: {{cached: {{schedules: [all-large]}}}}")
     headline = dict(list(sweep.reference.sources.items())[:1])
-    cfg = replace(sweep, **variant.settings, groups=variant.groups, out_dir=str(out.variant(name).root),
+    cfg = replace(replace_typed(sweep, variant.settings), groups=variant.groups, out_dir=str(out.variant(name).root),
                   reference=replace(sweep.reference, sources=headline))
     validate_sweep(cfg)
     plan_points(cfg, light_to_heavy)

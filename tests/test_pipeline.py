@@ -147,6 +147,8 @@ def test_quickstart_pipeline_end_to_end_then_resume(tmp_path, shared_data, capsy
     ({"variants": {"v": {"settings": {}, "groups": {"g": {"schedules": ["all-large"]}}}}}, "must replace one or more"),
     ({"variants": {"v": {"settings": {"latent_refresh_share": 2.0}, "groups": {"g": {"schedules": ["all-large"]}}}}},
      "latent_refresh_share=2.0 must be in [0, 1]"),
+    ({"variants": {"v": {"settings": {"top_p": "abc"}, "groups": {"g": {"schedules": ["all-large"]}}}}},
+     "bad value for 'top_p'"),  # typed as in the sweep's own section, not passed through raw
     ({"variants": {"v": {"settings": {"top_p": 0.9}}}}, "variants.v.groups is empty"),
     ({"variants": {"v": {"settings": {"top_p": 0.9}, "groups": {"g": {"schedules": ["late-smal"]}}}}},
      "'late-smal' is not a preset"),
