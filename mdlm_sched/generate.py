@@ -88,11 +88,13 @@ class BatchStore:
 
 def warm_up(model_set: ModelSet, settings: SamplerSettings, batch_size: int, steps: int = 8) -> None:
     """A few untimed steps of every model at this batch size, and the capture of its CUDA graphs, so that
-    compilation and capture are in no timing."""
+    compilation and capture are in no timing; with the latent cache on, a few of its steps too."""
+    # cache=False runs every sequence at every step: the compiled full forward sees the whole batch's shape.
+    paths = [replace(settings, cache=False, latent_cache=False)] + [settings] * settings.latent_cache
     for name in model_set.light_to_heavy:
-        sample(model_set.models, model_set.schedule(f"{name}:{steps}", steps), model_set.noise,
-               replace(settings, cache=False), torch.Generator(device=model_set.device).manual_seed(0),
-               batch_size, model_set.seq_len)
+        for path in paths:
+            sample(model_set.models, model_set.schedule(f"{name}:{steps}", steps), model_set.noise, path,
+                   torch.Generator(device=model_set.device).manual_seed(0), batch_size, model_set.seq_len)
         model_set.models[name].prepare_graphs(batch_size, model_set.seq_len)
 
 

@@ -144,3 +144,20 @@ def test_the_speed_benchmark_runs_on_the_cpu(tmp_path):
     assert rows["R1"]["positions_run_per_seed"] == rows["exact"]["positions_run_per_seed"]  # every step a refresh
     assert rows["R0"]["positions_run_per_seed"] < rows["exact"]["positions_run_per_seed"] / 2
     assert rows["R0"]["flops_full_per_seed"] < rows["exact"]["flops_full_per_seed"]
+
+
+def test_the_warm_up_before_timing_runs_the_latent_cache_too(saved_models, monkeypatch):
+    # A compiled sweep warms up before it times; with latent_cache on it once asked for latent_cache without cache.
+    from mdlm_sched.config import RuntimeConfig
+    from mdlm_sched.generate import warm_up
+    from mdlm_sched.modelset import PreparedDenoiser, open_models
+
+    model_set = open_models({n: str(saved_models[n]) for n in ("small", "large")}, RuntimeConfig(device="cpu"),
+                            seq_len=L)
+    calls = []
+    real = PreparedDenoiser.latent_hidden
+    monkeypatch.setattr(PreparedDenoiser, "latent_hidden", lambda self, *a: calls.append(1) or real(self, *a))
+    warm_up(model_set, SamplerSettings(), batch_size=3, steps=4)
+    assert not calls
+    warm_up(model_set, SamplerSettings(latent_cache=True, latent_refresh_every=2), batch_size=3, steps=4)
+    assert calls  # the cached path itself ran
