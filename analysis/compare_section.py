@@ -1,5 +1,5 @@
-"""The Markdown table of two sweeps compared point by point (mdlm_sched.sweep_compare; `mdlm-sched compare`), and the
-report's section made from a saved comparison."""
+"""The Markdown table of two sweeps compared point by point (mdlm_sched.sweep_compare; `mdlm-sched compare`), the
+report's section made from a saved comparison, and the figure of quality against sampling time over several."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from analysis import plots
 from analysis.sweep_section import ratio_text
-from mdlm_sched.artifacts import CompareDir
+from mdlm_sched.artifacts import CompareDir, ReportDir
 from mdlm_sched.stats import change_verdict
 
 
@@ -43,3 +44,39 @@ def compare_section(folder: Path) -> list[str]:
     record = CompareDir(folder).read()
     return [f"## Sampler settings compared: `{record['b']}` against `{record['a']}`", "",
             *comparison_lines(record["rows"], record["differing"], record["a"], record["b"]), ""]
+
+
+def setting_name(folder: Path) -> str:
+    """What a comparison's B is called on the figure: its folder's name (a pipeline variant's, for .../<name>/compare)."""
+    return folder.parent.name if folder.name == "compare" else folder.name
+
+
+def quality_time_section(folders: Sequence[Path], out: ReportDir) -> list[str]:
+    """The figure of gen PPL against seconds per sample for A's schedules (the exact sampler, once) and each
+    comparison's B, all against A's all-heavy; empty where the comparisons' records predate those numbers."""
+    records = [(setting_name(f), CompareDir(f).read()) for f in folders]
+    points: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for name, record in records:
+        for r in record["rows"]:
+            for side, setting in (("a", "exact"), ("b", name)):
+                ratio = r.get("against_a_heavy", {}).get(side)
+                if ratio and ratio["pairs"]:
+                    points.setdefault((setting, r["label"], r["steps"]), {
+                        "setting": setting, "label": f"{r['label']} T={r['steps']}",
+                        "seconds": r["seconds_per_sample"][side], **ratio})
+    if not points:
+        return []
+    stem = out.figure("quality_time", "compared")
+    heavy = records[0][1]["rows"][0]["heavy_model"]
+    plots.quality_time_figure(list(points.values()), stem, heavy)
+    lines = ["## Quality against sampling time", "",
+             f"Gen PPL over the exact sampler's all-{heavy} (paired 95% CI over the same seeds and samples) against "
+             f"sampling wall-clock per sample, for the exact sampler's schedules and those of each setting compared "
+             f"with it ({', '.join(name for name, _ in records)}).", "",
+             f"![quality against sampling time]({stem.name}.png)", "",
+             f"| setting | schedule | pairs | s per sample | gen PPL / exact all-{heavy} [95% CI] |",
+             "|---|---|---:|---:|---|"]
+    for p in sorted(points.values(), key=lambda p: p["seconds"]):
+        lines.append(f"| {p['setting']} | {p['label']} | {p['pairs']} | {p['seconds']:.4f} | {p['ppl_ratio']:.3f} "
+                     f"[{p['ppl_ratio_low']:.3f}, {p['ppl_ratio_high']:.3f}] |")
+    return lines + [""]

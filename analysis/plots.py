@@ -7,7 +7,9 @@
   exhaustive-search schedules (labels such as LHHL) are small unlabelled markers unless they are on
   the frontier;
 - fraction figure: the same two quantities against the share of light steps of one placement;
-- optimiser figure: each measured schedule's gen PPL ratio against the cost model's prediction of it.
+- optimiser figure: each measured schedule's gen PPL ratio against the cost model's prediction of it;
+- quality-time figure: gen PPL (a ratio to exact all-heavy) against seconds per sample, for the schedules of
+  a sweep and of the sweeps of other sampler settings compared with it (the latent cache's trade).
 """
 
 from __future__ import annotations
@@ -296,4 +298,36 @@ def optimise_figure(measured: Sequence[Mapping[str, Any]], stem: Path) -> list[P
         ax.legend(loc="upper left", frameon=False)
         place_labels(ax, [(math.exp(m["loo_predicted"]), math.exp(m["measured"]), m["label"]) for m in measured])
         fig.suptitle("Error bars: paired bootstrap 95% CIs against all-heavy (same seeds)", fontsize=7.5, y=-0.02)
+        return save(fig, stem)
+
+
+def quality_time_figure(points: Sequence[Mapping[str, Any]], stem: Path, baseline: str) -> list[Path]:
+    """Gen PPL over the exact sampler's all-`baseline` (paired 95% CI) against sampling seconds per sample (log x).
+
+    points: {"setting", "label", "seconds", "ppl_ratio", "ppl_ratio_low", "ppl_ratio_high"}; one marker and
+    colour per setting (the first is the exact sampler), each point labelled with its schedule.
+    """
+    settings = list(dict.fromkeys(p["setting"] for p in points))
+    colours = dict(zip(settings, (HEAVY, LIGHT, *OTHER)))
+    markers = dict(zip(settings, "osD^v<>"))
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        for name in settings:
+            mine = [p for p in points if p["setting"] == name]
+            ax.errorbar([p["seconds"] for p in mine], [p["ppl_ratio"] for p in mine],
+                        yerr=[[p["ppl_ratio"] - p["ppl_ratio_low"] for p in mine],
+                              [p["ppl_ratio_high"] - p["ppl_ratio"] for p in mine]],
+                        fmt=markers.get(name, "o"), color=colours.get(name, "0.45"), markersize=4.5, capsize=2,
+                        linewidth=0.9, label=name)
+        ax.axhline(1.0, color="0.6", linewidth=0.8)
+        ax.axhline(1.05, color="0.6", linewidth=0.8, linestyle=":", label="+5% gen PPL")
+        ax.set_xscale("log")
+        ax.margins(x=0.15, y=0.15)
+        place_labels(ax, [(p["seconds"], p["ppl_ratio"], p["label"]) for p in points])
+        ax.set_xlabel("sampling wall-clock per sample (s, log scale)")
+        ax.set_ylabel(f"gen PPL / exact all-{baseline}'s")
+        ax.set_title("Quality against sampling time (lower left is better)")
+        ax.legend(loc="upper right", frameon=False)
+        fig.suptitle(f"Error bars: paired bootstrap 95% CIs against the exact sampler's all-{baseline} (same seeds "
+                     "and samples). Times are of runs at different moments.", fontsize=7.5, y=-0.02)
         return save(fig, stem)

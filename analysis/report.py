@@ -3,7 +3,8 @@
 A folder holding results.jsonl (a sweep) gives its section (analysis.sweep_section); a folder holding
 per_step.csv and per_step.json (the per-step analysis) gives the per-step figures and the peaks table; a
 folder holding optimise.json gives the optimiser's section (analysis.optimise_section); a folder holding
-compare.json (`mdlm-sched compare --out`, a pipeline variant's) gives its table (analysis.compare_section);
+compare.json (`mdlm-sched compare --out`, a pipeline variant's) gives its table (analysis.compare_section), and
+all of them together the figure of quality against sampling time;
 a pipeline record adds the experiment (command, device, stages, training). The last section sets each
 of the seed paper's claims against these numbers, with their intervals.
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis import plots
-from analysis.compare_section import compare_section
+from analysis.compare_section import compare_section, quality_time_section
 from analysis.optimise_section import optimise_section
 from analysis.sweep_section import SweepView, ratio_text, sweep_section, verdict, wall_text
 from mdlm_sched.artifacts import AnalysisDir, CompareDir, OptimiseDir, ReportDir, SweepDir
@@ -269,6 +270,8 @@ def build_report(folders: Sequence[Path], out: Path, title: str = "Model schedul
         lines += optimise_section(folder, report, view, group)
     for folder in compared:
         lines += compare_section(folder)
+    if compared:
+        lines += quality_time_section(compared, report)
     lines += _paper_section(meta, steps_rows, view)
     atomic_write_text(report.report, "\n".join(lines) + "\n")
     return report.report

@@ -326,7 +326,7 @@ class ReportDir:
 
     def figure(self, *parts: str) -> Path:
         """A figure's path without suffix (saved with each of FIGURE_SUFFIXES): figure("sweep", name) is
-        sweep_<name>; the kinds are "sweep", "fraction" and ("per_step", name, axis)."""
+        sweep_<name>; the kinds are "sweep", "fraction", "quality_time" and ("per_step", name, axis)."""
         return self.root / "_".join(parts)
 
 

@@ -6,8 +6,8 @@ seed s in B is paired with sample i of seed s in A, which is sound only where bo
 randomness from the same models and were judged alike; the settings that make it so must agree
 (PAIRING_SETTINGS), and the others are what the comparison is about. For every schedule both ran (same
 segments, T and sample count): B's gen PPL over A's and B's entropy minus A's, with paired bootstrap 95%
-intervals over the seeds both ran (summary.paired), B's sampling wall-clock and FLOPs over A's, and each
-side's MAUVE where measured. No torch: the command and the report read these rows.
+intervals over the seeds both ran (summary.paired), B's sampling wall-clock and FLOPs over A's, each
+side's MAUVE where measured, seconds per sample, and each side's gen PPL against A's all-heavy (paired). No torch: the command and the report read these rows.
 """
 
 from __future__ import annotations
@@ -60,8 +60,20 @@ def compare_points(a: Sequence[SweepPoint], b: Sequence[SweepPoint]) -> list[dic
             if seeds else float("nan")
         row["mauve"] = {side: float(np.mean([p.mauve.mean for p in pts])) if pts and all(p.mauve for p in pts)
                         else None for side, pts in (("a", base), ("b", mine))}
+        row["seconds_per_sample"] = {side: float(np.mean([p.wall_s for p in pts]) / key[2]) if pts else float("nan")
+                                     for side, pts in (("a", base), ("b", mine))}
+        # Both sides against A's all-heavy of this T and sample count: where each stands in quality (the figure of
+        # quality against sampling time puts exact, cached, scheduled and cached + scheduled on one axis).
+        heavy = [p for p in a if p.all_heavy and p.schedule_key[1:] == key[1:]]
+        row["against_a_heavy"] = {side: _ratio(paired(pts, heavy, rule)) for side, pts in (("a", theirs), ("b", ours))}
+        row["heavy_model"] = ours[0].flops.baseline_model
         rows.append(row)
     return rows
+
+
+def _ratio(result: Mapping[str, Any]) -> dict[str, Any]:
+    """The gen PPL ratio of summary.paired's result with its interval and pair count (None without pairs)."""
+    return {k: result.get(k) for k in ("pairs", "ppl_ratio", "ppl_ratio_low", "ppl_ratio_high")}
 
 
 def compare_sweeps(a: SweepDir, b: SweepDir) -> dict[str, Any]:

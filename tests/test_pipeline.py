@@ -83,13 +83,20 @@ def test_quickstart_pipeline_end_to_end_then_resume(tmp_path, shared_data, capsy
         assert row["pairs"] == 4 and row["paired_seeds"] == [0, 1]
         assert row["ppl_ratio"] == row["ppl_ratio_low"] == row["ppl_ratio_high"] == pytest.approx(1, abs=1e-12)
         assert row["flops_ratio_full"] > 1  # refreshing every step recomputes everything, and the cache's own work
+        # Against the exact all-large, the cached schedule stands where the exact one does (the same tokens).
+        assert row["against_a_heavy"]["b"] == row["against_a_heavy"]["a"] and row["against_a_heavy"]["a"]["pairs"] == 4
+        assert row["seconds_per_sample"]["a"] > 0 and row["seconds_per_sample"]["b"] > 0
+    heavy, late = (r["against_a_heavy"]["b"] for r in compare["rows"])
+    assert heavy["ppl_ratio"] == 1 and late["ppl_ratio"] != 1 and late["ppl_ratio_low"] < late["ppl_ratio_high"]
     variant = read_jsonl(out / "variants" / "r1" / "sweep" / "results.jsonl")
     assert [r["kind"] for r in variant].count("point") == 4
 
     report = (out / "report" / "report.md").read_text()
     for heading in ("## Experiment", "### Training", "## Per-step analysis", "### Fraction curve",
-                    "## Schedule optimiser", "## Sampler settings compared", "## Against the paper"):
+                    "## Schedule optimiser", "## Sampler settings compared", "## Quality against sampling time",
+                    "## Against the paper"):
         assert heading in report
+    assert (out / "report" / "quality_time_compared.png").is_file() and "| r1 | late-small T=" in report
     assert "passes over" in report and "times fewer" in report
     assert (out / "report" / "experiment.json").is_file()
     assert len(list((out / "report").glob("*.png"))) == len(list((out / "report").glob("*.pdf"))) >= 4
