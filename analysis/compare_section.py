@@ -47,7 +47,8 @@ def compare_section(folder: Path) -> list[str]:
 
 
 def setting_name(folder: Path) -> str:
-    """What a comparison's B is called on the figure: its folder's name (a pipeline variant's, for .../<name>/compare)."""
+    """What a comparison's B is called on the figure: its folder's name (for .../<name>/compare, a pipeline
+    variant's folder, the variant's name)."""
     return folder.parent.name if folder.name == "compare" else folder.name
 
 

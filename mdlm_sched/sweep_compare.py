@@ -7,7 +7,8 @@ randomness from the same models and were judged alike; the settings that make it
 (PAIRING_SETTINGS), and the others are what the comparison is about. For every schedule both ran (same
 segments, T and sample count): B's gen PPL over A's and B's entropy minus A's, with paired bootstrap 95%
 intervals over the seeds both ran (summary.paired), B's sampling wall-clock and FLOPs over A's, each
-side's MAUVE where measured, seconds per sample, and each side's gen PPL against A's all-heavy (paired). No torch: the command and the report read these rows.
+side's MAUVE where measured, seconds per sample, and each side's gen PPL against A's all-heavy (paired).
+No torch: the command and the report read these rows.
 """
 
 from __future__ import annotations

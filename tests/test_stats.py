@@ -158,3 +158,7 @@ def test_two_sweeps_pair_only_where_models_judge_and_randomness_agree():
     (row,) = compare_points(a, b)
     assert row["pairs"] == 16 and row["ppl_ratio"] == pytest.approx(math.exp(0.05))  # paired on seed 1 alone
     assert row["wall_ratio"] == pytest.approx(0.4) and row["mauve"] == {"a": None, "b": None}
+    assert row["seconds_per_sample"] == {"a": pytest.approx(10.0 / 16), "b": pytest.approx(4.0 / 16)}
+    assert row["against_a_heavy"]["a"]["ppl_ratio"] == pytest.approx(1) and row["against_a_heavy"]["a"]["pairs"] == 32
+    assert row["against_a_heavy"]["b"]["ppl_ratio"] == pytest.approx(math.exp(0.05))  # B's schedule, A's baseline
+    assert row["against_a_heavy"]["b"]["pairs"] == 16 and row["heavy_model"] == "large"
