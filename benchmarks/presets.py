@@ -21,7 +21,7 @@ SMOKE = ("model.hidden_size=64", "model.num_attention_heads=4", "model.kv_lora_r
 
 
 def random_denoiser(preset: str, device: torch.device, smoke: bool = False, compile: bool = False,
-                    graph_rows: int = 0) -> PreparedDenoiser:
+                    graph_rows: int = 0, compile_latent: bool = False) -> PreparedDenoiser:
     """A random-weight denoiser of configs/model/<preset>.yaml (tiny widths with smoke), bf16 autocast on a GPU,
     dropout off (the sampler's eval mode)."""
     words = [f"model={preset}", "model.dropout=0.0", *(SMOKE if smoke else ())]
@@ -33,4 +33,5 @@ def random_denoiser(preset: str, device: torch.device, smoke: bool = False, comp
         for p in model.parameters():
             if not p.abs().sum():
                 p.normal_(0, 0.02)
-    return PreparedDenoiser(model, torch.bfloat16 if device.type == "cuda" else None, compile, graph_rows)
+    return PreparedDenoiser(model, torch.bfloat16 if device.type == "cuda" else None, compile, graph_rows,
+                            compile_latent)

@@ -43,10 +43,11 @@ def check_compatible(configs: Mapping[str, DenoiserConfig]) -> None:
 
 class PreparedDenoiser:
     """A denoiser set up to sample: eval mode, autocast dtype, optionally a compiled backbone, and on a GPU
-    captured CUDA graphs for calls of at most graph_rows sequences (cudagraph.GraphedHidden)."""
+    captured CUDA graphs for calls of at most graph_rows sequences (cudagraph.GraphedHidden); compile_latent:
+    the latent cache's steps compiled too (benchmarks/latent_cache.py --compiled; not yet a runtime setting)."""
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None, compile: bool = False,
-                 graph_rows: int = 0) -> None:
+                 graph_rows: int = 0, compile_latent: bool = False) -> None:
         self.model = model.eval()
         self.config = model.config
         self.device = model.device
@@ -62,8 +63,11 @@ class PreparedDenoiser:
                 return network(input_ids, sigma)
 
         self._hidden = GraphedHidden(run, graph_rows) if graph_rows > 0 and self.device.type == "cuda" else run
+        if compile_latent:  # the latent cache's two steps, compiled on this instance (latent_hidden calls them)
+            model.latent_refresh = torch.compile(model.latent_refresh, dynamic=True)
+            model.latent_partial = torch.compile(model.latent_partial, dynamic=True)
         # Compilation and graph capture happen at first calls: a timed run needs an untimed warm-up first.
-        self.needs_warm_up = compile or isinstance(self._hidden, GraphedHidden)
+        self.needs_warm_up = compile or compile_latent or isinstance(self._hidden, GraphedHidden)
 
     def prepare_graphs(self, batch_size: int, seq_len: int) -> None:
         """Capture the CUDA graphs of every call a sampler of this batch size can make (no-op without graphs)."""
@@ -82,7 +86,8 @@ class PreparedDenoiser:
 
     def latent_hidden(self, input_ids: torch.Tensor, sigma: torch.Tensor | None, cache: torch.Tensor,
                       rows: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        """Through the latent cache, eager (not compiled, no CUDA graphs: its shapes change at every step)."""
+        """Through the latent cache: eager, or compiled with compile_latent (no CUDA graphs: its shapes change at
+        every step)."""
         with torch.no_grad(), autocast(input_ids.device, self.dtype, cache=False):
             return self.model.latent_hidden(input_ids, sigma, cache, rows, positions)
 

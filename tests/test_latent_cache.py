@@ -161,3 +161,18 @@ def test_the_warm_up_before_timing_runs_the_latent_cache_too(saved_models, monke
     assert not calls
     warm_up(model_set, SamplerSettings(latent_cache=True, latent_refresh_every=2), batch_size=3, steps=4)
     assert calls  # the cached path itself ran
+
+
+def test_each_cached_step_compiles_as_one_graph(pair):
+    # fullgraph: a graph break fails the trace (the rotary tables' host values once broke it, and the blocks then
+    # recompiled layer by layer). The eager backend traces as inductor would, without its code generation.
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    models = {"small": _model(1), "large": _model(2)}  # pair's weights, on models of their own
+    for model in models.values():
+        model.latent_refresh = torch.compile(model.latent_refresh, backend="eager", fullgraph=True, dynamic=True)
+        model.latent_partial = torch.compile(model.latent_partial, backend="eager", fullgraph=True, dynamic=True)
+    for spec in ("sandwich", "all-large"):
+        compiled = _sample(models, spec, latent_cache=True, latent_refresh_every=4)
+        assert torch.equal(compiled.tokens, _sample(pair, spec, latent_cache=True, latent_refresh_every=4).tokens)
+    torch._dynamo.reset()

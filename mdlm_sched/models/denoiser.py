@@ -331,20 +331,35 @@ class MDLMDenoiser(DenoiserPreTrainedModel):
         cache rows take every layer's latents. positions [n, A]: only those columns run ([n, A, d] out); their
         latents are written into the cache first, then their queries attend over the rows' cached latents
         (MultiHeadLatentAttention.absorbed). A column given twice in a row computes the same values twice.
+        The two cases are latent_refresh and latent_partial, which take tensors only, so that torch.compile traces
+        each whole (the rotary tables come from a cache of host values that it cannot trace).
         """
-        n, l = input_ids.shape
-        cond = self._conditioning(n, sigma, input_ids.device)
-        cos, sin = rotary_cos_sin(l, self.config.rotary_frequencies, input_ids.device)  # [L, rope / 2]
+        cos, sin = rotary_cos_sin(input_ids.shape[1], self.config.rotary_frequencies, input_ids.device)
         if positions is None:
-            x = self.embed_tokens(input_ids)
-        else:
-            x = self.embed_tokens(input_ids.gather(1, positions))  # [n, A, d]
-            cos, sin = cos[positions], sin[positions]  # [n, A, rope / 2]
+            return self.latent_refresh(input_ids, sigma, cache, rows, cos, sin)
+        return self.latent_partial(input_ids, sigma, cache, rows, positions, cos, sin)
+
+    def latent_refresh(self, input_ids: torch.Tensor, sigma: torch.Tensor | None, cache: torch.Tensor,
+                       rows: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """latent_hidden's refresh, given the rotary tables [L, rope / 2]: tensors in, tensors out (compilable)."""
+        cond = self._conditioning(input_ids.shape[0], sigma, input_ids.device)
+        x = self.embed_tokens(input_ids)
         for layer, block in enumerate(self.blocks):
             def attend(h: torch.Tensor, attn: MultiHeadLatentAttention = block.attn, k: int = layer) -> torch.Tensor:
-                if positions is None:
-                    cache[k].index_copy_(0, rows, attn.latents(h, cos, sin).to(cache.dtype))
-                    return attn(h, cos, sin)
+                cache[k].index_copy_(0, rows, attn.latents(h, cos, sin).to(cache.dtype))
+                return attn(h, cos, sin)
+            x = block(x, cos, sin, cond, attend)
+        return self._final_norm(x, cond)
+
+    def latent_partial(self, input_ids: torch.Tensor, sigma: torch.Tensor | None, cache: torch.Tensor,
+                       rows: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor) -> torch.Tensor:
+        """latent_hidden at columns `positions` [n, A], given the rotary tables [L, rope / 2] (compilable)."""
+        cond = self._conditioning(input_ids.shape[0], sigma, input_ids.device)
+        x = self.embed_tokens(input_ids.gather(1, positions))  # [n, A, d]
+        cos, sin = cos[positions], sin[positions]  # [n, A, rope / 2]
+        for layer, block in enumerate(self.blocks):
+            def attend(h: torch.Tensor, attn: MultiHeadLatentAttention = block.attn, k: int = layer) -> torch.Tensor:
                 cache[k][rows[:, None], positions] = attn.latents(h, cos, sin).to(cache.dtype)
                 return attn.absorbed(h, cos, sin, cache[k].index_select(0, rows))
             x = block(x, cos, sin, cond, attend)
