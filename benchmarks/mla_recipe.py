@@ -14,7 +14,9 @@ masks, not the spread between training seeds.
     # on the GPU: train the named runs (NAME:STEPS), --parallel at a time; rerunning resumes unfinished runs
     python benchmarks/mla_recipe.py run --data-root .carry --out /tmp/recipe --runs dit12:1000 gated12:1000 \
         --collect $OUT/data
-    # tables and the figure from the collected logs
+    # on the GPU: sampling time per denoising step of each run's shape (random weights), into the data folder
+    python benchmarks/mla_recipe.py speed --runs dit12 gqa4 gqa2 mqa mla512 mla256 mla128 --out $OUT/data/speed.json
+    # tables and the figures from the collected logs (and speed.json where there is one)
     python benchmarks/mla_recipe.py report reports/mla-recipe/data --out reports/mla-recipe
 
 Runs that run at once share the GPU: their tokens/s are what each got while sharing it (runs.json records, for
@@ -154,6 +156,52 @@ def collect(out: Path, key: str, dest: Path) -> None:
             shutil.copy(src, dest / name)
 
 
+def speed(args: argparse.Namespace) -> None:
+    """Milliseconds per denoising step of each run's shape (random weights: the same time as trained ones), with
+    every sequence run at every step, as the sampler runs on a GPU (compiled, CUDA graphs for calls of up to 16
+    sequences; --eager: neither): the median of --reps batches of --steps steps after an untimed one."""
+    import torch
+
+    from mdlm_sched.config import RuntimeConfig
+    from mdlm_sched.fileio import atomic_write_json
+    from mdlm_sched.noise import LogLinearNoise
+    from mdlm_sched.runtime import configure_backends
+    from mdlm_sched.sampler import sample
+    from mdlm_sched.sampling_config import SamplerSettings
+    from mdlm_sched.schedule import parse_schedule
+    from presets import random_denoiser_of
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    configure_backends(device)
+    compiled = device.type == "cuda" and not args.eager
+    graph_rows = RuntimeConfig().cuda_graph_rows if compiled else 0
+    out, rows = Path(args.out), {}
+    settings = SamplerSettings(cache=False)  # every sequence at every step: the cost of one full step
+    for name in args.runs:
+        if name not in RUNS:
+            raise SystemExit(f"--runs {name}: one of {', '.join(RUNS)}")
+        model = random_denoiser_of([*RUNS[name], *args.override], device, compiled, graph_rows)
+        seq_len = model.config.max_position_embeddings
+        schedule = parse_schedule(f"m:{args.steps}", args.steps, ["m"])
+        rows[name] = {"parameters": sum(p.numel() for p in model.model.parameters()),
+                      "cache": model.config.kv_cache_elements, "seq_len": seq_len, "ms_per_step": {}}
+        for batch in args.batches:
+            model.prepare_graphs(batch, seq_len)
+            walls = []
+            for rep in range(args.reps + 1):  # the first, untimed: compilation
+                generator = torch.Generator(device).manual_seed(rep)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                sample({"m": model}, schedule, LogLinearNoise(1e-3), settings, generator, batch, seq_len).tokens.cpu()
+                walls.append(time.perf_counter() - start)
+            rows[name]["ms_per_step"][str(batch)] = 1e3 * statistics.median(walls[1:]) / args.steps
+            print(f"{name:>8} B={batch:<4} {rows[name]['ms_per_step'][str(batch)]:8.2f} ms per step", flush=True)
+        del model
+        atomic_write_json(out, {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                                "compiled": compiled, "steps": args.steps, "reps": args.reps, "runs": rows})
+
+
 # --------------------------------------------------------------------------------------------- report
 
 def read_run(data: Path, key: str) -> dict:
@@ -194,6 +242,8 @@ def report(args: argparse.Namespace) -> None:
     data, out = Path(args.data), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     launches = json.loads((data / "runs.json").read_text()) if (data / "runs.json").is_file() else {}
+    timing = json.loads((data / "speed.json").read_text()) if (data / "speed.json").is_file() else None
+    speed_batches = sorted({b for r in timing["runs"].values() for b in r["ms_per_step"]}, key=int) if timing else []
     found = {p.name.removesuffix("_log.jsonl"): read_run(data, p.name.removesuffix("_log.jsonl"))
              for p in sorted(data.glob("*_log.jsonl"))}
     runs = {k: r for k, r in found.items() if r["val"]}  # a run that failed before validating has nothing to show
@@ -242,19 +292,35 @@ def report(args: argparse.Namespace) -> None:
                 d, lo, hi = paired(owt, base)
                 vs_base[-1] = f"{d:+.4f} [{lo:+.4f}, {hi:+.4f}]"
                 entry.setdefault("vs_baselines", {})[base] = {"delta_nats": d, "delta_ci": [lo, hi]}
+        # The bound at the run's middle validation: the second budget (part-way down the same cosine, not a run of
+        # that many steps; the table's column says so).
+        curve = r["val"][head_src]
+        middle = curve[(len(curve) - 1) // 2] if len(curve) > 1 else None
+        if middle is not None:
+            entry["middle"] = {"step": middle["step"], "bound": middle["ppl"], "bound_ci": middle.get("ppl_ci")}
+        shape_speed = timing["runs"].get(key.rsplit("-", 1)[0], {}).get("ms_per_step", {}) if timing else {}
+        if shape_speed:
+            entry["ms_per_step"] = shape_speed
         summary[key] = entry
         shared = [k for k in launches.get(key, {}).get("launches", [{}])[-1].get("with", []) if k != key]
         rate = f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else ""
+        mid = (f"{middle['ppl']:.2f} [{middle['ppl_ci'][0]:.2f}, {middle['ppl_ci'][1]:.2f}] @ {middle['step']}"
+               if middle is not None and middle.get("ppl_ci") else "")
         cols = [key, r["model"]["num_hidden_layers"], describe(r["model"]), r["steps"], f"{r['tokens'] / 1e6:.1f}M",
-                f"{r['parameters'] / 1e6:.1f}M", r["cache"], f"{owt['ppl']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]", *cells[1:],
-                delta, *vs_base, rate, len(shared) + 1]
+                f"{r['parameters'] / 1e6:.1f}M", r["cache"], f"{owt['ppl']:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]", mid,
+                *cells[1:], delta, *vs_base, rate, len(shared) + 1,
+                *(f"{shape_speed[b]:.2f}" if b in shape_speed else "" for b in speed_batches)]
         rows.append("| " + " | ".join(str(c) for c in cols) + " |")
     names = ["run", "blocks", "attention and block", "steps", "tokens", "parameters", "cache / token / layer",
-             f"{head_src} bound [95% CI]", *sources[1:], f"{head_src} loss vs DiT, nats [paired 95% CI]",
+             f"{head_src} bound [95% CI]", f"{head_src} bound at the middle validation (same run) @ step",
+             *sources[1:], f"{head_src} loss vs DiT, nats [paired 95% CI]",
              *(f"{head_src} loss vs {b}, nats [paired 95% CI]" for b in args.baseline), "tokens/s",
-             "runs sharing the GPU"]
+             "runs sharing the GPU", *(f"sampling ms / step, B = {b}" for b in speed_batches)]
     head = "| " + " | ".join(names) + " |\n|" + " --- |" * len(names)
-    (out / "table.md").write_text(head + "\n" + "\n".join(rows) + "\n")
+    note = (f"\nSampling ms / step: {timing['device']}, {'compiled + CUDA graphs' if timing['compiled'] else 'eager'}, "
+            f"every sequence at every step, random weights, median of {timing['reps']} batches of {timing['steps']} "
+            f"steps (`speed.json`).\n" if timing else "")
+    (out / "table.md").write_text(head + "\n" + "\n".join(rows) + "\n" + note)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
 
     shapes = sorted({(r["model"]["num_hidden_layers"], r["model"]["hidden_size"]) for r in runs.values()}, reverse=True)
@@ -277,7 +343,48 @@ def report(args: argparse.Namespace) -> None:
     fig.tight_layout()
     for ext in ("png", "pdf"):
         fig.savefig(out / f"validation_curves.{ext}", dpi=130)
+    plt.close(fig)
+    cache_figure(runs, summary, head_src, out)
     print((out / "table.md").read_text())
+
+
+def cache_figure(runs: dict, summary: dict, source: str, out: Path) -> None:
+    """bound_vs_cache.png/pdf: each run's final bound (95% CI over validation blocks) against its cache per token
+    and layer, one panel per depth and budget; multi-head attention's K/V (MHA, GQA, MQA) and MLA's latent apart,
+    the middle validation hollow."""
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["model"]["num_hidden_layers"], r["steps"]) for r in runs.values()}, reverse=True)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
+    for ax, (depth, steps) in zip(axes[0], panels):
+        for family, marker, colour in (("mha", "s", "#c0392b"), ("mla", "o", "#1b4f72")):
+            keys = sorted((k for k, r in runs.items() if (r["model"]["num_hidden_layers"], r["steps"]) == (depth, steps)
+                           and r["model"]["attention"] == family), key=lambda k: summary[k]["cache"])
+            if not keys:
+                continue
+            x = [summary[k]["cache"] for k in keys]
+            y = [summary[k]["bound"] for k in keys]
+            err = [[v - summary[k]["bound_ci"][0] for k, v in zip(keys, y)],
+                   [summary[k]["bound_ci"][1] - v for k, v in zip(keys, y)]]
+            label = "K/V heads (MHA, GQA, MQA)" if family == "mha" else "MLA latent + rotary key"
+            ax.errorbar(x, y, yerr=err, fmt=marker, color=colour, capsize=3, ms=5, label=f"{label}, step {steps}")
+            mids = [(summary[k]["cache"], summary[k]["middle"]["bound"]) for k in keys if "middle" in summary[k]]
+            if mids:
+                ax.plot(*zip(*mids), marker, color=colour, markerfacecolor="white", ls="",
+                        label=f"{label}, step {summary[keys[0]]['middle']['step']}")
+            for k, xv, yv in zip(keys, x, y):
+                ax.annotate(k.rsplit("-", 1)[0], (xv, yv), xytext=(4, 4), textcoords="offset points", fontsize=7)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("KV cache elements per token and layer (log scale)")
+        ax.set_ylabel(f"{source} validation perplexity bound (log scale)")
+        ax.set_title(f"{depth} blocks, {steps} steps (95% CI over validation blocks)")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    for ext in ("png", "pdf"):
+        fig.savefig(out / f"bound_vs_cache.{ext}", dpi=130)
+    plt.close(fig)
 
 
 def compare(args: argparse.Namespace) -> None:
@@ -343,6 +450,15 @@ def main() -> None:
     p.add_argument("--baseline", nargs="*", default=[], help="run names (e.g. gated12 v96): add each run's paired "
                    "difference to each of them at the same budget, one column each")
     p.set_defaults(fn=report)
+    p = sub.add_parser("speed", help="ms per denoising step of each run's shape at each batch size (on the GPU)")
+    p.add_argument("--runs", nargs="+", required=True, help="run names (NAME, no budget: the shape is the same)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 128])
+    p.add_argument("--steps", type=int, default=16, help="denoising steps per timed batch")
+    p.add_argument("--reps", type=int, default=3, help="timed batches (the median is reported)")
+    p.add_argument("--eager", action="store_true", help="neither torch.compile nor CUDA graphs")
+    p.add_argument("--override", nargs="*", default=[], help="config words applied after each run's model words")
+    p.add_argument("--out", required=True, help="the JSON file (speed.json in the data folder is what report reads)")
+    p.set_defaults(fn=speed)
     p = sub.add_parser("compare", help="the paired difference of two runs (from any data folders) along training")
     p.add_argument("a", help="DIR/KEY: the run whose files are DIR/KEY_log.jsonl and DIR/KEY_config.yaml")
     p.add_argument("b", help="DIR/KEY of the run it is compared with")

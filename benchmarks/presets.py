@@ -24,9 +24,15 @@ def random_denoiser(preset: str, device: torch.device, smoke: bool = False, comp
                     graph_rows: int = 0, compile_latent: bool = False) -> PreparedDenoiser:
     """A random-weight denoiser of configs/model/<preset>.yaml (tiny widths with smoke), bf16 autocast on a GPU,
     dropout off (the sampler's eval mode)."""
-    words = [f"model={preset}", "model.dropout=0.0", *(SMOKE if smoke else ())]
+    return random_denoiser_of([f"model={preset}", *(SMOKE if smoke else ())], device, compile, graph_rows,
+                              compile_latent)
+
+
+def random_denoiser_of(words: list[str], device: torch.device, compile: bool = False, graph_rows: int = 0,
+                       compile_latent: bool = False) -> PreparedDenoiser:
+    """A random-weight denoiser of the model that config words describe (e.g. a benchmark's run), as above."""
     # random weights read no data: the preset's data files need not be on this machine (the GPU's has no ../shared)
-    config = denoiser_config(load(words, sources=False), GPT2, GPT2 - 1, "")
+    config = denoiser_config(load([*words, "model.dropout=0.0"], sources=False), GPT2, GPT2 - 1, "")
     torch.manual_seed(config.num_hidden_layers)
     model = MDLMDenoiser(config).to(device)
     with torch.no_grad():

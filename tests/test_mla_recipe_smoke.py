@@ -22,34 +22,45 @@ def test_mla_recipe_runs_and_reports(tmp_path):
     script = str(REPO / "benchmarks" / "mla_recipe.py")
     data = tmp_path / "data"
     run = subprocess.run([sys.executable, script, "run", "--data-root", str(SHARED_DATA), "--out", str(tmp_path / "r"),
-                          "--runs", "dit12:2", "gated12:2", "--parallel", "1", "--collect", str(data),
+                          "--runs", "dit12:4", "gated12:4", "--parallel", "1", "--collect", str(data),
                           "--override", *TINY],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     launches = json.loads((data / "runs.json").read_text())
     # --parallel 1: the second run started after the first ended, so neither shared the machine.
-    assert [launches[k]["launches"][0]["with"] for k in ("dit12-2", "gated12-2")] == [["dit12-2"], ["gated12-2"]]
-    assert launches["gated12-2"]["launches"][0]["start"] >= launches["dit12-2"]["launches"][0]["end"]
+    assert [launches[k]["launches"][0]["with"] for k in ("dit12-4", "gated12-4")] == [["dit12-4"], ["gated12-4"]]
+    assert launches["gated12-4"]["launches"][0]["start"] >= launches["dit12-4"]["launches"][0]["end"]
+    tiny_model = [w for w in TINY if w.startswith("model.")] + ["data.seq_len=64"]
+    speed = subprocess.run([sys.executable, script, "speed", "--runs", "dit12", "gated12", "--batches", "1", "2",
+                            "--steps", "2", "--reps", "1", "--out", str(data / "speed.json"), "--override", *tiny_model],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert speed.returncode == 0, speed.stderr[-2000:]
     report = subprocess.run([sys.executable, script, "report", str(data), "--out", str(tmp_path / "rep"),
                              "--baseline", "gated12"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-2000:]
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
-    gated = summary["gated12-2"]
-    assert gated["vs"] == "dit12-2" and gated["delta_ci"][0] <= gated["delta_nats"] <= gated["delta_ci"][1]
-    assert "vs" not in summary["dit12-2"]
+    gated = summary["gated12-4"]
+    assert gated["vs"] == "dit12-4" and gated["delta_ci"][0] <= gated["delta_nats"] <= gated["delta_ci"][1]
+    assert "vs" not in summary["dit12-4"]
     # --baseline: each run's paired difference to the baseline of its budget (the DiT's is the gated model's, negated)
-    assert list(summary["dit12-2"]["vs_baselines"]) == ["gated12-2"] and "vs_baselines" not in gated
-    assert summary["dit12-2"]["vs_baselines"]["gated12-2"]["delta_nats"] == pytest.approx(-gated["delta_nats"])
-    assert summary["gated12-2"]["cache"] == 32 + 8 and summary["dit12-2"]["cache"] == 2 * 4 * 16
-    compare = subprocess.run([sys.executable, script, "compare", str(data / "gated12-2"), str(data / "dit12-2")],
+    assert list(summary["dit12-4"]["vs_baselines"]) == ["gated12-4"] and "vs_baselines" not in gated
+    assert summary["dit12-4"]["vs_baselines"]["gated12-4"]["delta_nats"] == pytest.approx(-gated["delta_nats"])
+    assert summary["gated12-4"]["cache"] == 32 + 8 and summary["dit12-4"]["cache"] == 2 * 4 * 16
+    compare = subprocess.run([sys.executable, script, "compare", str(data / "gated12-4"), str(data / "dit12-4")],
                              cwd=REPO, capture_output=True, text=True, timeout=300)
     assert compare.returncode == 0, compare.stderr[-2000:]
     last = compare.stdout.strip().splitlines()[-1]  # | step | owt gap [CI] |: the report's paired difference again
-    assert last.startswith("| 2 |") and f"{gated['delta_nats']:+.3f}" in last
-    missing = subprocess.run([sys.executable, script, "compare", str(data / "nothere-2"), str(data / "dit12-2")],
+    assert last.startswith("| 4 |") and f"{gated['delta_nats']:+.3f}" in last
+    missing = subprocess.run([sys.executable, script, "compare", str(data / "nothere-4"), str(data / "dit12-4")],
                              cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1 and "nothere-2" in missing.stderr
-    assert summary["gated12-2"]["blocks"] >= 1 and (tmp_path / "rep" / "validation_curves.png").is_file()
+    assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1 and "nothere-4" in missing.stderr
+    assert summary["gated12-4"]["blocks"] >= 1 and (tmp_path / "rep" / "validation_curves.png").is_file()
+    # speed.json's timings of each shape, and the bound at the middle validation, in the table and the summary
+    assert set(summary["gated12-4"]["ms_per_step"]) == {"1", "2"} and summary["dit12-4"]["ms_per_step"]["2"] > 0
+    assert summary["gated12-4"]["middle"]["step"] == 2  # validations at steps 2 and 4: the first is the middle
+    table = (tmp_path / "rep" / "table.md").read_text()
+    assert "sampling ms / step, B = 2" in table and "eager" in table
+    assert (tmp_path / "rep" / "bound_vs_cache.png").is_file()
 
 
 def test_the_attention_ablation_shapes_differ_in_attention_alone(tmp_path):
