@@ -68,7 +68,7 @@ def quality_time_section(folders: Sequence[Path], out: ReportDir) -> list[str]:
     if not points:
         return []
     stem = out.figure("quality_time", "compared")
-    heavy = records[0][1]["rows"][0]["heavy_model"]
+    heavy = next(r["heavy_model"] for _, record in records for r in record["rows"] if "heavy_model" in r)
     plots.quality_time_figure(list(points.values()), stem, heavy)
     lines = ["## Quality against sampling time", "",
              f"Gen PPL over the exact sampler's all-{heavy} (paired 95% CI over the same seeds and samples) against "

@@ -136,10 +136,10 @@ def main() -> None:
             schedule = parse_schedule(spec, steps, ["small", "large"])
             for batch in args.batches:
                 exact_tokens, exact_s = {}, None
+                for model in models.values():  # every graph a step of this batch can replay, untimed
+                    model.prepare_graphs(batch, seq_len)
                 for name in args.settings:
                     settings = settings_of(name, args.share)
-                    for model in models.values():  # every graph a step of this batch can replay, untimed
-                        model.prepare_graphs(batch, seq_len)
                     timed(models, schedule, settings, batch, seq_len, 10**6)  # warm-up, untimed
                     walls, positions, flops, same = [], 0, 0, []
                     for seed in range(args.seeds):

@@ -79,6 +79,12 @@ RUNS: dict[str, list[str]] = {
 VAL_BATCHES = 12  # 384 validation blocks per source (fewer where a source has fewer)
 
 
+def refuse(message: str) -> None:
+    """Bad input: one line on stderr, exit code 2."""
+    print(f"mla_recipe: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def recipe(root: str, out: Path, steps: int) -> list[str]:
     """The training words every run shares (before its model words)."""
     return ["data=mixture", f"data.root={root}", f"data.cache_dir={out.parent / 'cache'}", "train=h200",
@@ -105,7 +111,7 @@ def run(args: argparse.Namespace) -> None:
     for item in args.runs:
         name, _, steps = item.partition(":")
         if name not in RUNS or not steps.isdigit():
-            raise SystemExit(f"--runs {item}: give NAME:STEPS with NAME one of {', '.join(RUNS)}")
+            refuse(f"--runs {item}: give NAME:STEPS with NAME one of {', '.join(RUNS)}")
         plan.append((name, int(steps)))
     # Tokenise and cache the data once, before the runs start, so that they do not all tokenise it at once.
     cfg = load(run_words(args.data_root, out, *plan[0], args.override))
@@ -163,7 +169,8 @@ def speed(args: argparse.Namespace) -> None:
     import torch
 
     from mdlm_sched.config import RuntimeConfig
-    from mdlm_sched.fileio import atomic_write_json
+    from mdlm_sched.errors import ConfigError
+    from mdlm_sched.fileio import atomic_write_json, check_writable
     from mdlm_sched.noise import LogLinearNoise
     from mdlm_sched.runtime import configure_backends
     from mdlm_sched.sampler import sample
@@ -171,15 +178,22 @@ def speed(args: argparse.Namespace) -> None:
     from mdlm_sched.schedule import parse_schedule
     from presets import random_denoiser_of
 
+    unknown = [name for name in args.runs if name not in RUNS]
+    if unknown:
+        refuse(f"--runs {' '.join(unknown)}: give run names (no budget), each one of {', '.join(RUNS)}")
+    if min(args.batches) < 1 or args.steps < 1 or args.reps < 1:
+        refuse("--batches, --steps and --reps must be whole numbers >= 1")
+    out, rows = Path(args.out), {}
+    try:
+        check_writable(out.parent, "--out")
+    except ConfigError as e:
+        refuse(str(e))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     configure_backends(device)
     compiled = device.type == "cuda" and not args.eager
     graph_rows = RuntimeConfig().cuda_graph_rows if compiled else 0
-    out, rows = Path(args.out), {}
     settings = SamplerSettings(cache=False)  # every sequence at every step: the cost of one full step
     for name in args.runs:
-        if name not in RUNS:
-            raise SystemExit(f"--runs {name}: one of {', '.join(RUNS)}")
         model = random_denoiser_of([*RUNS[name], *args.override], device, compiled, graph_rows)
         seq_len = model.config.max_position_embeddings
         schedule = parse_schedule(f"m:{args.steps}", args.steps, ["m"])
@@ -396,16 +410,14 @@ def compare(args: argparse.Namespace) -> None:
 
     for p in (args.a, args.b):
         if not Path(f"{p}_log.jsonl").is_file() or not Path(f"{p}_config.yaml").is_file():
-            print(f"compare: no run at {p} (give DIR/KEY with DIR/KEY_log.jsonl and DIR/KEY_config.yaml, as --collect "
-                  "writes them)", file=sys.stderr)
-            raise SystemExit(2)
+            refuse(f"compare: no run at {p} (give DIR/KEY with DIR/KEY_log.jsonl and DIR/KEY_config.yaml, as "
+                   "--collect writes them)")
     a, b = (read_run(Path(p).parent, Path(p).name) for p in (args.a, args.b))
     # source -> step -> that step's last validation record, for each run
     by_step = [{s: {v["step"]: v for v in r["val"][s]} for s in r["val"]} for r in (a, b)]
     sources = [s for s in by_step[0] if s in by_step[1]]
     if not sources:
-        print(f"compare: {args.a} and {args.b} share no validation source", file=sys.stderr)
-        raise SystemExit(2)
+        refuse(f"compare: {args.a} and {args.b} share no validation source")
     print(f"{Path(args.a).name} - {Path(args.b).name}, nats [paired 95% CI]\n\n| step | " + " | ".join(sources)
           + " |\n|" + " --- |" * (len(sources) + 1))
     for step in sorted(by_step[0][sources[0]].keys() & by_step[1][sources[0]].keys()):

@@ -90,7 +90,9 @@ def warm_up(model_set: ModelSet, settings: SamplerSettings, batch_size: int, ste
     """A few untimed steps of every model at this batch size, and the capture of its CUDA graphs, so that
     compilation and capture are in no timing; with the latent cache on, a few of its steps too."""
     # cache=False runs every sequence at every step: the compiled full forward sees the whole batch's shape.
-    paths = [replace(settings, cache=False, latent_cache=False)] + [settings] * settings.latent_cache
+    paths = [replace(settings, cache=False, latent_cache=False)]
+    if settings.latent_cache:
+        paths.append(settings)
     for name in model_set.light_to_heavy:
         for path in paths:
             sample(model_set.models, model_set.schedule(f"{name}:{steps}", steps), model_set.noise, path,

@@ -54,6 +54,11 @@ def test_mla_recipe_runs_and_reports(tmp_path):
     missing = subprocess.run([sys.executable, script, "compare", str(data / "nothere-4"), str(data / "dit12-4")],
                              cwd=REPO, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and len(missing.stderr.strip().splitlines()) == 1 and "nothere-4" in missing.stderr
+    for bad, word in ((["--runs", "nothere"], "nothere"), (["--runs", "dit12", "--steps", "0"], "--steps"),
+                      (["--runs", "dit12", "--out", str(data / "speed.json" / "x.json")], "--out")):
+        refused = subprocess.run([sys.executable, script, "speed", "--out", str(tmp_path / "s.json"), *bad],
+                                 cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1 and word in refused.stderr
     assert summary["gated12-4"]["blocks"] >= 1 and (tmp_path / "rep" / "validation_curves.png").is_file()
     # speed.json's timings of each shape, and the bound at the middle validation, in the table and the summary
     assert set(summary["gated12-4"]["ms_per_step"]) == {"1", "2"} and summary["dit12-4"]["ms_per_step"]["2"] > 0
