@@ -10,16 +10,20 @@ positions run through the network, executed FLOPs (mdlm_sched.flops, full conven
 exact, and the share of the exact sampler's tokens drawn the same (random weights: a sanity check, not quality).
 
     python benchmarks/latent_cache.py --batches 1 128 --steps 1000 256 --out reports/latent-cache/speed.json
-    python benchmarks/latent_cache.py --batches 1 --steps 1000 --compiled   # both paths compiled (below)
+    python benchmarks/latent_cache.py --batches 1 --steps 1000 --graphed    # both paths CUDA-graphed (below)
+    python benchmarks/latent_cache.py --batches 1 --steps 1000 --compiled   # both compiled and graphed
     python benchmarks/latent_cache.py --smoke   # tiny shapes on the CPU (the test suite runs this)
     python benchmarks/latent_cache.py --plan-only   # no network: each setting's executed FLOPs against exact
                                                     # sampling at the presets' shapes, and the host planning time
 
-Without --compiled both samplers run eager. With it, the exact sampler runs as `mdlm-sched sample` does on a
-GPU (compiled backbone, CUDA graphs for calls of up to 16 sequences, the runtime's default) and the cached one
-compiled with dynamic shapes (PreparedDenoiser's compile_latent; no CUDA graphs: its shapes change at every
-step); compilation and capture happen before the untimed warm-up batch, and a shape first seen in a timed
-batch recompiles inside its time.
+Without --compiled or --graphed both samplers run eager. --graphed replays both from CUDA graphs for calls of up
+to 16 sequences (the runtime's default): the exact sampler's forwards (cudagraph.GraphedHidden) and the cached
+one's refresh and partial steps, the partial step's columns padded to the next power of two so that about
+log2(L) widths cover every step (cudagraph.GraphedLatent). --compiled adds torch.compile to both: the exact
+sampler then runs as `mdlm-sched sample` does on a GPU, and the cached one's two steps compile with dynamic shapes
+(PreparedDenoiser's compile_latent). Compilation and capture of every shape happen before the untimed warm-up
+batch (PreparedDenoiser.prepare_graphs); a call of more than 16 sequences is not graphed, and a shape it first
+shows in a timed batch recompiles inside its time.
 
 --plan-only counts FLOPs from the plan alone (flops.forward_flops / latent_cached_flops, the full convention, the
 head at the decoded positions), so it runs in seconds on a CPU; FLOPs are not wall-clock.
@@ -110,7 +114,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--smoke", action="store_true", help="tiny shapes, B = 2, T = 16, one seed (CPU)")
     p.add_argument("--plan-only", action="store_true", help="FLOPs from the plan at the presets' shapes, no network")
-    p.add_argument("--compiled", action="store_true", help="exact: compiled + CUDA graphs; cached: compiled")
+    p.add_argument("--graphed", action="store_true", help="both samplers replay CUDA graphs for <= 16 sequences")
+    p.add_argument("--compiled", action="store_true", help="both samplers compiled, and graphed as --graphed")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     if args.plan_only:
@@ -123,13 +128,15 @@ def main() -> None:
         args.batches, args.steps, args.seeds = [2], [16], 1
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     configure_backends(device)
-    graph_rows = RuntimeConfig().cuda_graph_rows if args.compiled else 0  # as `mdlm-sched sample` runs
-    models = {name: random_denoiser(name, device, args.smoke, args.compiled, graph_rows, args.compiled)
+    graphed = args.graphed or args.compiled
+    graph_rows = RuntimeConfig().cuda_graph_rows if graphed else 0  # as `mdlm-sched sample` runs
+    models = {name: random_denoiser(name, device, args.smoke, args.compiled, graph_rows, args.compiled, graphed)
               for name in ("small", "large")}
+    latent = any(name != "exact" for name in args.settings)
     configs = {name: m.config for name, m in models.items()}
     seq_len = configs["large"].max_position_embeddings
     rows: list[dict] = []
-    run_info = {"share": args.share, "device": str(device), "compiled": args.compiled,
+    run_info = {"share": args.share, "device": str(device), "compiled": args.compiled, "graphed": graphed,
                 "provenance": provenance(device, 1)}
     for steps in args.steps:
         for spec in args.schedules:
@@ -137,7 +144,7 @@ def main() -> None:
             for batch in args.batches:
                 exact_tokens, exact_s = {}, None
                 for model in models.values():  # every graph a step of this batch can replay, untimed
-                    model.prepare_graphs(batch, seq_len)
+                    model.prepare_graphs(batch, seq_len, latent)
                 for name in args.settings:
                     settings = settings_of(name, args.share)
                     timed(models, schedule, settings, batch, seq_len, 10**6)  # warm-up, untimed

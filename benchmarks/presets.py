@@ -21,15 +21,16 @@ SMOKE = ("model.hidden_size=64", "model.num_attention_heads=4", "model.kv_lora_r
 
 
 def random_denoiser(preset: str, device: torch.device, smoke: bool = False, compile: bool = False,
-                    graph_rows: int = 0, compile_latent: bool = False) -> PreparedDenoiser:
+                    graph_rows: int = 0, compile_latent: bool = False, latent_graphs: bool = False
+                    ) -> PreparedDenoiser:
     """A random-weight denoiser of configs/model/<preset>.yaml (tiny widths with smoke), bf16 autocast on a GPU,
     dropout off (the sampler's eval mode)."""
     return random_denoiser_of([f"model={preset}", *(SMOKE if smoke else ())], device, compile, graph_rows,
-                              compile_latent)
+                              compile_latent, latent_graphs)
 
 
 def random_denoiser_of(words: list[str], device: torch.device, compile: bool = False, graph_rows: int = 0,
-                       compile_latent: bool = False) -> PreparedDenoiser:
+                       compile_latent: bool = False, latent_graphs: bool = False) -> PreparedDenoiser:
     """A random-weight denoiser of the model that config words describe (e.g. a benchmark's run), as above."""
     # random weights read no data: the preset's data files need not be on this machine (the GPU's has no ../shared)
     config = denoiser_config(load([*words, "model.dropout=0.0"], sources=False), GPT2, GPT2 - 1, "")
@@ -40,4 +41,4 @@ def random_denoiser_of(words: list[str], device: torch.device, compile: bool = F
             if not p.abs().sum():
                 p.normal_(0, 0.02)
     return PreparedDenoiser(model, torch.bfloat16 if device.type == "cuda" else None, compile, graph_rows,
-                            compile_latent)
+                            compile_latent, latent_graphs)

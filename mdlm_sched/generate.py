@@ -97,7 +97,7 @@ def warm_up(model_set: ModelSet, settings: SamplerSettings, batch_size: int, ste
         for path in paths:
             sample(model_set.models, model_set.schedule(f"{name}:{steps}", steps), model_set.noise, path,
                    torch.Generator(device=model_set.device).manual_seed(0), batch_size, model_set.seq_len)
-        model_set.models[name].prepare_graphs(batch_size, model_set.seq_len)
+        model_set.models[name].prepare_graphs(batch_size, model_set.seq_len, settings.latent_cache)
 
 
 def run_schedule(model_set: ModelSet, schedule: ModelSchedule, settings: SamplerSettings, num_samples: int,

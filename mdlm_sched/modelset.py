@@ -16,7 +16,7 @@ import torch
 
 from mdlm_sched.artifacts import model_folder
 from mdlm_sched.config import RuntimeConfig
-from mdlm_sched.cudagraph import GraphedHidden
+from mdlm_sched.cudagraph import GraphedHidden, GraphedLatent
 from mdlm_sched.data import load_tokenizer
 
 from mdlm_sched.errors import CheckpointError
@@ -24,6 +24,7 @@ from mdlm_sched.flops import names_light_to_heavy
 from mdlm_sched.hub import local_path
 from mdlm_sched.models.denoiser import DenoiserConfig, Interface
 from mdlm_sched.models.loading import load_denoiser
+from mdlm_sched.models.mla import rotary_cos_sin
 from mdlm_sched.noise import LogLinearNoise, make_noise
 from mdlm_sched.runtime import autocast, autocast_dtype, configure_backends, resolve_device
 from mdlm_sched.sampler import check_length
@@ -43,11 +44,16 @@ def check_compatible(configs: Mapping[str, DenoiserConfig]) -> None:
 
 class PreparedDenoiser:
     """A denoiser set up to sample: eval mode, autocast dtype, optionally a compiled backbone, and on a GPU
-    captured CUDA graphs for calls of at most graph_rows sequences (cudagraph.GraphedHidden); compile_latent:
-    the latent cache's steps compiled too (benchmarks/latent_cache.py --compiled; not yet a runtime setting)."""
+    captured CUDA graphs for calls of at most graph_rows sequences (cudagraph.GraphedHidden).
+
+    The latent cache's steps (benchmarks/latent_cache.py; not yet runtime settings): compile_latent compiles them;
+    latent_graphs (with graph_rows) pads a partial step's columns to a few widths and, on a GPU, replays the calls
+    of at most graph_rows sequences from CUDA graphs (cudagraph.GraphedLatent). The graphs capture the cache by
+    address, so this instance then keeps one latent cache per batch shape and hands it out zeroed to each
+    new_latent_cache call: one sampler at a time per instance, as the sampler runs."""
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None, compile: bool = False,
-                 graph_rows: int = 0, compile_latent: bool = False) -> None:
+                 graph_rows: int = 0, compile_latent: bool = False, latent_graphs: bool = False) -> None:
         self.model = model.eval()
         self.config = model.config
         self.device = model.device
@@ -62,17 +68,33 @@ class PreparedDenoiser:
             with torch.no_grad(), autocast(input_ids.device, dtype, cache=False):
                 return network(input_ids, sigma)
 
+        def run_latent(input_ids: torch.Tensor, sigma: torch.Tensor | None, cache: torch.Tensor, rows: torch.Tensor,
+                       positions: torch.Tensor | None) -> torch.Tensor:
+            with torch.no_grad(), autocast(input_ids.device, dtype, cache=False):
+                return model.latent_hidden(input_ids, sigma, cache, rows, positions)
+
         self._hidden = GraphedHidden(run, graph_rows) if graph_rows > 0 and self.device.type == "cuda" else run
         if compile_latent:  # the latent cache's two steps, compiled on this instance (latent_hidden calls them)
             model.latent_refresh = torch.compile(model.latent_refresh, dynamic=True)
             model.latent_partial = torch.compile(model.latent_partial, dynamic=True)
+        self._latent = run_latent
+        if latent_graphs and graph_rows > 0 and self.config.attention == "mla":
+            self._latent = GraphedLatent(run_latent, graph_rows,
+                                         lambda length: rotary_cos_sin(length, self.config.rotary_frequencies,
+                                                                       self.device))
+        self._latent_caches: dict[tuple[int, int], torch.Tensor] = {}  # (B, L) -> the cache the graphs write
         # Compilation and graph capture happen at first calls: a timed run needs an untimed warm-up first.
-        self.needs_warm_up = compile or compile_latent or isinstance(self._hidden, GraphedHidden)
+        self.needs_warm_up = (compile or compile_latent or isinstance(self._hidden, GraphedHidden)
+                              or (isinstance(self._latent, GraphedLatent) and self.device.type == "cuda"))
 
-    def prepare_graphs(self, batch_size: int, seq_len: int) -> None:
-        """Capture the CUDA graphs of every call a sampler of this batch size can make (no-op without graphs)."""
+    def prepare_graphs(self, batch_size: int, seq_len: int, latent: bool = False) -> None:
+        """Capture the CUDA graphs of every call a sampler of this batch size can make (no-op without graphs);
+        latent: those of the latent cache's steps too."""
         if isinstance(self._hidden, GraphedHidden):
             self._hidden.prepare(batch_size, seq_len, self.config.time_conditioning, self.device)
+        if latent and isinstance(self._latent, GraphedLatent):
+            self._latent.prepare(batch_size, seq_len, self.config.time_conditioning,
+                                 self.new_latent_cache(batch_size, seq_len))
 
     def hidden(self, input_ids: torch.Tensor, sigma: torch.Tensor | None = None) -> torch.Tensor:
         return self._hidden(input_ids, sigma)
@@ -81,15 +103,20 @@ class PreparedDenoiser:
         return self.model.logits_from_hidden(hidden)
 
     def new_latent_cache(self, batch_size: int, seq_len: int) -> torch.Tensor:
-        """An empty latent cache in the autocast dtype (MDLMDenoiser.new_latent_cache)."""
-        return self.model.new_latent_cache(batch_size, seq_len, self.dtype)
+        """An empty latent cache in the autocast dtype (MDLMDenoiser.new_latent_cache); with latent_graphs, this
+        instance's one cache of that shape, zeroed."""
+        if not isinstance(self._latent, GraphedLatent):
+            return self.model.new_latent_cache(batch_size, seq_len, self.dtype)
+        key = (batch_size, seq_len)
+        if key not in self._latent_caches:
+            self._latent_caches[key] = self.model.new_latent_cache(batch_size, seq_len, self.dtype)
+        return self._latent_caches[key].zero_()
 
     def latent_hidden(self, input_ids: torch.Tensor, sigma: torch.Tensor | None, cache: torch.Tensor,
                       rows: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
-        """Through the latent cache: eager, or compiled with compile_latent (no CUDA graphs: its shapes change at
-        every step)."""
-        with torch.no_grad(), autocast(input_ids.device, self.dtype, cache=False):
-            return self.model.latent_hidden(input_ids, sigma, cache, rows, positions)
+        """Through the latent cache (MDLMDenoiser.latent_hidden): eager, compiled with compile_latent, padded and
+        graphed with latent_graphs."""
+        return self._latent(input_ids, sigma, cache, rows, positions)
 
     @property
     def parameters(self) -> int:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mdlm_sched.cudagraph import GraphedHidden
+from mdlm_sched.cudagraph import GraphedHidden, GraphedLatent, padded_width
 from mdlm_sched.modelset import PreparedDenoiser
 from mdlm_sched.models.denoiser import DenoiserConfig, MDLMDenoiser
+from mdlm_sched.models.mla import rotary_cos_sin
 from mdlm_sched.noise import LogLinearNoise
 from mdlm_sched.sampler import sample
 from mdlm_sched.sampling_config import SamplerSettings
@@ -74,3 +75,77 @@ def test_sampling_with_graphs_gives_the_tokens_of_the_path_without(pair, batch):
                               torch.Generator("cuda").manual_seed(3), batch, 32).tokens)
     assert torch.equal(outputs[0], outputs[1])
     assert not (outputs[0] == 299).any()
+
+
+def _tables(model):
+    return lambda length: rotary_cos_sin(length, model.config.rotary_frequencies, model.device)
+
+
+def test_a_padded_latent_call_gives_the_unpadded_hidden_states_and_cache():
+    # GraphedLatent pads a partial step's columns to a power of two by repeating the last; on a CPU it runs the
+    # padded call directly, so the padding itself is checked here.
+    torch.manual_seed(0)
+    model = MDLMDenoiser(DenoiserConfig(num_hidden_layers=2, **KW)).eval()
+    x = torch.randint(0, 299, (5, 32))
+    cache = model.new_latent_cache(5, 32)
+    with torch.no_grad():
+        model.latent_hidden(x, None, cache, torch.arange(5), None)  # a refresh fills every row
+    x[:, [1, 6, 9]] = torch.randint(0, 299, (5, 3))  # the columns that change; row 1 lists column 9 twice
+    positions = torch.tensor([[1, 6, 9], [9, 1, 9], [6, 9, 1], [1, 9, 6], [9, 6, 1]])
+    widths = []
+
+    def recorded(ids, sigma, c, rows, cols):
+        widths.append(cols.shape[1])
+        with torch.no_grad():
+            return model.latent_hidden(ids, sigma, c, rows, cols)
+
+    graphed = GraphedLatent(recorded, max_rows=4, tables=_tables(model))
+    for n in (2, 5):  # 5 > 4 rows: the call as given
+        expected_cache, padded_cache = cache.clone(), cache.clone()
+        rows = torch.arange(n)
+        with torch.no_grad():
+            expected = model.latent_hidden(x[:n], None, expected_cache, rows, positions[:n])
+        out = graphed(x[:n], None, padded_cache, rows, positions[:n])
+        assert out.shape == (n, 3, 64) and torch.allclose(out, expected, atol=1e-6, rtol=0)
+        assert torch.allclose(padded_cache, expected_cache, atol=1e-6, rtol=0)
+    assert widths == [4, 3] and not graphed.graphs
+    assert [padded_width(a, 32) for a in (1, 2, 3, 5, 17, 32)] == [1, 2, 4, 8, 32, 32]
+    assert padded_width(600, 1000) == 1000  # at most the length
+
+
+@pytest.mark.parametrize("batch", [1, 5])
+def test_sampling_through_padded_latent_calls_gives_the_tokens_of_the_path_without(batch):
+    torch.manual_seed(0)
+    pair = {name: MDLMDenoiser(DenoiserConfig(num_hidden_layers=layers, **KW)).eval()
+            for name, layers in (("small", 1), ("large", 2))}
+    with torch.no_grad():  # the head starts at zero: give it weights, so that the tokens depend on the network
+        for model in pair.values():
+            model.lm_head.weight.normal_(0, 0.3)
+    schedule = parse_schedule("sandwich", 48, ["small", "large"])
+    settings = SamplerSettings(latent_cache=True, latent_refresh_every=4)
+    tokens = []
+    for graphs in (False, True):
+        models = {name: PreparedDenoiser(m, graph_rows=3, latent_graphs=graphs) for name, m in pair.items()}
+        tokens.append(sample(models, schedule, LogLinearNoise(1e-3), settings, torch.Generator().manual_seed(3), batch,
+                             32).tokens)
+    assert torch.equal(tokens[0], tokens[1]) and not (tokens[0] == 299).any()
+
+
+@gpu
+def test_a_latent_replay_equals_the_padded_call_it_captured(pair):
+    plain = PreparedDenoiser(pair["large"], torch.bfloat16)
+    graphed = PreparedDenoiser(pair["large"], torch.bfloat16, graph_rows=4, latent_graphs=True)
+    x = torch.randint(0, 299, (4, 32), device="cuda")
+    rows = torch.arange(4, device="cuda")
+    caches = graphed.new_latent_cache(4, 32), plain.new_latent_cache(4, 32)
+    assert graphed.new_latent_cache(4, 32) is caches[0]  # the one cache its graphs write
+    assert torch.equal(graphed.latent_hidden(x, None, caches[0], rows, None),
+                       plain.latent_hidden(x, None, caches[1], rows, None))  # a refresh
+    x[:, [2, 5, 11]] = torch.randint(0, 299, (4, 3), device="cuda")
+    positions = torch.tensor([[2, 5, 11]] * 4, device="cuda")
+    out = graphed.latent_hidden(x, None, caches[0], rows, positions)  # padded to 4 columns and replayed
+    expected = plain.latent_hidden(x, None, caches[1], rows, torch.cat((positions, positions[:, -1:]), dim=1))
+    assert torch.equal(out, expected[:, :3]) and torch.equal(caches[0], caches[1])
+    assert len(graphed._latent.graphs) == 2
+    graphed.prepare_graphs(4, 32, latent=True)  # every row count and padded width, ahead of a timed run
+    assert len(graphed._latent.graphs) == 4 * (1 + len([1, 2, 4, 8, 16, 32]))
