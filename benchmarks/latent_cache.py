@@ -10,18 +10,18 @@ positions run through the network, executed FLOPs (mdlm_sched.flops, full conven
 exact, and the share of the exact sampler's tokens drawn the same (random weights: a sanity check, not quality).
 
     python benchmarks/latent_cache.py --batches 1 128 --steps 1000 256 --out reports/latent-cache/speed.json
-    python benchmarks/latent_cache.py --batches 1 --steps 1000 --graphed    # both paths CUDA-graphed (below)
-    python benchmarks/latent_cache.py --batches 1 --steps 1000 --compiled   # both compiled and graphed
+    python benchmarks/latent_cache.py --batches 1 --steps 1000 --compiled   # exact as `sample` runs it (below)
     python benchmarks/latent_cache.py --smoke   # tiny shapes on the CPU (the test suite runs this)
     python benchmarks/latent_cache.py --plan-only   # no network: each setting's executed FLOPs against exact
                                                     # sampling at the presets' shapes, and the host planning time
 
-Without --compiled or --graphed both samplers run eager. --graphed replays both from CUDA graphs for calls of up
+Without --graphed or --compiled both samplers run eager. --graphed replays both from CUDA graphs for calls of up
 to 16 sequences (the runtime's default): the exact sampler's forwards (cudagraph.GraphedHidden) and the cached
 one's refresh and partial steps, the partial step's columns padded to the next power of two so that about
-log2(L) widths cover every step (cudagraph.GraphedLatent). --compiled adds torch.compile to both: the exact
-sampler then runs as `mdlm-sched sample` does on a GPU, and the cached one's two steps compile with dynamic shapes
-(PreparedDenoiser's compile_latent). Compilation and capture of every shape happen before the untimed warm-up
+log2(L) widths cover every step (cudagraph.GraphedLatent). --compiled compiles the exact sampler's network too,
+so that it runs as `mdlm-sched sample` does on a GPU (it implies --graphed; the cached sampler does not use that
+network). --compile-latent compiles the cached sampler's two steps with dynamic shapes (PreparedDenoiser's
+compile_latent), which takes minutes. Compilation and capture of every shape happen before the untimed warm-up
 batch (PreparedDenoiser.prepare_graphs); a call of more than 16 sequences is not graphed, and a shape it first
 shows in a timed batch recompiles inside its time.
 
@@ -115,7 +115,8 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny shapes, B = 2, T = 16, one seed (CPU)")
     p.add_argument("--plan-only", action="store_true", help="FLOPs from the plan at the presets' shapes, no network")
     p.add_argument("--graphed", action="store_true", help="both samplers replay CUDA graphs for <= 16 sequences")
-    p.add_argument("--compiled", action="store_true", help="both samplers compiled, and graphed as --graphed")
+    p.add_argument("--compiled", action="store_true", help="the exact sampler compiled (and both graphed)")
+    p.add_argument("--compile-latent", action="store_true", help="the cached sampler's steps compiled")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     if args.plan_only:
@@ -130,13 +131,14 @@ def main() -> None:
     configure_backends(device)
     graphed = args.graphed or args.compiled
     graph_rows = RuntimeConfig().cuda_graph_rows if graphed else 0  # as `mdlm-sched sample` runs
-    models = {name: random_denoiser(name, device, args.smoke, args.compiled, graph_rows, args.compiled, graphed)
+    models = {name: random_denoiser(name, device, args.smoke, args.compiled, graph_rows, args.compile_latent, graphed)
               for name in ("small", "large")}
     latent = any(name != "exact" for name in args.settings)
     configs = {name: m.config for name, m in models.items()}
     seq_len = configs["large"].max_position_embeddings
     rows: list[dict] = []
     run_info = {"share": args.share, "device": str(device), "compiled": args.compiled, "graphed": graphed,
+                "compile_latent": args.compile_latent,
                 "provenance": provenance(device, 1)}
     for steps in args.steps:
         for spec in args.schedules:

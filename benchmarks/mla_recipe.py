@@ -11,6 +11,12 @@ masks, not the spread between training seeds.
     # the attention ablation of issue 31 (MHA, GQA, MQA, MLA at equal caches), one budget:
     python benchmarks/mla_recipe.py run --data-root .carry --out /tmp/ablation --parallel 4 --runs dit12:1000 \
         gqa4:1000 gqa2:1000 mqa:1000 mla512:1000 mla256:1000 mla128:1000 --collect $OUT/data
+    # the same, detached over several device calls (benchmarks/lease.sh; poll until FINISHED):
+    bash benchmarks/lease.sh start abl bash -c 'python3 benchmarks/mla_recipe.py run --data-root .carry \
+        --out /tmp/ablation --parallel 4 --runs dit12:1000 gqa4:1000 gqa2:1000 mqa:1000 mla512:1000 mla256:1000 \
+        mla128:1000 --collect $JOB_OUT/data && python3 benchmarks/mla_recipe.py speed --runs dit12 gqa4 gqa2 mqa \
+        mla512 mla256 mla128 --out $JOB_OUT/data/speed.json'
+    bash benchmarks/lease.sh poll abl 560
     # on the GPU: train the named runs (NAME:STEPS), --parallel at a time; rerunning resumes unfinished runs
     python benchmarks/mla_recipe.py run --data-root .carry --out /tmp/recipe --runs dit12:1000 gated12:1000 \
         --collect $OUT/data
