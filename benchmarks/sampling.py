@@ -17,9 +17,10 @@ Parts (--parts):
             wall-clock against FLOPs for the schedule, the share of sequence-steps that skip the
             network, and what the cache saves.
   latency   one batch of --latency-batches sequences (1 and 8) at T = 1000, all-large and the
-            sandwich, with and without captured CUDA graphs (--cuda-graph-rows): wall-clock per
+            sandwich: without CUDA graphs, with them (--cuda-graph-rows), and with them and the
+            Linear weights cast to bf16 once (PreparedDenoiser's cast_weights): wall-clock per
             batch (median of --latency-reps seeds, after a warm-up that compiles and captures every
-            batch size), and whether the tokens equal those of the path without graphs, seed by seed.
+            batch size), and whether the tokens equal those of the plain path, seed by seed.
 
     python benchmarks/sampling.py --parts network steps full latency --out reports/h200-sampling/bench_sampling.json
 """
@@ -213,12 +214,15 @@ def bench_full(ms: ModelSet, samples: int, batch: int, cache_samples: int, steps
 
 def bench_latency(models: dict[str, PreparedDenoiser], batches: list[int], steps: int, reps: int,
                   graph_rows: int, compile: bool) -> list[dict]:
-    """Wall-clock of one batch at T = steps without and with CUDA graphs, and whether the tokens agree."""
-    variants = {rows: {name: PreparedDenoiser(m.model, m.dtype, compile, rows) for name, m in models.items()}
-                for rows in (0, graph_rows)}
+    """Wall-clock of one batch at T = steps without and with CUDA graphs, then with graphs and the Linear weights
+    cast once (PreparedDenoiser's cast_weights), and whether the tokens equal those of the path without either."""
     tokens_without: dict[tuple[int, str, int], torch.Tensor] = {}
     rows_out = []
-    for rows, prepared in variants.items():
+    # The cast changes the shared models in place, so its variant comes last and each is made when it runs.
+    for rows, cast in ((0, False), (graph_rows, False), (graph_rows, True)):
+        prepared = {name: PreparedDenoiser(m.model, m.dtype, compile, rows, cast_weights=cast)
+                    for name, m in models.items()}
+        baseline = rows == 0 and not cast
         ms = model_set(prepared)
         for b in batches:
             for model in prepared.values():  # compile and capture every batch size a step can run
@@ -231,20 +235,21 @@ def bench_latency(models: dict[str, PreparedDenoiser], batches: list[int], steps
                     output = run_schedule(ms, schedule, SamplerSettings(), b, b, seed, progress=False)
                     walls.append(output.wall_s)
                     key = (b, spec, seed)
-                    if rows == 0:
+                    if baseline:
                         tokens_without[key] = output.tokens
                     else:
                         equal.append(bool(torch.equal(output.tokens, tokens_without[key])))
                 for m in ms.models.values():
                     m.network_seconds()  # drop the events of these runs
-                row = {"cuda_graph_rows": rows, "batch": b, "schedule": spec, "steps": steps, "reps": reps,
-                       "wall_s_median": round(statistics.median(walls), 4), "wall_s_min": round(min(walls), 4),
-                       "wall_s_max": round(max(walls), 4),
-                       "tokens_equal_to_no_graphs": f"{sum(equal)}/{len(equal)}" if rows else None}
+                row = {"cuda_graph_rows": rows, "cast_weights": cast, "batch": b, "schedule": spec, "steps": steps,
+                       "reps": reps, "wall_s_median": round(statistics.median(walls), 4),
+                       "wall_s_min": round(min(walls), 4), "wall_s_max": round(max(walls), 4),
+                       "tokens_equal_to_no_graphs": None if baseline else f"{sum(equal)}/{len(equal)}"}
                 rows_out.append(row)
-                print(f"latency graphs<={rows:<3} B={b:<3} {spec:>9} {row['wall_s_median']:7.3f} s "
-                      f"(min {row['wall_s_min']:.3f}, max {row['wall_s_max']:.3f}, {reps} seeds)"
-                      + (f"  tokens equal to no-graph: {row['tokens_equal_to_no_graphs']}" if rows else ""),
+                print(f"latency graphs<={rows:<3} cast={'yes' if cast else 'no '} B={b:<3} {spec:>9} "
+                      f"{row['wall_s_median']:7.3f} s (min {row['wall_s_min']:.3f}, max {row['wall_s_max']:.3f}, "
+                      f"{reps} seeds)" + ("" if baseline else
+                                          f"  tokens equal to the plain path: {row['tokens_equal_to_no_graphs']}"),
                       flush=True)
     return rows_out
 

@@ -50,10 +50,18 @@ class PreparedDenoiser:
     latent_graphs (with graph_rows) pads a partial step's columns to a few widths and, on a GPU, replays the calls
     of at most graph_rows sequences from CUDA graphs (cudagraph.GraphedLatent). The graphs capture the cache by
     address, so this instance then keeps one latent cache per batch shape and hands it out zeroed to each
-    new_latent_cache call: one sampler at a time per instance, as the sampler runs."""
+    new_latent_cache call: one sampler at a time per instance, as the sampler runs.
+
+    cast_weights (benchmarks/sampling.py's latency part; not yet a runtime setting): with an autocast dtype, the
+    weights and biases of every Linear but the output head are stored in that dtype once (cast_linear_weights),
+    instead of being cast by autocast at every call. This changes the model in place: for models this instance
+    alone samples."""
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None, compile: bool = False,
-                 graph_rows: int = 0, compile_latent: bool = False, latent_graphs: bool = False) -> None:
+                 graph_rows: int = 0, compile_latent: bool = False, latent_graphs: bool = False,
+                 cast_weights: bool = False) -> None:
+        if cast_weights and dtype is not None:
+            cast_linear_weights(model, dtype)
         self.model = model.eval()
         self.config = model.config
         self.device = model.device
@@ -121,6 +129,20 @@ class PreparedDenoiser:
     @property
     def parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+
+def cast_linear_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Store the weights and biases of every nn.Linear but model.lm_head in dtype, in place (sampling only).
+
+    Under autocast a Linear casts its float32 weight to the autocast dtype at every call: at batch 1 those casts
+    are a kernel per Linear and a read of the float32 weights at every forward. Rounding once gives the matmuls the
+    same values. The output head stays float32, since the sampler runs it in float32
+    (MDLMDenoiser.logits_from_hidden), and so do the norms, which autocast runs in float32.
+    """
+    head = getattr(model, "lm_head", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module is not head:
+            module.to(dtype)
 
 
 @dataclass

@@ -149,3 +149,32 @@ def test_a_latent_replay_equals_the_padded_call_it_captured(pair):
     assert len(graphed._latent.graphs) == 2
     graphed.prepare_graphs(4, 32, latent=True)  # every row count and padded width, ahead of a timed run
     assert len(graphed._latent.graphs) == 4 * (1 + len([1, 2, 4, 8, 16, 32]))
+
+
+def test_weights_cast_once_give_the_hidden_states_logits_and_tokens_of_the_per_call_casts():
+    # cast_weights stores the Linears (not the head) in the autocast dtype; CPU autocast to bfloat16 casts them
+    # at every call as CUDA's does, so the two paths must agree to the bit here.
+    import copy
+
+    torch.manual_seed(0)
+    pair = {name: MDLMDenoiser(DenoiserConfig(num_hidden_layers=layers, ada_ln=True, **KW)).eval()
+            for name, layers in (("small", 1), ("large", 2))}
+    with torch.no_grad():  # the gates and the head start at zero: give them weights, so that they matter
+        for model in pair.values():
+            for p in model.parameters():
+                if not p.abs().sum():
+                    p.normal_(0, 0.3)
+    per_call = {name: PreparedDenoiser(m, torch.bfloat16) for name, m in pair.items()}
+    cast = {name: PreparedDenoiser(copy.deepcopy(m), torch.bfloat16, cast_weights=True) for name, m in pair.items()}
+    large = cast["large"].model
+    assert large.blocks[0].mlp[0].weight.dtype == large.blocks[0].ada_ln.bias.dtype == torch.bfloat16
+    assert large.lm_head.weight.dtype == large.norm_final.weight.dtype == torch.float32
+    x = torch.randint(0, 299, (3, 32))
+    hidden = per_call["large"].hidden(x)
+    assert torch.equal(cast["large"].hidden(x), hidden)
+    assert torch.equal(cast["large"].logits_from_hidden(hidden), per_call["large"].logits_from_hidden(hidden))
+    schedule = parse_schedule("sandwich", 48, ["small", "large"])
+    for settings in (SamplerSettings(), SamplerSettings(latent_cache=True, latent_refresh_every=4)):
+        tokens = [sample(models, schedule, LogLinearNoise(1e-3), settings, torch.Generator().manual_seed(3), 4,
+                         32).tokens for models in (per_call, cast)]
+        assert torch.equal(tokens[0], tokens[1])
