@@ -14,6 +14,7 @@ exact, and the share of the exact sampler's tokens drawn the same (random weight
     python benchmarks/latent_cache.py --smoke   # tiny shapes on the CPU (the test suite runs this)
     python benchmarks/latent_cache.py --plan-only   # no network: each setting's executed FLOPs against exact
                                                     # sampling at the presets' shapes, and the host planning time
+    python benchmarks/latent_cache.py --op-count    # operators one eager call dispatches (CPU, below)
 
 Without --graphed or --compiled both samplers run eager. --graphed replays both from CUDA graphs for calls of up
 to 16 sequences (the runtime's default): the exact sampler's forwards (cudagraph.GraphedHidden) and the cached
@@ -24,6 +25,12 @@ network). --compile-latent compiles the cached sampler's two steps with dynamic 
 compile_latent), which takes minutes. Compilation and capture of every shape happen before the untimed warm-up
 batch (PreparedDenoiser.prepare_graphs); a call of more than 16 sequences is not graphed, and a shape it first
 shows in a timed batch recompiles inside its time.
+
+--op-count runs the `large` preset (random weights) once per call kind at B = 1, L = 1024 on the CPU under bf16
+autocast, as the GPU's eager path runs: the full forward, the cache's refresh and its partial step at several
+widths, each with the weights cast per call and cast once (PreparedDenoiser's cast_weights). It counts the aten
+operators dispatched, views excluded: a proxy for the kernels an eager call launches on a GPU (at batch 1 the time
+of a step that is bound by launches, not arithmetic), not a timing.
 
 --plan-only counts FLOPs from the plan alone (flops.forward_flops / latent_cached_flops, the full convention, the
 head at the decoded positions), so it runs in seconds on a CPU; FLOPs are not wall-clock.
@@ -46,6 +53,7 @@ from mdlm_sched.diffusion import unmask_probability
 from mdlm_sched.fileio import atomic_write_json
 from mdlm_sched.flops import forward_flops, latent_cached_flops, trace_flops
 from mdlm_sched.latent_cache import plan_latent_steps
+from mdlm_sched.modelset import PreparedDenoiser
 from mdlm_sched.models import denoiser_config
 from mdlm_sched.noise import LogLinearNoise
 from mdlm_sched.provenance import provenance
@@ -53,7 +61,7 @@ from mdlm_sched.runtime import configure_backends
 from mdlm_sched.sampler import sample, unmask_steps
 from mdlm_sched.sampling_config import SamplerSettings
 from mdlm_sched.schedule import DEFAULT_T_MIN, parse_schedule, time_grid
-from presets import GPT2, random_denoiser
+from presets import GPT2, random_denoiser, random_denoiser_of
 
 
 def settings_of(spec: str, share: float) -> SamplerSettings:
@@ -73,6 +81,45 @@ def timed(models: dict, schedule, settings: SamplerSettings, batch: int, seq_len
     result = sample(models, schedule, LogLinearNoise(1e-3), settings, generator, batch, seq_len)
     result.tokens.cpu()  # waits for the GPU
     return time.perf_counter() - start, result
+
+
+class _OpCount(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten operators dispatched inside it, views (no kernel) excluded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func is not torch.ops.aten._unsafe_view.default:
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def op_counts(smoke: bool) -> list[dict]:
+    """Operators of one eager call of each kind, B = 1, bf16 autocast on the CPU (see --op-count)."""
+    rows = []
+    for cast in (False, True):
+        words = ["model=large", *(("model.num_hidden_layers=2", "model.max_seq_len=64", "data.seq_len=64")
+                                  if smoke else ())]
+        model = random_denoiser_of(words, torch.device("cpu")).model
+        prepared = PreparedDenoiser(model, torch.bfloat16, cast_weights=cast)
+        length = model.config.max_position_embeddings
+        x = torch.randint(0, GPT2 - 1, (1, length))
+        cache, rows_1 = prepared.new_latent_cache(1, length), torch.arange(1)
+        calls = {"forward": lambda: prepared.hidden(x),
+                 "refresh": lambda: prepared.latent_hidden(x, None, cache, rows_1, None)}
+        for width in (1, 4, 16, 64):
+            cols = torch.arange(width)[None]
+            calls[f"partial A={width}"] = lambda cols=cols: prepared.latent_hidden(x, None, cache, rows_1, cols)
+        for call, fn in calls.items():
+            counter = _OpCount()
+            with counter:
+                fn()
+            rows.append({"call": call, "cast_weights": cast, "layers": model.config.num_hidden_layers,
+                         "operators": counter.ops})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def plan_only(args: argparse.Namespace) -> list[dict]:
@@ -114,6 +161,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--smoke", action="store_true", help="tiny shapes, B = 2, T = 16, one seed (CPU)")
     p.add_argument("--plan-only", action="store_true", help="FLOPs from the plan at the presets' shapes, no network")
+    p.add_argument("--op-count", action="store_true", help="operators per eager call, B = 1, on the CPU")
     p.add_argument("--graphed", action="store_true", help="both samplers replay CUDA graphs for <= 16 sequences")
     p.add_argument("--compiled", action="store_true", help="the exact sampler compiled (and both graphed)")
     p.add_argument("--compile-latent", action="store_true", help="the cached sampler's steps compiled")
@@ -124,6 +172,11 @@ def main() -> None:
         if args.out is not None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({"rows": rows, "share": args.share}, indent=1) + "\n")
+        return
+    if args.op_count:
+        rows = op_counts(args.smoke)
+        if args.out is not None:
+            atomic_write_json(args.out, {"rows": rows, "provenance": provenance(torch.device("cpu"), 1)})
         return
     if args.smoke:
         args.batches, args.steps, args.seeds = [2], [16], 1

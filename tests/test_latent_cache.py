@@ -178,3 +178,16 @@ def test_each_cached_step_compiles_as_one_graph(pair):
         compiled = _sample(models, spec, latent_cache=True, latent_refresh_every=4)
         assert torch.equal(compiled.tokens, _sample(pair, spec, latent_cache=True, latent_refresh_every=4).tokens)
     torch._dynamo.reset()
+
+
+def test_the_operator_count_runs_on_the_cpu(tmp_path):
+    # benchmarks/latent_cache.py --op-count: operators per eager call under bf16 autocast, so that it cannot rot.
+    out = tmp_path / "ops.json"
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "latent_cache.py"), "--op-count", "--smoke",
+                          "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ops = {(r["call"], r["cast_weights"]): r["operators"] for r in json.loads(out.read_text())["rows"]}
+    for call in ("forward", "refresh", "partial A=4"):
+        assert 0 < ops[(call, True)] < ops[(call, False)]  # casting once drops the per-call casts of the weights
+    # a partial step's operators do not depend on how many columns it runs
+    assert ops[("partial A=4", False)] == ops[("partial A=16", False)] == ops[("partial A=64", False)]
