@@ -61,7 +61,7 @@ from mdlm_sched.runtime import configure_backends
 from mdlm_sched.sampler import sample, unmask_steps
 from mdlm_sched.sampling_config import SamplerSettings
 from mdlm_sched.schedule import DEFAULT_T_MIN, parse_schedule, time_grid
-from presets import GPT2, random_denoiser, random_denoiser_of
+from presets import GPT2, SMOKE, random_denoiser, random_denoiser_of
 
 
 def settings_of(spec: str, share: float) -> SamplerSettings:
@@ -100,8 +100,7 @@ def op_counts(smoke: bool) -> list[dict]:
     """Operators of one eager call of each kind, B = 1, bf16 autocast on the CPU (see --op-count)."""
     rows = []
     for cast in (False, True):
-        words = ["model=large", *(("model.num_hidden_layers=2", "model.max_seq_len=64", "data.seq_len=64")
-                                  if smoke else ())]
+        words = ["model=large", *((*SMOKE, "model.num_hidden_layers=2") if smoke else ())]
         model = random_denoiser_of(words, torch.device("cpu")).model
         prepared = PreparedDenoiser(model, torch.bfloat16, cast_weights=cast)
         length = model.config.max_position_embeddings

@@ -33,8 +33,8 @@ def check_pairable(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
     differ otherwise (what the comparison measures)."""
     for name in PAIRING_SETTINGS:
         if a.get(name) != b.get(name):
-            raise ConfigError(f"the sweeps differ in {name} ({a.get(name)!r} against {b.get(name)!r}), so their samples "
-                              f"do not pair; compare sweeps of the same models, judge and batches")
+            raise ConfigError(f"the sweeps differ in {name} ({a.get(name)!r} against {b.get(name)!r}), so their "
+                              f"samples do not pair; compare sweeps of the same models, judge and batches")
     return sorted(name for name in set(a) | set(b) if name not in PAIRING_SETTINGS and a.get(name) != b.get(name))
 
 
