@@ -58,10 +58,10 @@ from mdlm_sched.models import denoiser_config
 from mdlm_sched.noise import LogLinearNoise
 from mdlm_sched.provenance import provenance
 from mdlm_sched.runtime import configure_backends
-from mdlm_sched.sampler import sample, unmask_steps
+from mdlm_sched.sampler import unmask_steps
 from mdlm_sched.sampling_config import SamplerSettings
 from mdlm_sched.schedule import DEFAULT_T_MIN, parse_schedule, time_grid
-from presets import GPT2, SMOKE, random_denoiser, random_denoiser_of
+from presets import GPT2, SMOKE, random_denoiser, random_denoiser_of, timed
 
 
 def settings_of(spec: str, share: float) -> SamplerSettings:
@@ -70,17 +70,6 @@ def settings_of(spec: str, share: float) -> SamplerSettings:
         return SamplerSettings()
     return SamplerSettings(latent_cache=True, latent_refresh_every=int(spec.removeprefix("R")),
                            latent_refresh_share=share)
-
-
-def timed(models: dict, schedule, settings: SamplerSettings, batch: int, seq_len: int, seed: int) -> tuple:
-    device = next(iter(models.values())).device
-    generator = torch.Generator(device).manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    result = sample(models, schedule, LogLinearNoise(1e-3), settings, generator, batch, seq_len)
-    result.tokens.cpu()  # waits for the GPU
-    return time.perf_counter() - start, result
 
 
 class _OpCount(torch.utils._python_dispatch.TorchDispatchMode):

@@ -177,12 +177,10 @@ def speed(args: argparse.Namespace) -> None:
     from mdlm_sched.config import RuntimeConfig
     from mdlm_sched.errors import ConfigError
     from mdlm_sched.fileio import atomic_write_json, check_writable
-    from mdlm_sched.noise import LogLinearNoise
     from mdlm_sched.runtime import configure_backends
-    from mdlm_sched.sampler import sample
     from mdlm_sched.sampling_config import SamplerSettings
     from mdlm_sched.schedule import parse_schedule
-    from presets import random_denoiser_of
+    from presets import random_denoiser_of, timed
 
     unknown = [name for name in args.runs if name not in RUNS]
     if unknown:
@@ -207,14 +205,8 @@ def speed(args: argparse.Namespace) -> None:
                       "cache": model.config.kv_cache_elements, "seq_len": seq_len, "ms_per_step": {}}
         for batch in args.batches:
             model.prepare_graphs(batch, seq_len)
-            walls = []
-            for rep in range(args.reps + 1):  # the first, untimed: compilation
-                generator = torch.Generator(device).manual_seed(rep)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                sample({"m": model}, schedule, LogLinearNoise(1e-3), settings, generator, batch, seq_len).tokens.cpu()
-                walls.append(time.perf_counter() - start)
+            # the first batch, untimed: compilation
+            walls = [timed({"m": model}, schedule, settings, batch, seq_len, rep)[0] for rep in range(args.reps + 1)]
             rows[name]["ms_per_step"][str(batch)] = 1e3 * statistics.median(walls[1:]) / args.steps
             print(f"{name:>8} B={batch:<4} {rows[name]['ms_per_step'][str(batch)]:8.2f} ms per step", flush=True)
         del model
@@ -251,12 +243,9 @@ def final(run: dict, source: str) -> dict:
 def report(args: argparse.Namespace) -> None:
     import math
 
-    import matplotlib
     import numpy as np
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    from analysis.plots import plt, save
     from mdlm_sched.stats import paired_mean_difference
 
     data, out = Path(args.data), Path(args.out)
@@ -361,9 +350,7 @@ def report(args: argparse.Namespace) -> None:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    for ext in ("png", "pdf"):
-        fig.savefig(out / f"validation_curves.{ext}", dpi=130)
-    plt.close(fig)
+    save(fig, out / "validation_curves")
     cache_figure(runs, summary, head_src, out)
     print((out / "table.md").read_text())
 
@@ -372,7 +359,7 @@ def cache_figure(runs: dict, summary: dict, source: str, out: Path) -> None:
     """bound_vs_cache.png/pdf: each run's final bound (95% CI over validation blocks) against its cache per token
     and layer, one panel per depth and budget; multi-head attention's K/V (MHA, GQA, MQA) and MLA's latent apart,
     the middle validation hollow."""
-    import matplotlib.pyplot as plt
+    from analysis.plots import plt, save
 
     panels = sorted({(r["model"]["num_hidden_layers"], r["steps"]) for r in runs.values()}, reverse=True)
     fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), squeeze=False)
@@ -402,9 +389,7 @@ def cache_figure(runs: dict, summary: dict, source: str, out: Path) -> None:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    for ext in ("png", "pdf"):
-        fig.savefig(out / f"bound_vs_cache.{ext}", dpi=130)
-    plt.close(fig)
+    save(fig, out / "bound_vs_cache")
 
 
 def compare(args: argparse.Namespace) -> None:

@@ -1,4 +1,5 @@
-"""Random-weight denoisers of the model presets (configs/model), for the speed benchmarks.
+"""Random-weight denoisers of the model presets (configs/model), and the timing of one sampled batch, for the speed
+benchmarks.
 
 Random weights cost the same FLOPs and time as trained ones. adaLN-Zero starts every gate at zero, which would
 make each gated block the identity; the zero parameters are drawn like the others, so that every block works.
@@ -6,12 +7,18 @@ make each gated block the identity; the zero parameters are drawn like the other
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from mdlm_sched.config_load import load
 from mdlm_sched.modelset import PreparedDenoiser
 from mdlm_sched.models import denoiser_config
 from mdlm_sched.models.denoiser import MDLMDenoiser
+from mdlm_sched.noise import LogLinearNoise
+from mdlm_sched.sampler import SampleResult, sample
+from mdlm_sched.sampling_config import SamplerSettings
+from mdlm_sched.schedule import ModelSchedule
 
 GPT2 = 50257  # tokenizer length ([MASK] is appended)
 SMOKE_LEN = 64
@@ -42,3 +49,16 @@ def random_denoiser_of(words: list[str], device: torch.device, compile: bool = F
                 p.normal_(0, 0.02)
     return PreparedDenoiser(model, torch.bfloat16 if device.type == "cuda" else None, compile, graph_rows,
                             compile_latent, latent_graphs)
+
+
+def timed(models: dict[str, PreparedDenoiser], schedule: ModelSchedule, settings: SamplerSettings, batch: int,
+          seq_len: int, seed: int) -> tuple[float, SampleResult]:
+    """Wall-clock seconds of one sampled batch (the GPU idle before it and waited for after it), and its result."""
+    device = next(iter(models.values())).device
+    generator = torch.Generator(device).manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = sample(models, schedule, LogLinearNoise(1e-3), settings, generator, batch, seq_len)
+    result.tokens.cpu()  # waits for the GPU
+    return time.perf_counter() - start, result

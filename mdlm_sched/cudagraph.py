@@ -41,11 +41,8 @@ class _Captures:
         self.pool: tuple[int, int] | None = None  # made at the first capture: a graph-free run needs no GPU
         self.graphs: dict[tuple, _Graph] = {}
 
-    def replay(self, key: tuple, inputs: Sequence[torch.Tensor | None], held: Sequence[torch.Tensor] = ()
-               ) -> torch.Tensor:
-        """fn's output for these inputs, from the key's graph (captured now if new); the graph's own buffer."""
-        if key not in self.graphs:
-            self.capture(key, inputs, held)
+    def replay(self, key: tuple, inputs: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """fn's output for these inputs, from the key's graph (captured already); the graph's own buffer."""
         g = self.graphs[key]
         for static, value in zip(g.inputs, inputs):
             if static is not None:
@@ -92,7 +89,10 @@ class GraphedHidden:
         n, length = input_ids.shape
         if n > self.max_rows:
             return self.fn(input_ids, sigma)
-        return self._captures.replay((n, length, sigma is not None), (input_ids, sigma)).clone()
+        key, inputs = (n, length, sigma is not None), (input_ids, sigma)
+        if key not in self.graphs:
+            self._captures.capture(key, inputs)
+        return self._captures.replay(key, inputs).clone()
 
     def prepare(self, rows: int, length: int, with_sigma: bool, device: torch.device) -> None:
         """Capture the graphs of every call of 1..rows sequences of `length` tokens now (outside any timing)."""
@@ -138,8 +138,10 @@ class GraphedLatent:
         if input_ids.device.type != "cuda":
             out = self.fn(input_ids, sigma, cache, rows, positions)
         else:
-            key = self._key(n, length, sigma is not None, cache, positions)
-            out = self._captures.replay(key, (input_ids, sigma, rows, positions), (cache, *self.tables(length)))
+            key, inputs = self._key(n, length, sigma is not None, cache, positions), (input_ids, sigma, rows, positions)
+            if key not in self.graphs:  # the tables are looked up only here: a replay needs nothing but the inputs
+                self._captures.capture(key, inputs, (cache, *self.tables(length)))
+            out = self._captures.replay(key, inputs)
         return (out if width is None else out[:, :width]).clone()  # [n, L or A, d]
 
     def prepare(self, rows: int, length: int, with_sigma: bool, cache: torch.Tensor) -> None:
