@@ -42,6 +42,7 @@ import argparse
 import itertools
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -50,7 +51,8 @@ import torch
 from mdlm_sched.config import RuntimeConfig
 from mdlm_sched.config_load import load
 from mdlm_sched.diffusion import unmask_probability
-from mdlm_sched.fileio import atomic_write_json
+from mdlm_sched.errors import ConfigError
+from mdlm_sched.fileio import atomic_write_json, check_writable
 from mdlm_sched.flops import forward_flops, latent_cached_flops, trace_flops
 from mdlm_sched.latent_cache import plan_latent_steps
 from mdlm_sched.modelset import PreparedDenoiser
@@ -88,18 +90,18 @@ class _OpCount(torch.utils._python_dispatch.TorchDispatchMode):
 def op_counts(smoke: bool) -> list[dict]:
     """Operators of one eager call of each kind, B = 1, bf16 autocast on the CPU (see --op-count)."""
     rows = []
-    for cast in (False, True):
-        words = ["model=large", *((*SMOKE, "model.num_hidden_layers=2") if smoke else ())]
+    words = ["model=large", *((*SMOKE, "model.num_hidden_layers=2") if smoke else ())]
+    for cast in (False, True):  # a model each: cast_weights changes it in place
         model = random_denoiser_of(words, torch.device("cpu")).model
         prepared = PreparedDenoiser(model, torch.bfloat16, cast_weights=cast)
         length = model.config.max_position_embeddings
         x = torch.randint(0, GPT2 - 1, (1, length))
-        cache, rows_1 = prepared.new_latent_cache(1, length), torch.arange(1)
+        cache, row_ids = prepared.new_latent_cache(1, length), torch.arange(1)
         calls = {"forward": lambda: prepared.hidden(x),
-                 "refresh": lambda: prepared.latent_hidden(x, None, cache, rows_1, None)}
+                 "refresh": lambda: prepared.latent_hidden(x, None, cache, row_ids, None)}
         for width in (1, 4, 16, 64):
             cols = torch.arange(width)[None]
-            calls[f"partial A={width}"] = lambda cols=cols: prepared.latent_hidden(x, None, cache, rows_1, cols)
+            calls[f"partial A={width}"] = lambda cols=cols: prepared.latent_hidden(x, None, cache, row_ids, cols)
         for call, fn in calls.items():
             counter = _OpCount()
             with counter:
@@ -155,11 +157,16 @@ def main() -> None:
     p.add_argument("--compile-latent", action="store_true", help="the cached sampler's steps compiled")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
+    if args.out is not None:  # before any work: a run must not end unable to write what it measured
+        try:
+            check_writable(args.out.parent, "--out's folder")
+        except ConfigError as e:
+            print(f"latent_cache: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
     if args.plan_only:
         rows = plan_only(args)
         if args.out is not None:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"rows": rows, "share": args.share}, indent=1) + "\n")
+            atomic_write_json(args.out, {"rows": rows, "share": args.share})
         return
     if args.op_count:
         rows = op_counts(args.smoke)

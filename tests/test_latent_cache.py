@@ -191,3 +191,13 @@ def test_the_operator_count_runs_on_the_cpu(tmp_path):
         assert 0 < ops[(call, True)] < ops[(call, False)]  # casting once drops the per-call casts of the weights
     # a partial step's operators do not depend on how many columns it runs
     assert ops[("partial A=4", False)] == ops[("partial A=16", False)] == ops[("partial A=64", False)]
+
+
+def test_the_benchmark_refuses_an_output_it_cannot_write_before_any_work(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "latent_cache.py"), "--op-count", "--smoke",
+                          "--out", str(blocker / "ops.json")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2
+    assert run.stderr.startswith("latent_cache: ") and len(run.stderr.strip().splitlines()) == 1, run.stderr
+    assert run.stdout == ""  # refused before the first call was counted
