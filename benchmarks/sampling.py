@@ -17,10 +17,11 @@ Parts (--parts):
             wall-clock against FLOPs for the schedule, the share of sequence-steps that skip the
             network, and what the cache saves.
   latency   one batch of --latency-batches sequences (1 and 8) at T = 1000, all-large and the
-            sandwich: without CUDA graphs, with them (--cuda-graph-rows), and with them and the
-            Linear weights cast to bf16 once (PreparedDenoiser's cast_weights): wall-clock per
-            batch (median of --latency-reps seeds, after a warm-up that compiles and captures every
-            batch size), and whether the tokens equal those of the plain path, seed by seed.
+            sandwich: without CUDA graphs, with them (--cuda-graph-rows), with them and the
+            Linear weights cast to bf16 once (PreparedDenoiser's cast_weights), and with all that and
+            the adaLN modulations folded (PreparedDenoiser's fold_modulation): wall-clock per batch
+            (median of --latency-reps seeds, after a warm-up that compiles and captures every batch
+            size), and whether the tokens equal those of the plain path, seed by seed.
 
     python benchmarks/sampling.py --parts network steps full latency --out reports/h200-sampling/bench_sampling.json
 """
@@ -215,12 +216,15 @@ def bench_full(ms: ModelSet, samples: int, batch: int, cache_samples: int, steps
 def bench_latency(models: dict[str, PreparedDenoiser], batches: list[int], steps: int, reps: int,
                   graph_rows: int, compile: bool) -> list[dict]:
     """Wall-clock of one batch at T = steps without and with CUDA graphs, then with graphs and the Linear weights
-    cast once (PreparedDenoiser's cast_weights), and whether the tokens equal those of the path without either."""
+    cast once (PreparedDenoiser's cast_weights), then also with the adaLN modulations folded (fold_modulation), and
+    whether the tokens equal those of the plain path."""
     tokens_without: dict[tuple[int, str, int], torch.Tensor] = {}
     rows_out = []
-    # The cast changes the shared models in place, so its variant comes last and each is made when it runs.
-    for rows, cast in ((0, False), (graph_rows, False), (graph_rows, True)):
-        prepared = {name: PreparedDenoiser(m.model, m.dtype, compile, rows, cast_weights=cast)
+    # The cast and the fold change the shared models in place, so their variants come last, in this order, and each
+    # is made when it runs.
+    for rows, cast, fold in ((0, False, False), (graph_rows, False, False), (graph_rows, True, False),
+                             (graph_rows, True, True)):
+        prepared = {name: PreparedDenoiser(m.model, m.dtype, compile, rows, cast_weights=cast, fold_modulation=fold)
                     for name, m in models.items()}
         baseline = rows == 0 and not cast
         ms = model_set(prepared)
@@ -241,14 +245,15 @@ def bench_latency(models: dict[str, PreparedDenoiser], batches: list[int], steps
                         equal.append(bool(torch.equal(output.tokens, tokens_without[key])))
                 for m in ms.models.values():
                     m.network_seconds()  # drop the events of these runs
-                row = {"cuda_graph_rows": rows, "cast_weights": cast, "batch": b, "schedule": spec, "steps": steps,
-                       "reps": reps, "wall_s_median": round(statistics.median(walls), 4),
-                       "wall_s_min": round(min(walls), 4), "wall_s_max": round(max(walls), 4),
+                row = {"cuda_graph_rows": rows, "cast_weights": cast, "fold_modulation": fold, "batch": b,
+                       "schedule": spec, "steps": steps, "reps": reps,
+                       "wall_s_median": round(statistics.median(walls), 4), "wall_s_min": round(min(walls), 4),
+                       "wall_s_max": round(max(walls), 4),
                        "tokens_equal_to_no_graphs": None if baseline else f"{sum(equal)}/{len(equal)}"}
                 rows_out.append(row)
-                print(f"latency graphs<={rows:<3} cast={'yes' if cast else 'no '} B={b:<3} {spec:>9} "
-                      f"{row['wall_s_median']:7.3f} s (min {row['wall_s_min']:.3f}, max {row['wall_s_max']:.3f}, "
-                      f"{reps} seeds)" + ("" if baseline else
+                print(f"latency graphs<={rows:<3} cast={'yes' if cast else 'no '} fold={'yes' if fold else 'no '} "
+                      f"B={b:<3} {spec:>9} {row['wall_s_median']:7.3f} s (min {row['wall_s_min']:.3f}, "
+                      f"max {row['wall_s_max']:.3f}, {reps} seeds)" + ("" if baseline else
                                           f"  tokens equal to the plain path: {row['tokens_equal_to_no_graphs']}"),
                       flush=True)
     return rows_out

@@ -55,13 +55,19 @@ class PreparedDenoiser:
     cast_weights (benchmarks/sampling.py's latency part; not yet a runtime setting): with an autocast dtype, the
     weights and biases of every Linear but the output head are stored in that dtype once (cast_linear_weights),
     instead of being cast by autocast at every call. This changes the model in place: for models this instance
-    alone samples."""
+    alone samples.
+
+    fold_modulation (the same part; not yet a runtime setting): a model without time conditioning computes its
+    adaLN modulations once (MDLMDenoiser.fold_modulation), in place too."""
 
     def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None, compile: bool = False,
                  graph_rows: int = 0, compile_latent: bool = False, latent_graphs: bool = False,
-                 cast_weights: bool = False) -> None:
+                 cast_weights: bool = False, fold_modulation: bool = False) -> None:
         if cast_weights and dtype is not None:
             cast_linear_weights(model, dtype)
+        if fold_modulation:
+            with autocast(model.device, dtype, cache=False):  # the values a forward computes under this autocast
+                model.fold_modulation()
         self.model = model.eval()
         self.config = model.config
         self.device = model.device

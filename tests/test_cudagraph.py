@@ -178,3 +178,44 @@ def test_weights_cast_once_give_the_hidden_states_logits_and_tokens_of_the_per_c
         tokens = [sample(models, schedule, LogLinearNoise(1e-3), settings, torch.Generator().manual_seed(3), 4,
                          32).tokens for models in (per_call, cast)]
         assert torch.equal(tokens[0], tokens[1])
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_folded_modulation_gives_the_hidden_states_and_tokens_of_the_per_call_modulation(dtype):
+    # fold_modulation computes each block's and the final norm's adaLN values once; a forward must then run
+    # neither the time embedding nor an adaLN Linear. At batch 1 the folded values come from the matmul shapes of a
+    # forward's, so hidden states and tokens must agree to the bit; at batch 3 a forward's adaLN matmul has 3 rows,
+    # which may round differently in the last bit.
+    import copy
+
+    torch.manual_seed(0)
+    pair = {name: MDLMDenoiser(DenoiserConfig(num_hidden_layers=layers, ada_ln=True, **KW)).eval()
+            for name, layers in (("small", 1), ("large", 2))}
+    with torch.no_grad():  # the gates and the head start at zero: give them weights, so that they matter
+        for model in pair.values():
+            for p in model.parameters():
+                if not p.abs().sum():
+                    p.normal_(0, 0.3)
+    per_call = {name: PreparedDenoiser(m, dtype) for name, m in pair.items()}
+    folded = {name: PreparedDenoiser(copy.deepcopy(m), dtype, fold_modulation=True) for name, m in pair.items()}
+    large = folded["large"].model
+    calls = []
+    for module in (large.time_embed, large.final_ada_ln, *(block.ada_ln for block in large.blocks)):
+        module.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randint(0, 299, (3, 32))
+    assert torch.equal(folded["large"].hidden(x[:1]), per_call["large"].hidden(x[:1]))
+    torch.testing.assert_close(folded["large"].hidden(x), per_call["large"].hidden(x))
+    assert not calls
+    schedule = parse_schedule("sandwich", 48, ["small", "large"])
+    for settings in (SamplerSettings(), SamplerSettings(latent_cache=True, latent_refresh_every=4)):
+        for seed in range(3):
+            tokens = [sample(models, schedule, LogLinearNoise(1e-3), settings, torch.Generator().manual_seed(seed),
+                             1, 32).tokens for models in (per_call, folded)]
+            assert torch.equal(tokens[0], tokens[1])
+
+
+def test_a_time_conditioned_model_folds_nothing():
+    torch.manual_seed(0)
+    model = MDLMDenoiser(DenoiserConfig(num_hidden_layers=1, time_conditioning=True, **KW)).eval()
+    assert not model.fold_modulation()
+    assert model.blocks[0].fixed_modulation is None and model.fixed_final_modulation is None

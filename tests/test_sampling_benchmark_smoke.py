@@ -28,6 +28,6 @@ def test_the_sampling_benchmark_runs_every_part(tmp_path):
     assert full[("sandwich", True, 4)]["flops_blocks_only"] < full[("all-large", True, 4)]["flops_blocks_only"]
     assert full[("all-large", False, 2)]["flops_blocks_only"] >= full[("all-large", True, 2)]["flops_blocks_only"]
     assert all(0 <= r["outside_network_share"] < 1 for r in result["full"])
-    variants = {(r["cuda_graph_rows"], r["cast_weights"]) for r in result["latency"]}
-    assert variants == {(0, False), (16, False), (16, True)}
+    variants = {(r["cuda_graph_rows"], r["cast_weights"], r["fold_modulation"]) for r in result["latency"]}
+    assert variants == {(0, False, False), (16, False, False), (16, True, False), (16, True, True)}
     assert all(r["tokens_equal_to_no_graphs"] == "1/1" for r in result["latency"] if r["cuda_graph_rows"])

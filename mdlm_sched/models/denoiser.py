@@ -205,6 +205,7 @@ class DenoiserBlock(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         # Shift, scale and gate for the attention and the MLP branch, from the time embedding.
         self.ada_ln = nn.Linear(config.cond_dim, 6 * d) if config.modulated else None
+        self.fixed_modulation: torch.Tensor | None = None  # [1, 6d] in place of ada_ln (MDLMDenoiser.fold_modulation)
         self.attn.wo.init_role = self.mlp[2].init_role = "residual"
         if self.ada_ln is not None:
             self.ada_ln.init_role = "zero"
@@ -229,7 +230,8 @@ class DenoiserBlock(nn.Module):
             h = self.norm1(x)
             x = x + self.dropout(self.attn(h, cos, sin) if attend is None else attend(h))
             return x + self.dropout(self._mlp(self.norm2(x)))
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada_ln(cond).chunk(6, dim=-1)
+        modulation = self.ada_ln(cond) if self.fixed_modulation is None else self.fixed_modulation  # [B or 1, 6d]
+        shift1, scale1, gate1, shift2, scale2, gate2 = modulation.chunk(6, dim=-1)
         h = modulate(self.norm1(x), shift1, scale1)
         x = x + gate1[:, None] * self.dropout(self.attn(h, cos, sin) if attend is None else attend(h))
         return x + gate2[:, None] * self.dropout(self._mlp(modulate(self.norm2(x), shift2, scale2)))
@@ -273,6 +275,7 @@ class MDLMDenoiser(DenoiserPreTrainedModel):
         self.blocks = nn.ModuleList(DenoiserBlock(config) for _ in range(config.num_hidden_layers))
         self.norm_final = nn.LayerNorm(d, eps=config.layer_norm_eps, bias=False)
         self.final_ada_ln = nn.Linear(config.cond_dim, 2 * d) if config.modulated else None
+        self.fixed_final_modulation: torch.Tensor | None = None  # [1, 2d] (fold_modulation)
         if self.final_ada_ln is not None:
             self.final_ada_ln.init_role = "zero"
         # Padded rows of the head are real parameters but their logits are cut off before returning.
@@ -302,7 +305,7 @@ class MDLMDenoiser(DenoiserPreTrainedModel):
         """The adaLN conditioning [b, cond_dim] (None without adaLN layers)."""
         if self.config.time_conditioning and sigma is None:
             raise ValueError("this model is time-conditioned: pass sigma [B]")
-        if self.time_embed is None:
+        if self.time_embed is None or self.fixed_final_modulation is not None:  # no adaLN, or folded
             return None
         if not self.config.time_conditioning:  # MDLM's DiT without time conditioning: sigma = 0, a constant
             sigma = torch.zeros((), device=device)
@@ -311,9 +314,28 @@ class MDLMDenoiser(DenoiserPreTrainedModel):
     def _final_norm(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         x = self.norm_final(x)
         if self.final_ada_ln is not None:
-            shift, scale = self.final_ada_ln(cond).chunk(2, dim=-1)
+            modulation = self.final_ada_ln(cond) if self.fixed_final_modulation is None else self.fixed_final_modulation
+            shift, scale = modulation.chunk(2, dim=-1)
             x = modulate(x, shift, scale)
         return x
+
+    def fold_modulation(self) -> bool:
+        """Compute every block's and the final norm's adaLN shifts, scales and gates once, for sampling.
+
+        Without time conditioning the conditioning is that of sigma = 0, so these are constants of the weights; a
+        forward then skips the time embedding and the 13 small adaLN matmuls (at batch 1 a kernel each, a few
+        microseconds apiece). Call it under the autocast that the forwards run in, so that the folded values are
+        those a forward computes. For frozen weights only: nothing recomputes them when the weights change.
+        Returns False (and folds nothing) for a time-conditioned model or one without adaLN.
+        """
+        if self.time_embed is None or self.config.time_conditioning:
+            return False
+        with torch.no_grad():
+            cond = self._conditioning(1, None, self.device)  # [1, cond_dim]
+            for block in self.blocks:
+                block.fixed_modulation = block.ada_ln(cond)
+            self.fixed_final_modulation = self.final_ada_ln(cond)
+        return True
 
     def new_latent_cache(self, batch_size: int, seq_len: int, dtype: torch.dtype | None = None) -> torch.Tensor:
         """An empty latent cache [layers, batch_size, seq_len, kv_lora_rank + rope] (MLA models only)."""
