@@ -13,31 +13,12 @@ float32: a check that the script runs (tests/test_benchmark_smoke.py), not a mea
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-
-def time_ms(fn, device: torch.device, reps: int = 20) -> float:
-    """Median milliseconds of fn over reps after 3 warm-up calls (CUDA events on a GPU, the host clock on a CPU)."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - begin) * 1e3)
-    return sorted(times)[len(times) // 2]
+from presets import time_ms
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ exact, and the share of the exact sampler's tokens drawn the same (random weight
     python benchmarks/latent_cache.py --plan-only   # no network: each setting's executed FLOPs against exact
                                                     # sampling at the presets' shapes, and the host planning time
     python benchmarks/latent_cache.py --op-count    # operators one eager call dispatches (CPU, below)
+    python benchmarks/latent_cache.py --call-times --compiled --compile-latent --steps 1000 --schedules all-large
 
 Without --graphed or --compiled both samplers run eager. --graphed replays both from CUDA graphs for calls of up
 to 16 sequences (the runtime's default): the exact sampler's forwards (cudagraph.GraphedHidden) and the cached
@@ -32,6 +33,14 @@ widths, each with the weights cast per call and cast once (PreparedDenoiser's ca
 operators dispatched, views excluded: a proxy for the kernels an eager call launches on a GPU (at batch 1 the time
 of a step that is bound by launches, not arithmetic), not a timing.
 
+--call-times times each kind of network call alone at B = 1 on the path the flags choose (median of 10 x --seeds
+calls after 3 untimed ones; CUDA events, so a call's host time counts where the GPU waits for it): each model's
+full forward, the cache's refresh and its partial step at every padded width that seed 0's plans use. From those
+it predicts each setting's network time for one sample, the sum of its calls' times over the plan, and the same
+for exact sampling (a full forward at each step that decodes): the speed-up that the network alone allows, to set
+against the measured one (the difference is the sampler's own time between calls). Partial steps are timed at
+padded widths, as the graphed path runs them.
+
 --plan-only counts FLOPs from the plan alone (flops.forward_flops / latent_cached_flops, the full convention, the
 head at the decoded positions), so it runs in seconds on a CPU; FLOPs are not wall-clock.
 """
@@ -46,9 +55,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mdlm_sched.config import RuntimeConfig
+from mdlm_sched.cudagraph import padded_width
 from mdlm_sched.config_load import load
 from mdlm_sched.diffusion import unmask_probability
 from mdlm_sched.errors import ConfigError
@@ -63,7 +74,7 @@ from mdlm_sched.runtime import configure_backends
 from mdlm_sched.sampler import unmask_steps
 from mdlm_sched.sampling_config import SamplerSettings
 from mdlm_sched.schedule import DEFAULT_T_MIN, parse_schedule, time_grid
-from presets import GPT2, SMOKE, random_denoiser, random_denoiser_of, timed
+from presets import GPT2, SMOKE, random_denoiser, random_denoiser_of, time_ms, timed
 
 
 def settings_of(spec: str, share: float) -> SamplerSettings:
@@ -112,17 +123,59 @@ def op_counts(smoke: bool) -> list[dict]:
     return rows
 
 
+def seed0_unmask(steps: int, spec: str, batch: int, seq_len: int) -> tuple[list[str], np.ndarray]:
+    """The model of every step (the last entry: the noise removal's) and each position's unmask step [B, L] from
+    seed 0's draws: what the cached sampler plans from, without a network."""
+    schedule = parse_schedule(spec, steps, ["small", "large"])
+    times = time_grid(steps, DEFAULT_T_MIN).tolist()
+    p_unmask = [unmask_probability(LogLinearNoise(1e-3), t, s) for t, s in zip(times, times[1:])]
+    u = torch.rand((batch, seq_len), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    return [*schedule.names, schedule.names[-1]], unmask_steps(u, p_unmask).numpy()
+
+
+def call_times(models: dict[str, PreparedDenoiser], args: argparse.Namespace, seq_len: int) -> dict:
+    """Each kind of network call timed alone at B = 1, and each setting's network time predicted (--call-times)."""
+    plans = {}  # (T, schedule, setting) -> (the model of each step, the plan of seed 0's draws at B = 1)
+    for steps, spec in itertools.product(args.steps, args.schedules):
+        names, unmask = seed0_unmask(steps, spec, 1, seq_len)
+        for name in (s for s in args.settings if s != "exact"):
+            every = settings_of(name, args.share).latent_refresh_every
+            plans[(steps, spec, name)] = names, plan_latent_steps(unmask, names, every, args.share, torch.device("cpu"))
+    widths = sorted({padded_width(step.positions.shape[1], seq_len) for _, plan in plans.values() for step in plan
+                     if len(step.partial)})
+    calls = []
+    for name, model in models.items():
+        model.prepare_graphs(1, seq_len, latent=True)
+        x = torch.randint(0, GPT2 - 1, (1, seq_len), device=model.device)
+        cache, rows = model.new_latent_cache(1, seq_len), torch.zeros(1, dtype=torch.long, device=model.device)
+        kinds = {"forward": lambda: model.hidden(x), "refresh": lambda: model.latent_hidden(x, None, cache, rows, None)}
+        for a in widths:
+            cols = torch.arange(a, device=model.device)[None]
+            kinds[f"partial A={a}"] = lambda cols=cols: model.latent_hidden(x, None, cache, rows, cols)
+        for kind, fn in kinds.items():
+            calls.append({"model": name, "call": kind, "ms_median": time_ms(fn, model.device, args.seeds * 10)})
+            print(json.dumps(calls[-1]), flush=True)
+    ms = {(c["model"], c["call"]): c["ms_median"] for c in calls}
+    predictions = []
+    for (steps, spec, name), (names, plan) in plans.items():
+        ran = [(model, step) for model, step in zip(names, plan) if step.sequences]  # steps that run the network
+        exact_ms = sum(ms[(model, "forward")] for model, _ in ran)
+        cached_ms = sum(ms[(model, "refresh" if len(step.refresh) else
+                            f"partial A={padded_width(step.positions.shape[1], seq_len)}")] for model, step in ran)
+        predictions.append({"steps": steps, "schedule": spec, "setting": name, "network_calls": len(ran),
+                            "refreshes": sum(bool(len(step.refresh)) for _, step in ran),
+                            "exact_network_s": exact_ms / 1e3, "cached_network_s": cached_ms / 1e3,
+                            "predicted_speedup": exact_ms / cached_ms})
+        print(json.dumps(predictions[-1]), flush=True)
+    return {"calls": calls, "predictions": predictions}
+
+
 def plan_only(args: argparse.Namespace) -> list[dict]:
     """Each setting's executed FLOPs / exact sampling's, from the plan of one seed's unmask steps (no network)."""
     configs = {n: denoiser_config(load([f"model={n}"]), GPT2, GPT2 - 1, "") for n in ("small", "large")}
     seq_len, rows = configs["large"].max_position_embeddings, []
     for steps, spec, batch in itertools.product(args.steps, args.schedules, args.batches):
-        schedule = parse_schedule(spec, steps, ["small", "large"])
-        times = time_grid(steps, DEFAULT_T_MIN).tolist()
-        p_unmask = [unmask_probability(LogLinearNoise(1e-3), t, s) for t, s in zip(times, times[1:])]
-        u = torch.rand((batch, seq_len), dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-        unmask = unmask_steps(u, p_unmask).numpy()
-        names = [*schedule.names, schedule.names[-1]]  # the noise removal runs the last model
+        names, unmask = seed0_unmask(steps, spec, batch, seq_len)
         for name in (s for s in args.settings if s != "exact"):
             settings = settings_of(name, args.share)
             start = time.perf_counter()
@@ -152,6 +205,8 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny shapes, B = 2, T = 16, one seed (CPU)")
     p.add_argument("--plan-only", action="store_true", help="FLOPs from the plan at the presets' shapes, no network")
     p.add_argument("--op-count", action="store_true", help="operators per eager call, B = 1, on the CPU")
+    p.add_argument("--call-times", action="store_true", help="each network call timed alone at B = 1, and each "
+                   "setting's network time predicted from them")
     p.add_argument("--graphed", action="store_true", help="both samplers replay CUDA graphs for <= 16 sequences")
     p.add_argument("--compiled", action="store_true", help="the exact sampler compiled (and both graphed)")
     p.add_argument("--compile-latent", action="store_true", help="the cached sampler's steps compiled")
@@ -184,6 +239,13 @@ def main() -> None:
     latent = any(name != "exact" for name in args.settings)
     configs = {name: m.config for name, m in models.items()}
     seq_len = configs["large"].max_position_embeddings
+    if args.call_times:
+        result = call_times(models, args, seq_len)
+        if args.out is not None:
+            atomic_write_json(args.out, {**result, "share": args.share, "device": str(device),
+                                         "compiled": args.compiled, "graphed": graphed,
+                                         "compile_latent": args.compile_latent, "provenance": provenance(device, 1)})
+        return
     rows: list[dict] = []
     run_info = {"share": args.share, "device": str(device), "compiled": args.compiled, "graphed": graphed,
                 "compile_latent": args.compile_latent,

@@ -1,5 +1,5 @@
-"""Random-weight denoisers of the model presets (configs/model), and the timing of one sampled batch, for the speed
-benchmarks.
+"""Random-weight denoisers of the model presets (configs/model), the timing of one sampled batch and of one call,
+for the speed benchmarks.
 
 Random weights cost the same FLOPs and time as trained ones. adaLN-Zero starts every gate at zero, which would
 make each gated block the identity; the zero parameters are drawn like the others, so that every block works.
@@ -62,3 +62,23 @@ def timed(models: dict[str, PreparedDenoiser], schedule: ModelSchedule, settings
     result = sample(models, schedule, LogLinearNoise(1e-3), settings, generator, batch, seq_len)
     result.tokens.cpu()  # waits for the GPU
     return time.perf_counter() - start, result
+
+
+def time_ms(fn, device: torch.device, reps: int = 20) -> float:
+    """Median milliseconds of fn over reps after 3 warm-up calls (CUDA events on a GPU, the host clock on a CPU)."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - begin) * 1e3)
+    return sorted(times)[len(times) // 2]

@@ -148,6 +148,23 @@ def test_the_speed_benchmark_runs_on_the_cpu(tmp_path):
     assert rows["R0"]["flops_full_per_seed"] < rows["exact"]["flops_full_per_seed"]
 
 
+def test_the_call_times_predict_from_each_step_of_the_plan(tmp_path):
+    # --call-times: each call kind timed alone, then each setting's network time as the sum over its plan's calls.
+    out = tmp_path / "calls.json"
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "latent_cache.py"), "--smoke", "--call-times",
+                          "--schedules", "all-large", "--settings", "R1", "R0", "--out", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    record = json.loads(out.read_text())
+    ms = {(c["model"], c["call"]): c["ms_median"] for c in record["calls"]}
+    assert all(t > 0 for t in ms.values()) and ("large", "refresh") in ms
+    rows = {r["setting"]: r for r in record["predictions"]}
+    assert rows["R1"]["refreshes"] == rows["R1"]["network_calls"] > rows["R0"]["refreshes"] >= 1
+    # all-large at B = 1: exact sampling runs one large forward at each step that runs the network
+    assert rows["R0"]["exact_network_s"] == pytest.approx(rows["R0"]["network_calls"] * ms[("large", "forward")] / 1e3)
+    assert rows["R1"]["cached_network_s"] == pytest.approx(rows["R1"]["network_calls"] * ms[("large", "refresh")] / 1e3)
+
+
 def test_the_warm_up_before_timing_runs_the_latent_cache_too(saved_models, monkeypatch):
     # A compiled sweep warms up before it times; with latent_cache on it once asked for latent_cache without cache.
     from mdlm_sched.config import RuntimeConfig
