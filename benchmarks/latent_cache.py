@@ -29,9 +29,10 @@ shows in a timed batch recompiles inside its time.
 
 --op-count runs the `large` preset (random weights) once per call kind at B = 1, L = 1024 on the CPU under bf16
 autocast, as the GPU's eager path runs: the full forward, the cache's refresh and its partial step at several
-widths, each with the weights cast per call and cast once (PreparedDenoiser's cast_weights). It counts the aten
-operators dispatched, views excluded: a proxy for the kernels an eager call launches on a GPU (at batch 1 the time
-of a step that is bound by launches, not arithmetic), not a timing.
+widths, each with the weights cast per call, cast once (PreparedDenoiser's cast_weights), and cast once with the
+adaLN modulations folded (fold_modulation). It counts the aten operators dispatched, views excluded: a proxy for
+the kernels an eager call launches on a GPU (at batch 1 the time of a step that is bound by launches, not
+arithmetic), not a timing.
 
 --call-times times each kind of network call alone at B = 1 on the path the flags choose (median of 10 x --seeds
 calls after 3 untimed ones; CUDA events, so a call's host time counts where the GPU waits for it): each model's
@@ -102,9 +103,9 @@ def op_counts(smoke: bool) -> list[dict]:
     """Operators of one eager call of each kind, B = 1, bf16 autocast on the CPU (see --op-count)."""
     rows = []
     words = ["model=large", *((*SMOKE, "model.num_hidden_layers=2") if smoke else ())]
-    for cast in (False, True):  # a model each: cast_weights changes it in place
+    for cast, fold in ((False, False), (True, False), (True, True)):  # a model each: both change it in place
         model = random_denoiser_of(words, torch.device("cpu")).model
-        prepared = PreparedDenoiser(model, torch.bfloat16, cast_weights=cast)
+        prepared = PreparedDenoiser(model, torch.bfloat16, cast_weights=cast, fold_modulation=fold)
         length = model.config.max_position_embeddings
         x = torch.randint(0, GPT2 - 1, (1, length))
         cache, row_ids = prepared.new_latent_cache(1, length), torch.arange(1)
@@ -117,7 +118,8 @@ def op_counts(smoke: bool) -> list[dict]:
             counter = _OpCount()
             with counter:
                 fn()
-            rows.append({"call": call, "cast_weights": cast, "layers": model.config.num_hidden_layers,
+            rows.append({"call": call, "cast_weights": cast, "fold_modulation": fold,
+                         "layers": model.config.num_hidden_layers,
                          "operators": counter.ops})
             print(json.dumps(rows[-1]), flush=True)
     return rows

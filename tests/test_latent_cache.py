@@ -203,11 +203,14 @@ def test_the_operator_count_runs_on_the_cpu(tmp_path):
     run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "latent_cache.py"), "--op-count", "--smoke",
                           "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    ops = {(r["call"], r["cast_weights"]): r["operators"] for r in json.loads(out.read_text())["rows"]}
+    ops = {(r["call"], r["cast_weights"], r["fold_modulation"]): r["operators"]
+           for r in json.loads(out.read_text())["rows"]}
     for call in ("forward", "refresh", "partial A=4"):
-        assert 0 < ops[(call, True)] < ops[(call, False)]  # casting once drops the per-call casts of the weights
+        # casting once drops the per-call casts of the weights; folding, the time embedding and adaLN matmuls
+        assert 0 < ops[(call, True, True)] < ops[(call, True, False)] < ops[(call, False, False)]
     # a partial step's operators do not depend on how many columns it runs
-    assert ops[("partial A=4", False)] == ops[("partial A=16", False)] == ops[("partial A=64", False)]
+    assert ops[("partial A=4", False, False)] == ops[("partial A=16", False, False)] == ops[("partial A=64", False,
+                                                                                              False)]
 
 
 def test_the_benchmark_refuses_an_output_it_cannot_write_before_any_work(tmp_path):
