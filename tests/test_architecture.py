@@ -19,8 +19,8 @@ LAYERS = [
      "config", "ranks"},
     {"noise", "config_checks", "config_load", "data", "diffusion", "runtime", "provenance", "distributed",
      "sampling_config", "hub",
-     "models.mla", "models.mha", "models.head_loss", "models.denoiser", "models.loading", "models.mdlm_format",
-     "models.transmla",
+     "models.mla", "models.mha", "models.head_loss", "models.latent_steps", "models.denoiser", "models.loading",
+     "models.mdlm_format", "models.transmla",
      "models", "flops",
      "objectives", "latent_cache",
      "optimise"},  # maths, configs, models

@@ -178,6 +178,16 @@ def test_every_committed_experiment_resolves(tmp_path, shared_data, experiment) 
         assert Path(variant.out_dir) == tmp_path / "out" / "variants" / name / "sweep"
 
 
+@pytest.mark.parametrize("overlay", sorted((REPO / "configs" / "experiment").glob("*/*.yaml")),
+                         ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_committed_overlay_resolves_on_its_base(tmp_path, shared_data, overlay) -> None:
+    # configs/experiment/NAME/X.yaml is laid over configs/experiment/NAME.yaml
+    base = overlay.parent.with_suffix(".yaml")
+    plan = load_experiment([str(base), str(overlay), f"data_root={shared_data}", f"out_dir={tmp_path / 'out'}",
+                            "runtime.device=cpu"])
+    assert plan.sweep.groups and all(variant.settings for variant in plan.experiment.variants.values())
+
+
 def test_lr_schedules() -> None:
     constant = TrainConfig(steps=100, lr=1.0, warmup_steps=10)
     assert [learning_rate(constant, s) for s in (0, 9, 50, 99)] == [0.1, 1.0, 1.0, 1.0]
