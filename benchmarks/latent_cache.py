@@ -60,8 +60,8 @@ import numpy as np
 import torch
 
 from mdlm_sched.config import RuntimeConfig
-from mdlm_sched.cudagraph import padded_width
 from mdlm_sched.config_load import load
+from mdlm_sched.cudagraph import padded_width
 from mdlm_sched.diffusion import unmask_probability
 from mdlm_sched.errors import ConfigError
 from mdlm_sched.fileio import atomic_write_json, check_writable
