@@ -15,7 +15,8 @@ exact, and the share of the exact sampler's tokens drawn the same (random weight
     python benchmarks/latent_cache.py --plan-only   # no network: each setting's executed FLOPs against exact
                                                     # sampling at the presets' shapes, and the host planning time
     python benchmarks/latent_cache.py --op-count    # operators one eager call dispatches (CPU, below)
-    python benchmarks/latent_cache.py --call-times --compiled --compile-latent --steps 1000 --schedules all-large
+    python benchmarks/latent_cache.py --call-times --compiled --compile-latent --batches 1 --steps 1000 \
+        --schedules all-large --settings exact R8 R16   # each call timed alone, then the batches (below)
 
 Without --graphed or --compiled both samplers run eager. --graphed replays both from CUDA graphs for calls of up
 to 16 sequences (the runtime's default): the exact sampler's forwards (cudagraph.GraphedHidden) and the cached
@@ -40,7 +41,9 @@ full forward, the cache's refresh and its partial step at every padded width tha
 it predicts each setting's network time for one sample, the sum of its calls' times over the plan, and the same
 for exact sampling (a full forward at each step that decodes): the speed-up that the network alone allows, to set
 against the measured one (the difference is the sampler's own time between calls). Partial steps are timed at
-padded widths, as the graphed path runs them.
+padded widths, as the graphed path runs them. The timed batches follow as without the flag, on the same models,
+so that one compilation serves both; the JSON holds the call times ("calls"), the predictions ("predictions")
+and the timed rows.
 
 --plan-only counts FLOPs from the plan alone (flops.forward_flops / latent_cached_flops, the full convention, the
 head at the decoded positions), so it runs in seconds on a CPU; FLOPs are not wall-clock.
@@ -241,17 +244,14 @@ def main() -> None:
     latent = any(name != "exact" for name in args.settings)
     configs = {name: m.config for name, m in models.items()}
     seq_len = configs["large"].max_position_embeddings
-    if args.call_times:
-        result = call_times(models, args, seq_len)
-        if args.out is not None:
-            atomic_write_json(args.out, {**result, "share": args.share, "device": str(device),
-                                         "compiled": args.compiled, "graphed": graphed,
-                                         "compile_latent": args.compile_latent, "provenance": provenance(device, 1)})
-        return
     rows: list[dict] = []
     run_info = {"share": args.share, "device": str(device), "compiled": args.compiled, "graphed": graphed,
                 "compile_latent": args.compile_latent,
                 "provenance": provenance(device, 1)}
+    if args.call_times:  # before the timed batches, on the same compiled models (one compilation for both)
+        run_info.update(call_times(models, args, seq_len))
+        if args.out is not None:
+            atomic_write_json(args.out, {"rows": rows, **run_info})
     for steps in args.steps:
         for spec in args.schedules:
             schedule = parse_schedule(spec, steps, ["small", "large"])

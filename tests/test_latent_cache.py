@@ -163,6 +163,7 @@ def test_the_call_times_predict_from_each_step_of_the_plan(tmp_path):
     # all-large at B = 1: exact sampling runs one large forward at each step that runs the network
     assert rows["R0"]["exact_network_s"] == pytest.approx(rows["R0"]["network_calls"] * ms[("large", "forward")] / 1e3)
     assert rows["R1"]["cached_network_s"] == pytest.approx(rows["R1"]["network_calls"] * ms[("large", "refresh")] / 1e3)
+    assert [r["setting"] for r in record["rows"]] == ["R1", "R0"]  # then the timed batches, on the same models
 
 
 def test_the_warm_up_before_timing_runs_the_latent_cache_too(saved_models, monkeypatch):
