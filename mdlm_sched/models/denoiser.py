@@ -324,9 +324,9 @@ class MDLMDenoiser(DenoiserPreTrainedModel, LatentCacheSteps):
         """Compute every block's and the final norm's adaLN shifts, scales and gates once, for sampling.
 
         Without time conditioning the conditioning is that of sigma = 0, so these are constants of the weights; a
-        forward then skips the time embedding and the 13 small adaLN matmuls (at batch 1 a kernel each, a few
-        microseconds apiece). Call it under the autocast that the forwards run in, so that the folded values are
-        those a forward computes. For frozen weights only: nothing recomputes them when the weights change.
+        forward then skips the time embedding and the adaLN matmuls, one per block and one for the final norm (at
+        batch 1 a small kernel each). Call it under the autocast that the forwards run in, so that the folded
+        values are those a forward computes. For frozen weights only: nothing recomputes them when the weights change.
         Returns False (and folds nothing) for a time-conditioned model or one without adaLN.
         """
         if self.time_embed is None or self.config.time_conditioning:
