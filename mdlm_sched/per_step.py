@@ -45,7 +45,7 @@ from mdlm_sched.diffusion import corrupt, forbid_mask
 from mdlm_sched.errors import ConfigError
 from mdlm_sched.fileio import check_writable
 from mdlm_sched.flops import forward_flops
-from mdlm_sched.modelset import ModelSet, open_models
+from mdlm_sched.modelset import ModelSet, PreparedDenoiser, open_models
 from mdlm_sched.provenance import provenance
 from mdlm_sched.runtime import STREAM_ANALYSIS_MASK, STREAM_ANALYSIS_TRAJECTORY, step_generator
 from mdlm_sched.sampler import sample
@@ -107,14 +107,14 @@ def _rows_and_peaks(sums: _UnitSums, times: Sequence[float]) -> tuple[list[dict[
     return rows, peaks
 
 
-def _log_probs(model_set: ModelSet, name: str, hidden: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """float64 log p(x_0 | x_t) [K, V] of model `name` at positions (r, c) of its hidden states [B, L, d]."""
-    model = model_set.models[name]
-    logits = forbid_mask(model.logits_from_hidden(hidden[r, c]), model.config.mask_token_id)  # float32
+def log_probs(model: PreparedDenoiser, hidden: torch.Tensor) -> torch.Tensor:
+    """float64 log p(x_0 | x_t) [K, V] from a denoiser's hidden states [K, d] ([MASK] excluded, as the sampler
+    draws)."""
+    logits = forbid_mask(model.logits_from_hidden(hidden), model.config.mask_token_id)  # float32
     return logits.double().log_softmax(dim=-1)
 
 
-def _kl(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
+def kl_divergence(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
     """KL(a || b) [K] of each row of log-probabilities [K, V] (0 * log 0 = 0 for the [MASK] column)."""
     p_a = logp_a.exp()
     return torch.where(p_a > 0, p_a * (logp_a - logp_b), torch.zeros_like(p_a)).sum(dim=1)
@@ -143,12 +143,12 @@ def _evaluate_states(model_set: ModelSet, x_t: torch.Tensor, targets: torch.Tens
     rows = max(1, _CHUNK_ELEMENTS.get(x_t.device.type, 2**22) // model_set.config.vocab_size)
     for start in range(0, r.numel(), rows):
         rr, cc = r[start:start + rows], c[start:start + rows]
-        logp = {name: _log_probs(model_set, name, hidden[name], rr, cc) for name in names}
+        logp = {name: log_probs(model_set.models[name], hidden[name][rr, cc]) for name in names}
         y = targets[rr, cc][:, None]
         for name in names:
             ce[name].index_add_(0, rr, -logp[name].gather(1, y).squeeze(1))
         for a, b_ in pairs:
-            kl[a, b_].index_add_(0, rr, _kl(logp[a], logp[b_]))
+            kl[a, b_].index_add_(0, rr, kl_divergence(logp[a], logp[b_]))
     masked = (x_t == mask_id).sum(dim=1)  # [B] masked tokens per sequence
     ce_metric = "ce" if source == "masked" else "ce_final"
     weight = float(model_set.noise.loss_weight(torch.tensor(t, dtype=torch.float64)))

@@ -166,6 +166,23 @@ def test_the_call_times_predict_from_each_step_of_the_plan(tmp_path):
     assert [r["setting"] for r in record["rows"]] == ["R1", "R0"]  # then the timed batches, on the same models
 
 
+def test_the_drift_benchmark_groups_the_cache_error_by_age(tmp_path):
+    # benchmarks/latent_drift.py --smoke: teacher-forced exact trajectories, each step also through the cache.
+    out = tmp_path / "drift.json"
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "latent_drift.py"), "--smoke", "--settings", "R1",
+                          "R4", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    settings = json.loads(out.read_text())["settings"]
+    assert [r["age"] for r in settings["R1"]] == [0] and [r["age"] for r in settings["R4"]] == [0, 1, 2, 3]
+    # a refresh at every step is the exact forward up to rounding; older caches drift, here by tiny amounts
+    assert settings["R1"][0]["kl"] < 1e-15 and settings["R1"][0]["top1_agreement"] == 1.0
+    assert all(r["kl"] > 1e3 * max(settings["R1"][0]["kl"], 1e-18) for r in settings["R4"][1:])
+    assert sum(r["positions"] for r in settings["R4"]) == settings["R1"][0]["positions"]  # every decoded position
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "latent_drift.py"), "--smoke", "--settings", "R0"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "R<n>" in bad.stderr
+
+
 def test_the_warm_up_before_timing_runs_the_latent_cache_too(saved_models, monkeypatch):
     # A compiled sweep warms up before it times; with latent_cache on it once asked for latent_cache without cache.
     from mdlm_sched.config import RuntimeConfig
