@@ -114,14 +114,24 @@ def main() -> None:
             raise ConfigError("give --models NAME=PATH ... (saved denoisers) or --smoke")
         if args.smoke:
             args.steps, args.samples, args.batch = 16, 4, 2
-            model, noise = random_denoiser("large", torch.device("cpu"), smoke=True), LogLinearNoise(1e-3)
+            name, noise = "large", LogLinearNoise(1e-3)
+            model = random_denoiser(name, torch.device("cpu"), smoke=True)
             seq_len = model.config.max_position_embeddings
         else:
+            bad = [word for word in args.models if "=" not in word]
+            if bad:
+                raise ConfigError(f"--models takes NAME=PATH words; {bad[0]!r} has no '='")
             paths = dict(word.split("=", 1) for word in args.models)
+            if args.model is not None and args.model not in paths:
+                raise ConfigError(f"--model {args.model!r} is not among --models ({', '.join(paths)})")
             model_set = open_models(paths, RuntimeConfig())
-            model = model_set.models[args.model or model_set.light_to_heavy[-1]]
+            name = args.model or model_set.light_to_heavy[-1]
+            model = model_set.models[name]
             noise, seq_len = model_set.noise, model_set.seq_len
-    except (UserError, KeyError, ValueError) as e:
+        if model.config.attention != "mla" or model.config.time_conditioning:
+            raise ConfigError(f"model {name!r} must be an MLA model without time conditioning (the latent cache "
+                              f"keeps MLA's latents; these trajectories feed no noise level); measure another")
+    except UserError as e:
         print(f"latent_drift: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     records: dict[int, list[tuple[int, int, float, bool]]] = {n: [] for n in periods}
@@ -130,7 +140,7 @@ def main() -> None:
         for every, rows in drift_batch(model, noise, args.steps, size, seq_len, args.seed + b, periods).items():
             records[every].extend((seq + b * args.batch, age, kl, agree) for seq, age, kl, agree in rows)
         print(f"batch {b + 1}: {size} sequences", flush=True)
-    result = {"steps": args.steps, "samples": args.samples, "seed": args.seed, "model": args.model,
+    result = {"steps": args.steps, "samples": args.samples, "seed": args.seed, "model": name,
               "settings": {f"R{n}": summarise(records[n], args.samples, n) for n in periods},
               "provenance": provenance(model.device, 1)}
     for name, rows in result["settings"].items():

@@ -166,7 +166,7 @@ def test_the_call_times_predict_from_each_step_of_the_plan(tmp_path):
     assert [r["setting"] for r in record["rows"]] == ["R1", "R0"]  # then the timed batches, on the same models
 
 
-def test_the_drift_benchmark_groups_the_cache_error_by_age(tmp_path):
+def test_the_drift_benchmark_groups_the_cache_error_by_age(tmp_path, saved_models):
     # benchmarks/latent_drift.py --smoke: teacher-forced exact trajectories, each step also through the cache.
     out = tmp_path / "drift.json"
     run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "latent_drift.py"), "--smoke", "--settings", "R1",
@@ -181,6 +181,13 @@ def test_the_drift_benchmark_groups_the_cache_error_by_age(tmp_path):
     bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "latent_drift.py"), "--smoke", "--settings", "R0"],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "R<n>" in bad.stderr
+    # saved models, as a pipeline's train/<name> folders are read: the heaviest is measured by default
+    saved = subprocess.run([sys.executable, str(REPO / "benchmarks" / "latent_drift.py"), "--models",
+                            f"small={saved_models['small']}", f"large={saved_models['large']}", "--steps", "8",
+                            "--samples", "2", "--batch", "2", "--settings", "R2", "--out", str(out)],
+                           cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert saved.returncode == 0, saved.stderr[-2000:]
+    assert [r["age"] for r in json.loads(out.read_text())["settings"]["R2"]] == [0, 1]
 
 
 def test_the_warm_up_before_timing_runs_the_latent_cache_too(saved_models, monkeypatch):
