@@ -110,6 +110,9 @@ def main() -> None:
         periods = [int(s.removeprefix("R")) for s in args.settings if s.startswith("R") and s[1:].isdigit()]
         if len(periods) != len(args.settings) or min(periods) < 1:
             raise ConfigError(f"--settings {' '.join(args.settings)}: give R<n> with n >= 1 (a refresh every n steps)")
+        if min(args.steps, args.samples, args.batch) < 1:
+            raise ConfigError(f"--steps, --samples and --batch must be >= 1 (got {args.steps}, {args.samples}, "
+                              f"{args.batch})")
         if not args.models and not args.smoke:
             raise ConfigError("give --models NAME=PATH ... (saved denoisers) or --smoke")
         if args.smoke:

@@ -151,19 +151,26 @@ def test_a_latent_replay_equals_the_padded_call_it_captured(pair):
     assert len(graphed._latent.graphs) == 4 * (1 + len([1, 2, 4, 8, 16, 32]))
 
 
+def _gated_pair() -> dict[str, MDLMDenoiser]:
+    """A gated small (1 block) and large (2 blocks) model on the CPU whose zero-initialised gates and head are drawn
+    like the other weights, so that they matter."""
+    torch.manual_seed(0)
+    pair = {name: MDLMDenoiser(DenoiserConfig(num_hidden_layers=layers, ada_ln=True, **KW)).eval()
+            for name, layers in (("small", 1), ("large", 2))}
+    with torch.no_grad():
+        for model in pair.values():
+            for p in model.parameters():
+                if not p.abs().sum():
+                    p.normal_(0, 0.3)
+    return pair
+
+
 def test_weights_cast_once_give_the_hidden_states_logits_and_tokens_of_the_per_call_casts():
     # cast_weights stores the Linears (not the head) in the autocast dtype; CPU autocast to bfloat16 casts them
     # at every call as CUDA's does, so the two paths must agree to the bit here.
     import copy
 
-    torch.manual_seed(0)
-    pair = {name: MDLMDenoiser(DenoiserConfig(num_hidden_layers=layers, ada_ln=True, **KW)).eval()
-            for name, layers in (("small", 1), ("large", 2))}
-    with torch.no_grad():  # the gates and the head start at zero: give them weights, so that they matter
-        for model in pair.values():
-            for p in model.parameters():
-                if not p.abs().sum():
-                    p.normal_(0, 0.3)
+    pair = _gated_pair()
     per_call = {name: PreparedDenoiser(m, torch.bfloat16) for name, m in pair.items()}
     cast = {name: PreparedDenoiser(copy.deepcopy(m), torch.bfloat16, cast_weights=True) for name, m in pair.items()}
     large = cast["large"].model
@@ -188,14 +195,7 @@ def test_folded_modulation_gives_the_hidden_states_and_tokens_of_the_per_call_mo
     # which may round differently in the last bit.
     import copy
 
-    torch.manual_seed(0)
-    pair = {name: MDLMDenoiser(DenoiserConfig(num_hidden_layers=layers, ada_ln=True, **KW)).eval()
-            for name, layers in (("small", 1), ("large", 2))}
-    with torch.no_grad():  # the gates and the head start at zero: give them weights, so that they matter
-        for model in pair.values():
-            for p in model.parameters():
-                if not p.abs().sum():
-                    p.normal_(0, 0.3)
+    pair = _gated_pair()
     per_call = {name: PreparedDenoiser(m, dtype) for name, m in pair.items()}
     folded = {name: PreparedDenoiser(copy.deepcopy(m), dtype, fold_modulation=True) for name, m in pair.items()}
     large = folded["large"].model

@@ -178,9 +178,10 @@ def test_the_drift_benchmark_groups_the_cache_error_by_age(tmp_path, saved_model
     assert settings["R1"][0]["kl"] < 1e-15 and settings["R1"][0]["top1_agreement"] == 1.0
     assert all(r["kl"] > 1e3 * max(settings["R1"][0]["kl"], 1e-18) for r in settings["R4"][1:])
     assert sum(r["positions"] for r in settings["R4"]) == settings["R1"][0]["positions"]  # every decoded position
-    bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "latent_drift.py"), "--smoke", "--settings", "R0"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "R<n>" in bad.stderr
+    for words, fragment in ((["--settings", "R0"], "R<n>"), (["--steps", "0"], "--steps")):
+        bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "latent_drift.py"), "--smoke", *words],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and fragment in bad.stderr
     # saved models, as a pipeline's train/<name> folders are read: the heaviest is measured by default
     saved = subprocess.run([sys.executable, str(REPO / "benchmarks" / "latent_drift.py"), "--models",
                             f"small={saved_models['small']}", f"large={saved_models['large']}", "--steps", "8",
