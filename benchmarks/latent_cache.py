@@ -20,7 +20,7 @@ exact, and the share of the exact sampler's tokens drawn the same (random weight
 
 Without --graphed or --compiled both samplers run eager. --graphed replays both from CUDA graphs for calls of up
 to 16 sequences (the runtime's default): the exact sampler's forwards (cudagraph.GraphedHidden) and the cached
-one's refresh and partial steps, the partial step's columns padded to the next power of two so that about
+one's refresh and partial steps, the partial step's columns padded to the next power of two (at least 2) so that about
 log2(L) widths cover every step (cudagraph.GraphedLatent). --compiled compiles the exact sampler's network too,
 so that it runs as `mdlm-sched sample` does on a GPU (it implies --graphed; the cached sampler does not use that
 network). --compile-latent compiles the cached sampler's two steps with dynamic shapes (PreparedDenoiser's
@@ -34,6 +34,10 @@ widths, each with the weights cast per call, cast once (PreparedDenoiser's cast_
 adaLN modulations folded (fold_modulation). It counts the aten operators dispatched, views excluded: a proxy for
 the kernels an eager call launches on a GPU (at batch 1 the time of a step that is bound by launches, not
 arithmetic), not a timing.
+
+--fold builds both samplers' models with the Linear weights cast to bf16 once and the adaLN modulations folded
+(PreparedDenoiser's cast_weights and fold_modulation, as benchmarks/sampling.py's fastest latency variant): without
+time conditioning the modulations are constants, so a call skips their matmuls.
 
 --call-times times each kind of network call alone at B = 1 on the path the flags choose (median of 10 x --seeds
 calls after 3 untimed ones; CUDA events, so a call's host time counts where the GPU waits for it): each model's
@@ -215,6 +219,8 @@ def main() -> None:
     p.add_argument("--graphed", action="store_true", help="both samplers replay CUDA graphs for <= 16 sequences")
     p.add_argument("--compiled", action="store_true", help="the exact sampler compiled (and both graphed)")
     p.add_argument("--compile-latent", action="store_true", help="the cached sampler's steps compiled")
+    p.add_argument("--fold", action="store_true", help="both samplers' models with the Linear weights cast once and "
+                   "the adaLN modulations folded (PreparedDenoiser's cast_weights and fold_modulation)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     if args.out is not None:  # before any work: a run must not end unable to write what it measured
@@ -239,14 +245,14 @@ def main() -> None:
     configure_backends(device)
     graphed = args.graphed or args.compiled
     graph_rows = RuntimeConfig().cuda_graph_rows if graphed else 0  # as `mdlm-sched sample` runs
-    models = {name: random_denoiser(name, device, args.smoke, args.compiled, graph_rows, args.compile_latent, graphed)
-              for name in ("small", "large")}
+    models = {name: random_denoiser(name, device, args.smoke, args.compiled, graph_rows, args.compile_latent, graphed,
+                                    args.fold) for name in ("small", "large")}
     latent = any(name != "exact" for name in args.settings)
     configs = {name: m.config for name, m in models.items()}
     seq_len = configs["large"].max_position_embeddings
     rows: list[dict] = []
     run_info = {"share": args.share, "device": str(device), "compiled": args.compiled, "graphed": graphed,
-                "compile_latent": args.compile_latent,
+                "compile_latent": args.compile_latent, "fold": args.fold,
                 "provenance": provenance(device, 1)}
     if args.call_times:  # before the timed batches, on the same compiled models (one compilation for both)
         run_info.update(call_times(models, args, seq_len))

@@ -28,16 +28,17 @@ SMOKE = ("model.hidden_size=64", "model.num_attention_heads=4", "model.kv_lora_r
 
 
 def random_denoiser(preset: str, device: torch.device, smoke: bool = False, compile: bool = False,
-                    graph_rows: int = 0, compile_latent: bool = False, latent_graphs: bool = False
-                    ) -> PreparedDenoiser:
+                    graph_rows: int = 0, compile_latent: bool = False, latent_graphs: bool = False,
+                    cast_fold: bool = False) -> PreparedDenoiser:
     """A random-weight denoiser of configs/model/<preset>.yaml (tiny widths with smoke), bf16 autocast on a GPU,
-    dropout off (the sampler's eval mode)."""
+    dropout off (the sampler's eval mode); cast_fold: PreparedDenoiser's cast_weights and fold_modulation."""
     return random_denoiser_of([f"model={preset}", *(SMOKE if smoke else ())], device, compile, graph_rows,
-                              compile_latent, latent_graphs)
+                              compile_latent, latent_graphs, cast_fold)
 
 
 def random_denoiser_of(words: list[str], device: torch.device, compile: bool = False, graph_rows: int = 0,
-                       compile_latent: bool = False, latent_graphs: bool = False) -> PreparedDenoiser:
+                       compile_latent: bool = False, latent_graphs: bool = False,
+                       cast_fold: bool = False) -> PreparedDenoiser:
     """A random-weight denoiser of the model that config words describe (e.g. a benchmark's run), as above."""
     # random weights read no data: the preset's data files need not be on this machine (the GPU's has no ../shared)
     config = denoiser_config(load([*words, "model.dropout=0.0"], sources=False), GPT2, GPT2 - 1, "")
@@ -48,7 +49,7 @@ def random_denoiser_of(words: list[str], device: torch.device, compile: bool = F
             if not p.abs().sum():
                 p.normal_(0, 0.02)
     return PreparedDenoiser(model, torch.bfloat16 if device.type == "cuda" else None, compile, graph_rows,
-                            compile_latent, latent_graphs)
+                            compile_latent, latent_graphs, cast_weights=cast_fold, fold_modulation=cast_fold)
 
 
 def timed(models: dict[str, PreparedDenoiser], schedule: ModelSchedule, settings: SamplerSettings, batch: int,
@@ -64,9 +65,10 @@ def timed(models: dict[str, PreparedDenoiser], schedule: ModelSchedule, settings
     return time.perf_counter() - start, result
 
 
-def time_ms(fn, device: torch.device, reps: int = 20) -> float:
-    """Median milliseconds of fn over reps after 3 warm-up calls (CUDA events on a GPU, the host clock on a CPU)."""
-    for _ in range(3):
+def time_ms(fn, device: torch.device, reps: int = 20, warm_up: int = 3) -> float:
+    """Median milliseconds of fn over reps after warm_up untimed calls (CUDA events on a GPU, the host clock on a
+    CPU)."""
+    for _ in range(warm_up):
         fn()
     times = []
     for _ in range(reps):

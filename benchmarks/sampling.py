@@ -8,10 +8,11 @@ Parts (--parts):
   network   the compiled blocks alone, [B, 1024] per call, B = 1 .. 128: tokens/s and fraction of
             776 TFLOP/s (FLOPs: mdlm_sched.flops, blocks only; the head is not run here).
   steps     the real sampler with the cache off (every sequence through the network at every step),
-            T = --short-steps: time per step, the share of it spent outside the network (draws,
-            bookkeeping, head on decoded positions), and FLOPs/s of the whole step.
+            T = --short-steps: time per step, the share of it spent outside the network's calls (blocks
+            and head: the draws, gathers and bookkeeping), and FLOPs/s of the whole step.
   profile   kernel time of the large model's blocks at B = --profile-batch by kind (attention,
-            matrix products, the rest), to show what limits the rate.
+            matrix products, the rest), GPU operations per call and the idle share between them, to show
+            what limits the rate; at B <= --cuda-graph-rows the CUDA graph replay's profile too.
   full      --samples sequences at T = 1000 with the cache on, all-large then the sandwich
             (250 small steps) with the same seed, then a cache-off run on --cache-samples sequences:
             wall-clock against FLOPs for the schedule, the share of sequence-steps that skip the
@@ -21,7 +22,8 @@ Parts (--parts):
             Linear weights cast to bf16 once (PreparedDenoiser's cast_weights), and with all that and
             the adaLN modulations folded (PreparedDenoiser's fold_modulation): wall-clock per batch
             (median of --latency-reps seeds, after a warm-up that compiles and captures every batch
-            size), and whether the tokens equal those of the plain path, seed by seed.
+            size), the share of it outside the network's calls, and whether the tokens equal those of the
+            plain path, seed by seed.
 
     python benchmarks/sampling.py --parts network steps full latency --out reports/h200-sampling/bench_sampling.json
 """
@@ -44,7 +46,7 @@ from mdlm_sched.provenance import provenance
 from mdlm_sched.runtime import configure_backends
 from mdlm_sched.sampling_config import SamplerSettings
 from mdlm_sched.schedule import DEFAULT_T_MIN
-from presets import SMOKE_LEN, random_denoiser
+from presets import SMOKE_LEN, random_denoiser, time_ms
 
 PEAK_BF16 = 776e12  # measured 8192^3 bf16 matmul rate of the lent H200 (REFERENCE.md section 6)
 SEQ_LEN = 1024  # the paper's length; --smoke runs 64
@@ -121,41 +123,61 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def bench_profile(model: PreparedDenoiser, batch: int) -> dict:
+def bench_profile(model: PreparedDenoiser, batch: int, graph_rows: int, compile: bool) -> dict:
+    """The kernel profile of the large model's forward at B = batch; when batch <= graph_rows, that of its CUDA graph
+    replay too (the path `sample` takes for such calls), whose idle share says whether launches still cost time."""
+    result = _profile_calls(model, batch, "plain")
+    if batch <= graph_rows:
+        graphed = PreparedDenoiser(model.model, model.dtype, compile, graph_rows)
+        result["graphed"] = _profile_calls(graphed, batch, f"graphs<={graph_rows}")
+    return result
+
+
+def _profile_calls(model: PreparedDenoiser, batch: int, label: str, calls: int = 5) -> dict:
+    """GPU time of `calls` forwards [batch, L] by kernel kind, the GPU operations (kernels and copies) per call, and
+    the wall time per call (CUDA events around the calls: GPU time plus the GPU's idle gaps between operations).
+    The profiler slows the host's launches, so without graphs the idle share is an upper bound. On a CPU (--smoke)
+    the same table of the aten operators' own CPU time: a check of the script, not a profile."""
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = model.device.type == "cuda"
     x = torch.randint(0, 50257, (batch, SEQ_LEN), device=model.device)
-    for _ in range(3):
+    for _ in range(3):  # compilation, graph capture, cuDNN's plans
         model.hidden(x)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            model.hidden(x)
-        torch.cuda.synchronize()
+    if cuda:
+        torch.cuda.synchronize()  # the warm-up's kernels end before the profile starts
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        wall_ms = time_ms(lambda: [model.hidden(x) for _ in range(calls)], model.device, reps=1, warm_up=0) / calls
     by_kind: dict[str, float] = {}
     top: dict[str, float] = {}
+    operations = 0
     for event in prof.key_averages():
-        us = event.self_device_time_total
+        us = event.self_device_time_total if cuda else event.self_cpu_time_total
         if us <= 0:
             continue
         by_kind[kernel_kind(event.key)] = by_kind.get(kernel_kind(event.key), 0.0) + us
         top[event.key[:90]] = us
+        operations += event.count
     total = sum(by_kind.values())
     shares = {k: round(v / total, 4) for k, v in sorted(by_kind.items())}
     flops = forward_flops(model.config, SEQ_LEN, batch, head_tokens=0)
     cfg = model.config
     attn_flops = 2 * cfg.num_hidden_layers * SEQ_LEN * SEQ_LEN * cfg.num_attention_heads * (
         cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * batch
-    result = {"batch": batch, "kernel_ms_per_call": round(total / 5 / 1e3, 3), "shares": shares,
+    result = {"batch": batch, "path": label, "kernel_ms_per_call": round(total / calls / 1e3, 3),
+              "wall_ms_per_call": round(wall_ms, 3), "idle_share": round(1 - total / calls / 1e3 / wall_ms, 4),
+              "gpu_ops_per_call": operations / calls, "shares": shares,
               "attention_flop_share": round(attn_flops / flops.blocks_only, 4),
-              "attention_tflops": round(attn_flops * 5 / (by_kind.get("attention", 0) / 1e6) / 1e12, 1)
+              "attention_tflops": round(attn_flops * calls / (by_kind.get("attention", 0) / 1e6) / 1e12, 1)
               if by_kind.get("attention") else None,
-              "matmul_tflops": round((flops.blocks_only - attn_flops) * 5 / (by_kind.get("matmul", 0) / 1e6) / 1e12, 1)
-              if by_kind.get("matmul") else None,
+              "matmul_tflops": round((flops.blocks_only - attn_flops) * calls / (by_kind.get("matmul", 0) / 1e6)
+                                     / 1e12, 1) if by_kind.get("matmul") else None,
               "top_kernels_us": dict(sorted(top.items(), key=lambda kv: -kv[1])[:8])}
-    print(f"profile large B={batch}: {shares}, attention {result['attention_tflops']} TFLOP/s, "
-          f"matmul {result['matmul_tflops']} TFLOP/s, attention = {result['attention_flop_share']:.0%} of the FLOPs",
-          flush=True)
+    print(f"profile large B={batch} {label}: {result['kernel_ms_per_call']} ms of GPU time in "
+          f"{result['wall_ms_per_call']} ms a call (idle {result['idle_share']:.1%}, "
+          f"{result['gpu_ops_per_call']:.0f} GPU operations), {shares}, attention {result['attention_tflops']} "
+          f"TFLOP/s, matmul {result['matmul_tflops']} TFLOP/s, attention = {result['attention_flop_share']:.0%} "
+          f"of the FLOPs", flush=True)
     return result
 
 
@@ -234,28 +256,28 @@ def bench_latency(models: dict[str, PreparedDenoiser], batches: list[int], steps
                     model.hidden(torch.full((n, SEQ_LEN), model.config.mask_token_id, device=model.device))
             for spec in ("all-large", "sandwich"):
                 schedule = ms.schedule(spec, steps)
-                walls, equal = [], []
+                walls, networks, equal = [], [], []
                 for seed in range(reps):
                     output = run_schedule(ms, schedule, SamplerSettings(), b, b, seed, progress=False)
                     walls.append(output.wall_s)
+                    networks.append(sum(m.network_seconds() for m in ms.models.values()))
                     key = (b, spec, seed)
                     if baseline:
                         tokens_without[key] = output.tokens
                     else:
                         equal.append(bool(torch.equal(output.tokens, tokens_without[key])))
-                for m in ms.models.values():
-                    m.network_seconds()  # drop the events of these runs
                 row = {"cuda_graph_rows": rows, "cast_weights": cast, "fold_modulation": fold, "batch": b,
                        "schedule": spec, "steps": steps, "reps": reps,
                        "wall_s_median": round(statistics.median(walls), 4), "wall_s_min": round(min(walls), 4),
-                       "wall_s_max": round(max(walls), 4),
+                       "wall_s_max": round(max(walls), 4), "network_s_median": round(statistics.median(networks), 4),
+                       "outside_network_share": round(statistics.median(1 - n / w for n, w in zip(networks, walls)), 4),
                        "tokens_equal_to_no_graphs": None if baseline else f"{sum(equal)}/{len(equal)}"}
                 rows_out.append(row)
+                equal_note = "" if baseline else f"  tokens equal to the plain path: {row['tokens_equal_to_no_graphs']}"
                 print(f"latency graphs<={rows:<3} cast={'yes' if cast else 'no '} fold={'yes' if fold else 'no '} "
                       f"B={b:<3} {spec:>9} {row['wall_s_median']:7.3f} s (min {row['wall_s_min']:.3f}, "
-                      f"max {row['wall_s_max']:.3f}, {reps} seeds)" + ("" if baseline else
-                                          f"  tokens equal to the plain path: {row['tokens_equal_to_no_graphs']}"),
-                      flush=True)
+                      f"max {row['wall_s_max']:.3f}, {reps} seeds; outside the network "
+                      f"{row['outside_network_share']:.1%}){equal_note}", flush=True)
     return rows_out
 
 
@@ -272,7 +294,8 @@ def main() -> None:
     parser.add_argument("--full-steps", type=int, default=1000, help="T of the full runs")
     parser.add_argument("--latency-batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--latency-reps", type=int, default=5)
-    parser.add_argument("--cuda-graph-rows", type=int, default=16, help="graphs for the latency part's graph runs")
+    parser.add_argument("--cuda-graph-rows", type=int, default=16,
+                        help="graphs for the latency part's graph runs and the profile's graphed call")
     parser.add_argument("--no-compile", action="store_true")
     parser.add_argument("--smoke", action="store_true", help="tiny models on the CPU: checks the script, not speed")
     parser.add_argument("--out", default=None)
@@ -292,7 +315,7 @@ def main() -> None:
     if "network" in args.parts:
         result["network"] = bench_network(models, args.batches, args.reps)
     if "profile" in args.parts:
-        result["profile"] = bench_profile(models["large"], args.profile_batch)
+        result["profile"] = bench_profile(models["large"], args.profile_batch, args.cuda_graph_rows, compile)
     ms = model_set(models)
     if "steps" in args.parts:
         result["steps"] = bench_steps(ms, args.batches, args.short_steps)

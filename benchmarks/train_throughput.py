@@ -15,7 +15,9 @@ for comparison with those runs only.
     python benchmarks/train_throughput.py --models small large --batches 32 64 --data-root .carry \
         --out reports/h200-train-throughput/bench_train.json
 
-`--runtime cpu --models tiny` runs it on a CPU (tests/test_benchmark_smoke.py): a check, not a measurement.
+`--compile-modes default max-autotune-no-cudagraphs` runs each configuration in each torch.compile mode of the
+training step (runtime.compile_mode). `--runtime cpu --models tiny` runs it on a CPU
+(tests/test_benchmark_smoke.py): a check, not a measurement.
 """
 
 from __future__ import annotations
@@ -40,13 +42,13 @@ SPEC_BF16 = 989e12  # NVIDIA's dense bf16 figure for the H100/H200 SXM
 
 
 def bench(preset: str, batch: int, accum: int, seq_len: int, steps: int, log_every: int, data_root: str,
-          runtime: str, loss_kernel: str, out_dir: Path) -> dict:
+          runtime: str, loss_kernel: str, compile_mode: str, out_dir: Path) -> dict:
     cfg = load([f"model={preset}", "data=owt", f"runtime={runtime}", f"data.root={data_root}",
                 f"data.seq_len={seq_len}", f"train.out_dir={out_dir}", f"train.steps={steps}",
                 f"train.batch_size={batch * accum}", f"train.micro_batch_size={batch}",
                 f"train.log_every={log_every}", f"train.val_every={steps}",
                 f"train.ckpt_every={steps}", "train.val_batches=1", "train.warmup_steps=10",
-                f"train.loss_kernel={loss_kernel}"])
+                f"train.loss_kernel={loss_kernel}", f"runtime.compile_mode={compile_mode}"])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     result = train(cfg, progress=False)
@@ -61,6 +63,7 @@ def bench(preset: str, batch: int, accum: int, seq_len: int, steps: int, log_eve
     return {
         "model": preset,
         "loss_kernel": loss_kernel,
+        "compile_mode": compile_mode if cfg.runtime.compile else None,
         "layers": config.num_hidden_layers,
         "hidden": config.hidden_size,
         "micro_batch": batch,
@@ -94,18 +97,21 @@ def main() -> None:
     parser.add_argument("--runtime", default="h200", help="runtime preset (h200: bf16 + torch.compile)")
     parser.add_argument("--loss-kernels", nargs="+", default=["torch"],
                         help="train.loss_kernel values: torch, liger, cce (the last two need their library)")
+    parser.add_argument("--compile-modes", nargs="+", default=["default"],
+                        help="runtime.compile_mode values: default, max-autotune-no-cudagraphs (with compile)")
     parser.add_argument("--out", default=None, help="write the rows and the environment as JSON here")
     args = parser.parse_args()
 
     rows, failed = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for preset, batch, kernel in itertools.product(args.models, args.batches, args.loss_kernels):
+        for preset, batch, kernel, mode in itertools.product(args.models, args.batches, args.loss_kernels,
+                                                             args.compile_modes):
             try:
-                rows.append(bench(preset, batch, args.accum, args.seq_len, args.steps, args.log_every,
-                                  args.data_root, args.runtime, kernel, Path(tmp) / f"{preset}-{batch}-{kernel}"))
+                rows.append(bench(preset, batch, args.accum, args.seq_len, args.steps, args.log_every, args.data_root,
+                                  args.runtime, kernel, mode, Path(tmp) / f"{preset}-{batch}-{kernel}-{mode}"))
                 print(json.dumps(rows[-1]), flush=True)
             except Exception as e:  # one configuration failing (a kernel library, say) keeps the others
-                failed.append({"model": preset, "micro_batch": batch, "loss_kernel": kernel,
+                failed.append({"model": preset, "micro_batch": batch, "loss_kernel": kernel, "compile_mode": mode,
                                "error": f"{type(e).__name__}: {e}"[:2000]})
                 print(json.dumps(failed[-1]), flush=True)
             torch._dynamo.reset()
@@ -116,10 +122,11 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text(json.dumps({"env": env, "rows": rows, "failed": failed}, indent=1))
     print(f"\n{env}")
-    print(f"{'model':>6} {'kernel':>6} {'micro':>5} {'accum':>5} {'step ms':>8} {'tokens/s':>10} "
+    print(f"{'model':>6} {'kernel':>6} {'compile mode':>26} {'micro':>5} {'accum':>5} {'step ms':>8} {'tokens/s':>10} "
           f"{'MFU executed':>12} {'of 989T':>7} {'MFU head everywhere':>19} {'MFU blocks':>10} {'mem GiB':>8}")
     for r in rows:
-        print(f"{r['model']:>6} {r['loss_kernel']:>6} {r['micro_batch']:>5} {r['accum']:>5} {r['step_ms']:>8} "
+        print(f"{r['model']:>6} {r['loss_kernel']:>6} {r['compile_mode']!s:>26} {r['micro_batch']:>5} {r['accum']:>5} "
+              f"{r['step_ms']:>8} "
               f"{r['tokens_per_s']:>10} {r['mfu_executed']:>12.1%} {r['mfu_executed_spec']:>7.1%} "
               f"{r['mfu_head_everywhere']:>19.1%} {r['mfu_blocks_only']:>10.1%} {r['peak_mem_GiB']!s:>8}")
 

@@ -13,6 +13,8 @@ ARCHS = ("mdlm", "gpt2")
 LR_SCHEDULES = ("constant", "cosine")
 # The denoiser's head + cross-entropy in training: PyTorch, or a fused kernel library (models/head_loss.py)
 LOSS_KERNELS = ("torch", "liger", "cce")
+# torch.compile modes of the training step (runtime.compile_mode)
+COMPILE_MODES = ("default", "max-autotune-no-cudagraphs")
 
 # Seeds are non-negative and below 2^31: every random stream is seeded from (seed, step, stream)
 # (runtime.step_seed), which must stay inside the 64-bit range torch generators take.
@@ -109,6 +111,10 @@ class RuntimeConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu) | bf16 | fp32
     compile: bool = False
+    # torch.compile's mode for the training step (with compile): default, or max-autotune-no-cudagraphs, which tunes
+    # Triton matrix-product templates per shape and can fuse element-wise work into them (minutes more compilation,
+    # other rounding). Sampling always compiles in the default mode, with cudagraph.py's own CUDA graphs.
+    compile_mode: str = "default"
     # Network calls of at most this many sequences replay captured CUDA graphs on a GPU (0 = off): at small
     # batches the launches, not the arithmetic, take the time.
     cuda_graph_rows: int = 16

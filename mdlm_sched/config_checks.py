@@ -7,8 +7,8 @@ import math
 import os
 from pathlib import Path
 
-from mdlm_sched.config import (ARCHS, LOSS_KERNELS, LR_SCHEDULES, MAX_SEED, MAX_STEP_TOKENS, DataConfig, ModelConfig,
-                               RunConfig, RuntimeConfig, TrainConfig)
+from mdlm_sched.config import (ARCHS, COMPILE_MODES, LOSS_KERNELS, LR_SCHEDULES, MAX_SEED, MAX_STEP_TOKENS, DataConfig,
+                               ModelConfig, RunConfig, RuntimeConfig, TrainConfig)
 from mdlm_sched.data import check_source
 from mdlm_sched.errors import ConfigError, DataError
 from mdlm_sched.fileio import check_writable
@@ -100,8 +100,10 @@ def _validate_train(t: TrainConfig) -> None:
 
 
 def validate_runtime(r: RuntimeConfig) -> None:
-    """Check device and precision; raise ConfigError naming the field and the fix."""
+    """Check device, precision, compile mode and graph rows; raise ConfigError naming the field and the fix."""
     require(r.precision in ("auto", "bf16", "fp32"), f"runtime.precision={r.precision!r}; use auto, bf16 or fp32")
+    require(r.compile_mode in COMPILE_MODES,
+            f"runtime.compile_mode={r.compile_mode!r}; use {' or '.join(COMPILE_MODES)}")
     require(r.cuda_graph_rows >= 0, f"runtime.cuda_graph_rows={r.cuda_graph_rows} must be >= 0 (0 = no CUDA graphs)")
     require(r.device == "auto" or r.device == "cpu" or r.device.startswith("cuda"),
              f"runtime.device={r.device!r}; use auto, cpu, cuda or cuda:N")

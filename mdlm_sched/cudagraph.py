@@ -7,7 +7,7 @@ is one graph per shape, captured at its first call (or ahead of a timed run with
 - GraphedHidden, the full forward: one graph per (sequences, length, time-conditioned);
 - GraphedLatent, the latent cache's two steps (latent_cache.py): one per (sequences, length, time-conditioned)
   for a refresh, and per (sequences, padded width, ...) for a partial step, whose columns are padded to the next
-  power of two so that about log2(L) widths cover every step.
+  power of two (at least 2) so that about log2(L) widths cover every step.
 """
 
 from __future__ import annotations
@@ -102,8 +102,11 @@ class GraphedHidden:
 
 
 def padded_width(width: int, length: int) -> int:
-    """The width a partial step's columns are padded to: the next power of two, at most the length L."""
-    return min(1 << (width - 1).bit_length(), length)
+    """The width a partial step's columns are padded to: the next power of two, at least 2, at most the length L.
+
+    At least 2: torch.compile specialises a size of 1, so with compiled steps (compile_latent) width 1 would be a
+    compilation of its own, where 2 and up share one with a dynamic width."""
+    return min(max(2, 1 << (width - 1).bit_length()), length)
 
 
 class GraphedLatent:

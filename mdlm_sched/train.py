@@ -241,7 +241,8 @@ class _Trainer:
         # DDP averages the gradients over the ranks; `model` stays the plain module (EMA, validation, checkpoints).
         self.replica = DDP(self.model, device_ids=[device.index] if device.type == "cuda" else None) \
             if ctx.world_size > 1 else self.model
-        self.step_loss = torch.compile(self.objective.loss) if cfg.runtime.compile else self.objective.loss
+        self.step_loss = torch.compile(self.objective.loss, mode=cfg.runtime.compile_mode) if cfg.runtime.compile \
+            else self.objective.loss
         self.tokens_per_step = tc.batch_size * cfg.data.seq_len
         self.result = TrainResult(self.run.root, self.run.model, 0, None)
 

@@ -25,6 +25,7 @@ def test_the_training_throughput_benchmark_runs_the_trainer_and_prices_its_flops
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["model"], row["micro_batch"], row["accum"], row["seq_len"]) == ("tiny", 2, 2, 64)
     assert row["loss_kernel"] == "torch"  # the default; the fused kernels need a GPU
+    assert row["compile_mode"] is None  # the cpu runtime does not compile
     assert abs(row["mfu_executed_spec"] - row["mfu_executed"] * 776 / 989) < 2e-4  # the same FLOPs, against the spec
     assert row["tokens_per_s"] > 0 and len(row["tokens_per_s_intervals"]) == 2  # 4 logged intervals, first 2 dropped
     # the head at about half the positions: executed FLOPs lie between blocks only and the head everywhere

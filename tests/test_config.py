@@ -161,6 +161,7 @@ BAD = [
     (["model.arch=bert"], "model.arch"),
     (["train.batch_size=10", "train.micro_batch_size=4"], "train.batch_size"),
     (["runtime.precision=fp16"], "runtime.precision"),
+    (["runtime.compile_mode=reduce-overhead"], "runtime.compile_mode"),
     (["noise.schedule=cosine"], "noise.schedule"),
     (["model=judge_tiny", "data=owt_tiny", "model.num_attention_heads=5"], "model.num_attention_heads"),
     (["train.loss_kernel=triton"], "train.loss_kernel"),

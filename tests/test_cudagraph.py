@@ -109,8 +109,8 @@ def test_a_padded_latent_call_gives_the_unpadded_hidden_states_and_cache():
         assert out.shape == (n, 3, 64) and torch.allclose(out, expected, atol=1e-6, rtol=0)
         assert torch.allclose(padded_cache, expected_cache, atol=1e-6, rtol=0)
     assert widths == [4, 3] and not graphed.graphs
-    assert [padded_width(a, 32) for a in (1, 2, 3, 5, 17, 32)] == [1, 2, 4, 8, 32, 32]
-    assert padded_width(600, 1000) == 1000  # at most the length
+    assert [padded_width(a, 32) for a in (1, 2, 3, 5, 17, 32)] == [2, 2, 4, 8, 32, 32]
+    assert padded_width(600, 1000) == 1000 and padded_width(1, 1) == 1  # at most the length
 
 
 @pytest.mark.parametrize("batch", [1, 5])

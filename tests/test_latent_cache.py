@@ -134,15 +134,16 @@ def test_bad_latent_cache_settings_are_refused(pair):
 
 def test_the_speed_benchmark_runs_on_the_cpu(tmp_path):
     # benchmarks/latent_cache.py at tiny widths, so that it cannot rot; through PreparedDenoiser, R1 is exact.
-    # --graphed: on a CPU, the padded calls of cudagraph.GraphedLatent without the graphs.
+    # --graphed: on a CPU, the padded calls of cudagraph.GraphedLatent without the graphs; --fold: the cached steps
+    # through folded modulations too.
     out = tmp_path / "new" / "speed.json"  # its folder is made by the write
     run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "latent_cache.py"), "--smoke", "--graphed",
-                          "--schedules", "sandwich", "--settings", "exact", "R1", "R0", "--out", str(out)],
+                          "--fold", "--schedules", "sandwich", "--settings", "exact", "R1", "R0", "--out", str(out)],
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     record = json.loads(out.read_text())
     rows = {r["setting"]: r for r in record["rows"]}
-    assert record["graphed"] and rows["R1"]["same_tokens_as_exact"] == 1.0
+    assert record["graphed"] and record["fold"] and rows["R1"]["same_tokens_as_exact"] == 1.0
     assert rows["R1"]["positions_run_per_seed"] == rows["exact"]["positions_run_per_seed"]  # every step a refresh
     assert rows["R0"]["positions_run_per_seed"] < rows["exact"]["positions_run_per_seed"] / 2
     assert rows["R0"]["flops_full_per_seed"] < rows["exact"]["flops_full_per_seed"]
