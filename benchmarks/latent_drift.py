@@ -19,7 +19,6 @@ Random weights say nothing about the drift of trained models; --smoke only check
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -146,9 +145,9 @@ def main() -> None:
     result = {"steps": args.steps, "samples": args.samples, "seed": args.seed, "model": name,
               "settings": {f"R{n}": summarise(records[n], args.samples, n) for n in periods},
               "provenance": provenance(model.device, 1)}
-    for name, rows in result["settings"].items():
+    for setting, rows in result["settings"].items():
         for r in rows:
-            print(f"{name} age {r['age']:>3}: KL {r['kl']:.3g} [{r['kl_low']:.3g}, {r['kl_high']:.3g}] nats, "
+            print(f"{setting} age {r['age']:>3}: KL {r['kl']:.3g} [{r['kl_low']:.3g}, {r['kl_high']:.3g}] nats, "
                   f"top-1 agreement {r['top1_agreement']:.3f} over {r['positions']} positions", flush=True)
     if args.out is not None:
         atomic_write_json(args.out, result)
